@@ -1,0 +1,33 @@
+# `make test` and `make demo` each build or refresh .venv from scratch, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_output
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+# Re-installs whenever pyproject.toml changes; a broken or half-built .venv is rebuilt.
+$(STAMP): pyproject.toml
+	@test -x $(PY) && $(PY) -c "import sys" 2>/dev/null || (rm -rf $(VENV) && $(PYTHON) -m venv $(VENV))
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q
+
+# Skips the end-to-end runs marked slow (CI runs everything through `make test`).
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+demo: venv
+	$(PY) -m jobs.demo --workdir $(DEMO_DIR)
+
+bench: venv
+	$(PY) -m tests.benchmarks.run
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

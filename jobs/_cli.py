@@ -1,0 +1,105 @@
+"""What every entry point shares: common flags, logging, exit codes, Ray start-up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from pipeline.config import Config, load_config
+from pipeline.errors import JobFailed, QualityGateFailed, UsageError
+
+log = logging.getLogger("jobs")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (exit 2, one line) instead of printing usage."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def make_parser(prog: str, description: str, *, config: bool = True) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description)
+    if config:
+        parser.add_argument("--config", metavar="FILE.yaml", help="experiment config (YAML, any fsspec URI)")
+        parser.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value by dotted key (repeatable), e.g. --set train.transfer.epochs=3",
+        )
+        parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, flags: dict) -> Config:
+    """defaults < --config file < --set overrides < flags."""
+    flags = dict(flags)
+    flags.setdefault("ray.address", getattr(args, "address", None))
+    cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []), flags)
+    if cfg.storage.endpoint_url is None:
+        # Resolved here, on the driver, so that Ray workers on other nodes use the
+        # same endpoint; credentials stay with each node's own AWS chain.
+        cfg.storage.endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return cfg
+
+
+def setup_logging(quiet: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # TensorFlow's C++ start-up chatter hides the lines people need.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def start_ray(cfg: Config) -> None:
+    """Connect to the configured cluster, to RAY_ADDRESS, or start a local Ray.
+    Reuses a Ray already initialised in this process (tests share one)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    kwargs: dict = {"address": address, "logging_level": logging.WARNING}
+    if address is None:
+        kwargs.update(runtime_env={"env_vars": env}, include_dashboard=False)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise UsageError(f"cannot connect to Ray at {address}: {exc}") from None
+    log.info("ray: %s", ray.get_runtime_context().gcs_address)
+
+
+def run(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
+    """Call ``main`` and map exceptions to DESIGN.md exit codes with one clear line."""
+    try:
+        return main(sys.argv[1:] if argv is None else list(argv))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except QualityGateFailed as exc:
+        print(f"quality gate: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except JobFailed as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the job failed while running
+        traceback.print_exc()
+        print(f"failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,189 @@
+"""One typed config for every job.
+
+Override order (lowest first): built-in defaults < YAML file < ``--set key=value``
+< command-line flags. Unknown keys and wrong types are a :class:`UsageError`
+naming the dotted key, raised before any cluster work starts. Secrets are
+``SecretStr`` so that dumping the config (``to_yaml``) redacts them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from pipeline.errors import UsageError
+
+REDACTED = "**********"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """Object storage settings. Anything left unset comes from the standard AWS
+    environment or profile (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...)."""
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    access_key_id: Optional[SecretStr] = None
+    secret_access_key: Optional[SecretStr] = None
+    session_token: Optional[SecretStr] = None
+    anon: bool = False
+    # Attempts per request (botocore "adaptive" retry mode) and the connect
+    # timeout: a dead endpoint fails fast instead of hanging a job.
+    max_attempts: int = Field(8, ge=1)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+
+
+class RayConfig(_Section):
+    """``address`` None means: RAY_ADDRESS or a local cluster already running,
+    else a local Ray started for this job."""
+
+    address: Optional[str] = None
+
+
+class PrepareConfig(_Section):
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    shard_size_mb: float = Field(100.0, gt=0)
+    # A split with enough images gets at least this many shards, so that
+    # readers (and training workers) can parallelise over them.
+    min_shards: int = Field(4, ge=1)
+    min_examples_per_shard: int = Field(64, ge=1)
+    max_side: Optional[int] = Field(None, ge=16)
+    # PIL's own decompression-bomb threshold.
+    max_pixels: int = Field(89_478_485, ge=1)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    # Files fetched together from storage (concurrently on object stores).
+    read_batch: int = Field(32, ge=1)
+
+
+class Config(_Section):
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    prepare: PrepareConfig = PrepareConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_are_mappings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if key in cls.model_fields and value is None:
+                    raise ValueError(f"section '{key}' is empty")
+        return data
+
+    def to_dict(self, redact: bool = True) -> dict:
+        """Plain dict; secrets are replaced by a fixed mask unless redact=False."""
+        data = self.model_dump(mode="python")
+        return _plain(data, redact)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(redact=True), sort_keys=False)
+
+
+def _plain(value: Any, redact: bool) -> Any:
+    if isinstance(value, SecretStr):
+        return REDACTED if redact else value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _plain(v, redact) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, redact) for v in value]
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=3"`` -> ``("a.b", 3)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--set expects key=value, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--set {key}: value is not valid YAML ({exc.problem})") from None
+    return key, value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise UsageError(f"config key '{dotted}': '{prefix}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"] if p not in ("function-after", "function-before"))
+    if error["type"] == "extra_forbidden":
+        return f"unknown config key '{loc}'"
+    given = error.get("input")
+    shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+    where = f"config key '{loc}'" if loc else "config"
+    return f"{where}: {error['msg']}{shown}"
+
+
+def build_config(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        # One clear line: the first problem, plus how many more there are.
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UsageError(_describe(errors[0]) + more) from None
+
+
+def read_config_file(path: str, storage: StorageConfig | None = None) -> dict:
+    from pipeline import storage as st
+
+    try:
+        text = st.read_text(path, storage or StorageConfig())
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def load_config(
+    path: Optional[str] = None,
+    overrides: Union[list[str], tuple[str, ...]] = (),
+    flags: Optional[dict[str, Any]] = None,
+) -> Config:
+    """Resolve defaults < file < ``--set`` overrides < flags (dotted keys; None
+    flag values mean "not given")."""
+    data: dict = {}
+    if path:
+        data = read_config_file(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    return build_config(_merge({}, data))

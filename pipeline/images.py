@@ -1,0 +1,147 @@
+"""Validate and normalise image files (PIL, no TensorFlow).
+
+Every usable input becomes bytes that ``tf.io.decode_jpeg(channels=3)`` decodes to
+the right colours: plain RGB JPEGs without an EXIF rotation are kept byte for byte;
+everything else (CMYK, grayscale, palette, 16-bit, alpha, EXIF-rotated, PNG, BMP,
+GIF, WebP, or larger than ``max_side``) is decoded once and re-encoded as RGB JPEG.
+Nothing here raises on bad data: an unusable file gives a reason instead.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageRejected(Exception):
+    """The bytes are not a usable image; ``str(exc)`` is the reason."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    data: bytes  # JPEG bytes
+    width: int
+    height: int
+    reencoded: bool
+
+
+def has_image_extension(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def open_image(raw: bytes, max_pixels: int) -> Image.Image:
+    """Open, check format and size, and fully decode (first frame of animations).
+    Raises ImageRejected with a reason."""
+    if not raw:
+        raise ImageRejected("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # Our own pixel limit below replaces PIL's warning; PIL still raises
+        # DecompressionBombError for far larger images, which we report.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(raw))
+        except UnidentifiedImageError:
+            raise ImageRejected("not an image (unrecognised data)") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageRejected(f"decompression bomb: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
+            raise ImageRejected(f"corrupt image header: {_short(exc)}") from None
+        if img.format not in ACCEPTED_FORMATS:
+            raise ImageRejected(f"unsupported image format {img.format}")
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise ImageRejected(f"invalid image size {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageRejected(
+                f"too many pixels: {width}x{height} is over the limit of {max_pixels} "
+                "(prepare.max_pixels; possible decompression bomb)"
+            )
+        try:
+            img.seek(0)
+            img.load()
+        except Exception as exc:  # noqa: BLE001
+            raise ImageRejected(f"corrupt or truncated image data: {_short(exc)}") from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: alpha is composited on white, 16-bit and
+    float grayscale are scaled rather than clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        else:
+            arr = arr / top * 255.0
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_rgb(raw: bytes, max_pixels: int) -> Image.Image:
+    """Bytes to an upright RGB image (EXIF orientation applied)."""
+    return to_rgb(upright(open_image(raw, max_pixels)))
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, if any."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        return img
+
+
+def prepare_image(
+    raw: bytes,
+    *,
+    max_pixels: int,
+    max_side: Optional[int] = None,
+    jpeg_quality: int = 95,
+) -> PreparedImage:
+    """Validate ``raw`` and return JPEG bytes for a training record.
+    Raises ImageRejected with a reason for anything unusable."""
+    img = open_image(raw, max_pixels)
+    orientation = _orientation(img)
+    too_big = max_side is not None and max(img.size) > max_side
+    if img.format == "JPEG" and img.mode == "RGB" and orientation in (None, 1) and not too_big:
+        return PreparedImage(raw, img.width, img.height, reencoded=False)
+    rgb = to_rgb(upright(img) if orientation not in (None, 1) else img)
+    if max_side is not None and max(rgb.size) > max_side:
+        rgb = rgb.copy()
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=jpeg_quality)
+    return PreparedImage(out.getvalue(), rgb.width, rgb.height, reencoded=True)
+
+
+def _orientation(img: Image.Image) -> Optional[int]:
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]

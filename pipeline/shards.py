@@ -1,0 +1,159 @@
+"""TFRecord shards and their manifest.
+
+A shard is ``<split>-<index:05d>-of-<count:05d>.tfrecord`` holding
+``tf.train.Example`` records with the fields of DESIGN.md. ``manifest.json`` is
+written last and is the only thing a reader needs: classes in label order, per
+split the shard files with their example counts, counts per class, and every
+rejected input with its reason.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Iterable, Optional
+
+from pipeline import storage as st
+from pipeline.config import StorageConfig
+from pipeline.errors import UsageError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation")
+
+# Feature keys of every record.
+ENCODED = "image/encoded"
+FORMAT = "image/format"
+LABEL = "image/class/label"
+TEXT = "image/class/text"
+SOURCE = "image/source"
+HEIGHT = "image/height"
+WIDTH = "image/width"
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def make_example(data: bytes, label: int, text: str, source: str, height: int, width: int) -> bytes:
+    import tensorflow as tf  # heavy import kept out of module import time
+
+    def _bytes(value: bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def _int(value: int):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+    feature = {
+        ENCODED: _bytes(data),
+        FORMAT: _bytes(b"jpeg"),
+        LABEL: _int(label),
+        TEXT: _bytes(text.encode("utf-8")),
+        SOURCE: _bytes(source.encode("utf-8")),
+        HEIGHT: _int(height),
+        WIDTH: _int(width),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def parse_example(serialized: bytes) -> dict[str, Any]:
+    """Decode one record into plain Python values (for tests and tools)."""
+    import tensorflow as tf
+
+    ex = tf.train.Example.FromString(serialized)
+    f = ex.features.feature
+    return {
+        "encoded": f[ENCODED].bytes_list.value[0],
+        "label": int(f[LABEL].int64_list.value[0]),
+        "text": f[TEXT].bytes_list.value[0].decode("utf-8"),
+        "source": f[SOURCE].bytes_list.value[0].decode("utf-8"),
+        "height": int(f[HEIGHT].int64_list.value[0]),
+        "width": int(f[WIDTH].int64_list.value[0]),
+    }
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def build_manifest(
+    *,
+    source: str,
+    classes: list[str],
+    shards: dict[str, list[dict]],
+    rejected: list[dict],
+    files_seen: int,
+    layout: str,
+    settings: dict,
+) -> dict:
+    """``shards[split]`` is a list of ``{"file", "examples", "bytes", "class_counts"}``."""
+    splits = {}
+    for split in SPLITS:
+        entries = sorted(shards.get(split, []), key=lambda s: s["file"])
+        class_counts = {name: 0 for name in classes}
+        for entry in entries:
+            for name, n in entry["class_counts"].items():
+                class_counts[name] += n
+        splits[split] = {
+            "num_examples": sum(e["examples"] for e in entries),
+            "class_counts": class_counts,
+            "shards": [
+                {"file": e["file"], "examples": e["examples"], "bytes": e["bytes"]} for e in entries
+            ],
+        }
+    accepted = sum(s["num_examples"] for s in splits.values())
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "created": now_utc(),
+        "layout": layout,
+        "classes": list(classes),
+        "splits": splits,
+        "files_seen": files_seen,
+        "accepted": accepted,
+        "rejected": sorted(rejected, key=lambda r: r["uri"]),
+        "settings": settings,
+    }
+
+
+def read_manifest(uri: str, storage: StorageConfig) -> dict:
+    """Load ``manifest.json`` from a shards folder (or the file itself)."""
+    path = uri if uri.rstrip("/").endswith(".json") else st.join(uri, MANIFEST_NAME)
+    try:
+        manifest = st.read_json(path, storage)
+    except FileNotFoundError:
+        raise UsageError(f"no {MANIFEST_NAME} at {uri} (run jobs.prepare first)") from None
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read {path}: {st.describe_error(exc)}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UsageError(f"{path}: unsupported manifest format_version {version!r}")
+    return manifest
+
+
+def shard_uris(manifest_dir: str, manifest: dict, split: str) -> list[str]:
+    return [st.join(manifest_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
+
+
+def read_records(uris: Iterable[str], storage: StorageConfig) -> Iterable[bytes]:
+    """Every serialized record of the given shard files, in order, through fsspec."""
+    import tensorflow as tf
+
+    with st.local_scratch() as scratch:
+        for i, uri in enumerate(uris):
+            local = f"{scratch}/{i}.tfrecord"
+            fs, path = st.get_fs(uri, storage)
+            fs.get_file(path, local)
+            for rec in tf.data.TFRecordDataset(local).as_numpy_iterator():
+                yield rec
+
+
+def manifest_summary(manifest: dict, limit: Optional[int] = None) -> str:
+    """A short human table of per-class counts."""
+    classes = manifest["classes"][:limit] if limit else manifest["classes"]
+    width = max([len(c) for c in classes] + [5])
+    lines = [f"{'class':<{width}}  {'train':>7}  {'validation':>10}"]
+    for name in classes:
+        tr = manifest["splits"]["train"]["class_counts"].get(name, 0)
+        va = manifest["splits"]["validation"]["class_counts"].get(name, 0)
+        lines.append(f"{name:<{width}}  {tr:>7}  {va:>10}")
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""Every input and output is an fsspec URI: a local path, ``file://`` or ``s3://``
+(and anything else fsspec reaches) go through the same functions.
+
+Publishing is atomic: a local file is written under a temporary name in the same
+folder and renamed; an object store makes an object visible only when its upload
+completes, so a killed writer never leaves a complete-looking partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from pipeline.config import StorageConfig
+from pipeline.errors import UsageError
+
+TMP_MARK = ".tmp-"
+
+
+def protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def is_local(uri: str) -> bool:
+    return protocol(uri) in ("file", "local")
+
+
+def storage_options(uri: str, storage: StorageConfig) -> dict:
+    """fsspec keyword arguments for ``uri`` built from the config, falling back to
+    the standard AWS environment for the endpoint (credentials are left to
+    botocore's own chain unless the config sets them)."""
+    if protocol(uri) not in ("s3", "s3a"):
+        return {}
+    opts: dict = {"anon": storage.anon}
+    if storage.access_key_id is not None:
+        opts["key"] = storage.access_key_id.get_secret_value()
+    if storage.secret_access_key is not None:
+        opts["secret"] = storage.secret_access_key.get_secret_value()
+    if storage.session_token is not None:
+        opts["token"] = storage.session_token.get_secret_value()
+    client: dict = {}
+    endpoint = (
+        storage.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    if storage.region:
+        client["region_name"] = storage.region
+    if client:
+        opts["client_kwargs"] = client
+    opts["config_kwargs"] = {
+        "retries": {"max_attempts": storage.max_attempts, "mode": "adaptive"},
+        "connect_timeout": storage.connect_timeout_s,
+        "read_timeout": storage.read_timeout_s,
+    }
+    # Listings must reflect what other processes just wrote.
+    opts["use_listings_cache"] = False
+    return opts
+
+
+def get_fs(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(uri, **storage_options(uri, storage))
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
+    """The URI of ``path`` written in the style of ``like``: a plain local path stays
+    a plain path, anything with a scheme keeps its scheme."""
+    if "://" not in like:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def exists(uri: str, storage: StorageConfig) -> bool:
+    fs, path = get_fs(uri, storage)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, storage: StorageConfig) -> bytes:
+    fs, path = get_fs(uri, storage)
+    return fs.cat_file(path)
+
+
+def read_text(uri: str, storage: StorageConfig) -> str:
+    return read_bytes(uri, storage).decode("utf-8")
+
+
+def read_json(uri: str, storage: StorageConfig):
+    return json.loads(read_text(uri, storage))
+
+
+def _local_tmp_name(path: str) -> str:
+    head, tail = os.path.split(path)
+    return os.path.join(head, f"{TMP_MARK}{uuid.uuid4().hex[:12]}-{tail}")
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
+    """Publish ``data`` at ``uri`` atomically."""
+    fs, path = get_fs(uri, storage)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _local_tmp_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_text(uri: str, text: str, storage: StorageConfig) -> None:
+    write_bytes(uri, text.encode("utf-8"), storage)
+
+
+def write_json(uri: str, obj, storage: StorageConfig) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n", storage)
+
+
+def publish_file(local_path: str, uri: str, storage: StorageConfig) -> None:
+    """Move a finished local file to ``uri`` atomically (the local file is consumed)."""
+    fs, path = get_fs(uri, storage)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _local_tmp_name(path)
+        try:
+            shutil.move(local_path, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.put_file(local_path, path)
+        os.unlink(local_path)
+
+
+def remove(uri: str, storage: StorageConfig) -> None:
+    fs, path = get_fs(uri, storage)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+@contextmanager
+def local_scratch(prefix: str = "inception-ray-") -> Iterator[str]:
+    """A private local folder, removed afterwards."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason for a storage failure, without a stack trace."""
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{name}: {text}" if text else name
+
+
+def check_source(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of an input folder/prefix that must exist and be
+    readable; anything else is a UsageError with one clear line."""
+    try:
+        fs, path = get_fs(uri, storage)
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"cannot open {uri}: {describe_error(exc)}") from None
+    try:
+        if not fs.exists(path):
+            raise UsageError(f"source not found: {uri}")
+        if not fs.isdir(path):
+            raise UsageError(f"source is not a folder or prefix: {uri}")
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any storage failure is a usage problem here
+        raise UsageError(f"cannot read {uri}: {describe_error(exc)}") from None
+    return fs, path
+
+
+def check_writable(uri: str, storage: StorageConfig) -> None:
+    """Fail early, with one line, when an output location cannot be written."""
+    probe = join(uri, f"{TMP_MARK}probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"", storage)
+        remove(probe, storage)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot write to {uri}: {describe_error(exc)}") from None
+
+
+def list_files(
+    fs: fsspec.AbstractFileSystem, path: str
+) -> list[tuple[str, int]]:
+    """Every file under ``path`` (recursive) with its size, sorted by path.
+    Symlink loops and unreadable entries on local disks are skipped by the
+    walker; our own temporary files are never listed."""
+    found = fs.find(path, detail=True, withdirs=False)
+    out = []
+    for name, info in found.items():
+        if os.path.basename(name).startswith(TMP_MARK):
+            continue
+        out.append((name, int(info.get("size") or 0)))
+    out.sort()
+    return out
+
+
+def relative(path: str, root: str) -> Optional[str]:
+    root = root.rstrip("/")
+    if path == root or not path.startswith(root + "/"):
+        return None
+    return path[len(root) + 1 :]

@@ -1,0 +1,84 @@
+"""Config resolution: defaults < file < --set < flags; unknown keys and wrong types
+are usage errors (exit 2) that name the key; secrets never reach a dump."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import REDACTED, load_config
+from pipeline.errors import UsageError
+
+
+def test_override_order(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("prepare:\n  val_fraction: 0.3\n  shard_size_mb: 50\n  jpeg_quality: 80\n")
+    cfg = load_config(
+        str(path),
+        ["prepare.shard_size_mb=20", "prepare.jpeg_quality=85"],
+        {"prepare.jpeg_quality": 90, "prepare.max_side": None},
+    )
+    assert cfg.prepare.val_fraction == 0.3  # file over default
+    assert cfg.prepare.shard_size_mb == 20  # --set over file
+    assert cfg.prepare.jpeg_quality == 90  # flag over --set
+    assert cfg.prepare.max_side is None  # a flag not given changes nothing
+    assert cfg.prepare.min_shards == 4  # default
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prepare.shard_sise_mb=3", "unknown config key 'prepare.shard_sise_mb'"),
+        ("nosuch.key=1", "unknown config key 'nosuch'"),
+        ("prepare.min_shards=many", "config key 'prepare.min_shards'"),
+        ("prepare.val_fraction=1.5", "config key 'prepare.val_fraction'"),
+        ("prepare.val_fraction.x=1", "config key 'prepare.val_fraction'"),
+        ("justakey", "--set expects key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("storage:\n  endpoint: http://x\n")
+    with pytest.raises(UsageError, match=r"unknown config key 'storage\.endpoint'"):
+        load_config(str(path))
+
+
+def test_secrets_are_redacted_in_dumps():
+    cfg = load_config(None, ["storage.secret_access_key=SENTINEL-123", "storage.access_key_id=AKIDSENTINEL"])
+    text = cfg.to_yaml()
+    assert "SENTINEL" not in text
+    assert yaml.safe_load(text)["storage"]["secret_access_key"] == REDACTED
+    assert cfg.storage.secret_access_key.get_secret_value() == "SENTINEL-123"
+    assert "SENTINEL" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "prepare.bogus=1"], "unknown config key 'prepare.bogus'"),
+        (["--shard-size-mb", "-5"], "config key 'prepare.shard_size_mb'"),
+        (["--val-fraction", "abc"], "--val-fraction: invalid float value"),
+        (["--config", "/nonexistent/exp.yaml"], "config file not found"),
+    ],
+)
+def test_cli_config_errors_exit_2_with_one_line(tmp_path, args, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.prepare", "--src", str(src), "--dst", str(tmp_path / "dst"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -1,0 +1,90 @@
+"""Image validation and normalisation: every accepted output decodes with
+tf.io.decode_jpeg(channels=3) to the right colours; every bad input gets a reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline.images import ImageRejected, prepare_image
+from tests import imagefactory as fx
+
+LIMIT = 89_478_485
+
+
+def tf_pixels(data: bytes) -> np.ndarray:
+    return tf.io.decode_jpeg(data, channels=3).numpy().astype(int)
+
+
+def mean_colour(data: bytes) -> np.ndarray:
+    return tf_pixels(data).reshape(-1, 3).mean(axis=0)
+
+
+def test_plain_rgb_jpeg_is_kept_byte_for_byte():
+    raw = fx.rgb_jpeg()
+    out = prepare_image(raw, max_pixels=LIMIT)
+    assert out.data == raw and not out.reencoded
+    assert (out.width, out.height) == (40, 30)
+
+
+@pytest.mark.parametrize(
+    "make, colour",
+    [
+        (fx.cmyk_jpeg, (255, 0, 0)),
+        (lambda: fx.gray_jpeg(128), (128, 128, 128)),
+        (fx.palette_png, (30, 30, 200)),
+        (fx.rgba_png, (255, 255, 255)),
+        (fx.png16, (255, 255, 255)),
+        (lambda: fx.png16(level=32768), (128, 128, 128)),
+        (fx.bmp, (30, 200, 30)),
+        (fx.webp, (30, 200, 30)),
+        (fx.animated_gif, (255, 0, 0)),
+    ],
+    ids=["cmyk", "gray", "palette", "alpha", "png16-white", "png16-mid", "bmp", "webp", "gif-first-frame"],
+)
+def test_other_inputs_are_reencoded_to_rgb_jpeg_with_right_colours(make, colour):
+    out = prepare_image(make(), max_pixels=LIMIT)
+    assert out.reencoded
+    assert out.data[:2] == b"\xff\xd8"  # JPEG
+    np.testing.assert_allclose(mean_colour(out.data), colour, atol=6)
+
+
+def test_exif_orientation_is_applied():
+    out = prepare_image(fx.exif_rotated_jpeg(size=(40, 20)), max_pixels=LIMIT)
+    px = tf_pixels(out.data)
+    assert px.shape[:2] == (40, 20)  # was 40 wide x 20 tall, rotated 90° to 20 wide x 40 tall
+    # Rotating 90° clockwise puts the left (red) half on top.
+    assert px[5, 10, 0] > 200 and px[5, 10, 2] < 60
+    assert px[35, 10, 2] > 200 and px[35, 10, 0] < 60
+
+
+def test_max_side_downsizes_once_and_keeps_aspect():
+    out = prepare_image(fx.rgb_jpeg(size=(400, 200)), max_pixels=LIMIT, max_side=100)
+    assert out.reencoded and (out.width, out.height) == (100, 50)
+    assert tf_pixels(out.data).shape == (50, 100, 3)
+    small = fx.rgb_jpeg(size=(80, 40))
+    assert prepare_image(small, max_pixels=LIMIT, max_side=100).data == small
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (fx.truncated_jpeg(), "truncated"),
+        (fx.truncated_png(), "truncated"),
+        (fx.random_bytes(), "not an image"),
+        (b"hello, world\n", "not an image"),
+        (fx.png_bomb(), "decompression bomb"),
+        (fx.tiff(), "unsupported image format TIFF"),
+    ],
+    ids=["zero", "truncated-jpeg", "truncated-png", "random", "text", "bomb", "tiff"],
+)
+def test_bad_inputs_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(ImageRejected, match=reason):
+        prepare_image(data, max_pixels=LIMIT)
+
+
+def test_pixel_limit_is_configurable():
+    with pytest.raises(ImageRejected, match="too many pixels: 40x30"):
+        prepare_image(fx.rgb_jpeg(size=(40, 30)), max_pixels=1000)
