@@ -62,10 +62,103 @@ class PrepareConfig(_Section):
     read_batch: int = Field(32, ge=1)
 
 
+class DataConfig(_Section):
+    """The training input pipeline."""
+
+    image_size: int = Field(299, ge=75)
+    # Per replica: the global batch is this times the number of replicas.
+    batch_size: int = Field(32, ge=1)
+    shuffle_buffer: int = Field(1000, ge=1)
+    # Where workers stage shards from object storage (None: a temp folder).
+    cache_dir: Optional[str] = None
+    seed: Optional[int] = None
+
+
+class AugmentConfig(_Section):
+    """Training-only augmentation, one affine resample per image, with
+    ImageDataGenerator's semantics (rotation and shear in degrees)."""
+
+    enabled: bool = True
+    rotation: float = Field(30.0, ge=0, le=180)
+    width_shift: float = Field(0.2, ge=0, lt=1)
+    height_shift: float = Field(0.2, ge=0, lt=1)
+    shear: float = Field(0.2, ge=0, lt=90)
+    zoom: float = Field(0.2, ge=0, lt=1)
+    horizontal_flip: bool = True
+
+
+class ModelConfig(_Section):
+    # "imagenet" (Keras download), "none" (random init), or a file/URI of
+    # InceptionV3 no-top weights (.h5).
+    weights: str = "imagenet"
+    # Warm start: a previous run directory or model file; layers are matched by
+    # name and skipped where shapes differ (a new class set re-initialises the head).
+    init_from: Optional[str] = None
+    head_units: int = Field(1024, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # BatchNorm momentum in the base (None keeps Keras' 0.99). From-scratch runs
+    # need a lower value so inference-mode statistics keep up with the weights.
+    bn_momentum: Optional[float] = Field(None, gt=0, lt=1)
+
+
+class PhaseConfig(_Section):
+    """Phase 1, ``transfer``: the whole base frozen, a new head trained."""
+
+    epochs: int = Field(2, ge=0)
+    optimizer: Literal["rmsprop", "sgd", "adam"] = "rmsprop"
+    learning_rate: float = Field(1e-3, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+
+
+class FinetuneConfig(PhaseConfig):
+    """Phase 2, ``finetune``: the top inception blocks trained with a small SGD step."""
+
+    optimizer: Literal["rmsprop", "sgd", "adam"] = "sgd"
+    learning_rate: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    # Freeze everything up to and including this layer name (default: mixed8,
+    # leaving the top two inception blocks trainable), or the first N layers
+    # when an integer is given (the classic tutorial used 249, "172" in older
+    # versions); 0 trains every layer.
+    unfreeze_after: Union[int, str] = "mixed8"
+
+
+class TrainConfig(_Section):
+    transfer: PhaseConfig = PhaseConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    # "none", "balanced" (from manifest counts) or {class name: weight}.
+    class_weights: Union[Literal["none", "balanced"], dict[str, float]] = "none"
+    early_stopping_patience: Optional[int] = Field(3, ge=1)
+    max_failures: int = Field(2, ge=-1)
+    min_val_accuracy: Optional[float] = Field(None, ge=0, le=1)
+    top_k: int = Field(5, ge=1)
+    # None: on when GPUs are used.
+    mixed_precision: Optional[bool] = None
+    xla: Optional[bool] = None
+    # Re-estimate BatchNorm moving statistics on training data (inference-mode
+    # passes) before the final evaluation and export. "auto": when weights is none.
+    recompute_bn_stats: Union[bool, Literal["auto"]] = "auto"
+    bn_stats_batches: int = Field(20, ge=1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class ScalingConfig(_Section):
+    # None: fit the cluster found (one worker per GPU node share, else 1).
+    num_workers: Optional[int] = Field(None, ge=1)
+    use_gpu: Optional[bool] = None
+    gpus_per_worker: float = Field(1, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+
+
 class Config(_Section):
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     prepare: PrepareConfig = PrepareConfig()
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -186,4 +279,5 @@ def load_config(
     for key, value in (flags or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
-    return build_config(_merge({}, data))
+    # Merged over the full defaults, so a partial section keeps its defaults.
+    return build_config(_merge(Config().to_dict(redact=False), data))

@@ -1,0 +1,53 @@
+"""Fine-tune InceptionV3 on prepared shards with Ray Train + MultiWorkerMirroredStrategy.
+
+    python -m jobs.train --data s3://bucket/shards --output s3://bucket/runs/run-1 [--config FILE] [--set k=v ...]
+
+Re-running the same command with the same --output resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from jobs._cli import make_parser, resolve_config, run, setup_logging, start_ray
+from pipeline.errors import QualityGateFailed
+from pipeline.train import check_quality_gate, plan_training, run_training
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = make_parser("jobs.train", __doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="prepared shards (folder holding manifest.json)")
+    parser.add_argument("--output", required=True, help="run directory (local path or fsspec URI)")
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet)
+    cfg = resolve_config(args, {})
+    plan = plan_training(cfg, args.data, args.output)
+    start_ray(cfg)
+    summary = run_training(cfg, plan)
+    print_summary(summary)
+    gate = check_quality_gate(cfg, summary)
+    if gate:
+        raise QualityGateFailed(gate)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\n{'phase':<9} {'epoch':>5} {'loss':>8} {'acc':>7} {'val_loss':>9} {'val_acc':>8} {'img/s':>8}")
+    for h in summary["history"]:
+        def f(key, width, digits=4):
+            value = h.get(key)
+            return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+        print(f"{h['phase']:<9} {h['epoch']:>5} {f('loss', 8)} {f('accuracy', 7)} {f('val_loss', 9)} "
+              f"{f('val_accuracy', 8)} {f('images_per_s', 8, 1)}")
+    m = summary["metrics"]
+    print(f"\nvalidation (inference mode, {m['examples']} images): accuracy {m['accuracy']:.4f}, "
+          f"top-{m['top_k']} {m['top_k_accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}")
+    extra = " (resumed from a checkpoint)" if summary["resumed"] else ""
+    print(f"trained in {summary['train_seconds']:.0f}s on {summary['workers']} worker(s){extra}")
+    print(f"model: {summary['model']}")
+    print(f"plots: {summary['outputs'].get('training.png')}, {summary['outputs'].get('confusion.png')}")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,102 @@
+"""A trained model as users and jobs load it: ``model.keras`` (which contains the
+[-1, 1] scaling and the input size) with ``labels.json`` beside it, plus
+``preprocessing.json`` describing the decode and resize that happen outside the
+model. Loading is in Keras safe mode unless the caller allows unsafe code."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from pipeline import storage as st
+from pipeline.config import StorageConfig
+from pipeline.errors import UsageError
+
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.json"
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def preprocessing_spec(image_size: int) -> dict:
+    return {
+        "image_size": image_size,
+        "color": "RGB",
+        "decode": "any supported format; EXIF orientation applied; alpha composited on white",
+        "resize": "bilinear to image_size x image_size, no crop (tf.image.resize)",
+        "input_range": "float32 in [0, 255]",
+        "scaling": "inside the model: x / 127.5 - 1 (InceptionV3)",
+    }
+
+
+def model_file_uri(uri: str) -> str:
+    """A run directory (or any folder) means its model.keras."""
+    return uri if uri.endswith((".keras", ".h5")) else st.join(uri, MODEL_FILE)
+
+
+@dataclass
+class ModelArtifact:
+    uri: str  # what the user named (run dir, file, registry version)
+    model: object  # tf_keras.Model
+    labels: list[str]
+    image_size: int
+
+    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """float32 [N, size, size, 3] in [0, 255] -> probabilities [N, classes]."""
+        if len(images) == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        return np.asarray(self.model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def check_model_uri(uri: str, storage: StorageConfig) -> str:
+    """The model file URI, or a UsageError naming what is missing."""
+    model_uri = model_file_uri(uri)
+    folder = model_uri.rsplit("/", 1)[0]
+    try:
+        if not st.exists(model_uri, storage):
+            raise UsageError(f"model not found: {model_uri}")
+        if not st.exists(st.join(folder, LABELS_FILE), storage):
+            raise UsageError(f"no {LABELS_FILE} beside {model_uri}")
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read model {uri}: {st.describe_error(exc)}") from None
+    return model_uri
+
+
+def load_artifact(uri: str, storage: StorageConfig, *, allow_unsafe: bool = False,
+                  display_uri: Optional[str] = None) -> ModelArtifact:
+    import tf_keras as keras
+
+    model_uri = check_model_uri(uri, storage)
+    folder = model_uri.rsplit("/", 1)[0]
+    labels = json.loads(st.read_text(st.join(folder, LABELS_FILE), storage))
+    with st.local_scratch() as scratch:
+        local = os.path.join(scratch, os.path.basename(model_uri))
+        fs, path = st.get_fs(model_uri, storage)
+        fs.get_file(path, local)
+        try:
+            model = keras.models.load_model(local, compile=False, safe_mode=not allow_unsafe)
+        except ValueError as exc:
+            if "safe_mode" in str(exc) or "unsafe" in str(exc).lower() or "lambda" in str(exc).lower():
+                raise UsageError(
+                    f"{model_uri} contains code (e.g. a Lambda layer) and is refused in safe mode; "
+                    "pass --allow-unsafe-model only if you trust its author"
+                ) from None
+            raise
+    size = int(model.input_shape[1])
+    if model.output_shape[-1] != len(labels):
+        raise UsageError(f"{model_uri} predicts {model.output_shape[-1]} classes but {LABELS_FILE} lists {len(labels)}")
+    return ModelArtifact(display_uri or uri, model, labels, size)
+
+
+def image_to_input(rgb_image, size: int) -> np.ndarray:
+    """A PIL RGB image -> float32 [size, size, 3] in [0, 255], with the same
+    resize as training's validation path."""
+    from pipeline.input import resize
+
+    arr = np.asarray(rgb_image, dtype=np.uint8)
+    return resize(arr, size).numpy()

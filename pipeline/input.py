@@ -1,0 +1,167 @@
+"""The tf.data input pipeline over prepared shards, in three small steps:
+``assign_shards`` (which records a worker reads), ``decode_example`` (record to
+uint8 image + label) and ``augment`` / ``resize`` (one resample per image), then
+``make_dataset`` batches and prefetches. No Ray imports: testable in plain pytest.
+
+Images leave this module as float32 RGB in [0, 255] at the model's size; the
+model itself scales them to [-1, 1] (see pipeline.model), so training and
+scoring share one preprocessing definition that travels with the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+from pipeline.shards import ENCODED, LABEL
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one worker reads: whole shard files, and (when there are fewer shards
+    than workers) every ``record_stride``-th record starting at ``record_offset``."""
+
+    shards: tuple[int, ...]
+    record_stride: int = 1
+    record_offset: int = 0
+
+
+def assign_shards(num_shards: int, rank: int, world: int) -> Assignment:
+    """Disjoint and complete across ranks: shard i goes to rank i % world; with
+    fewer shards than workers every worker reads all shards and keeps its own
+    stripe of records, so no worker is ever left without data."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world of {world}")
+    if num_shards >= world:
+        return Assignment(tuple(range(rank, num_shards, world)))
+    return Assignment(tuple(range(num_shards)), record_stride=world, record_offset=rank)
+
+
+def examples_for(assignment: Assignment, shard_examples: Sequence[int]) -> int:
+    """How many records a worker sees per pass, from manifest counts alone."""
+    if assignment.record_stride == 1:
+        return sum(shard_examples[i] for i in assignment.shards)
+    # Records are striped over the concatenation of all shards, in order.
+    total = sum(shard_examples[i] for i in assignment.shards)
+    return len(range(assignment.record_offset, total, assignment.record_stride))
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Every worker runs the same number of steps (collectives must line up);
+    datasets repeat, so uneven shards never make a worker run dry."""
+    return max(1, math.ceil(num_examples / global_batch))
+
+
+def decode_example(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    features = tf.io.parse_single_example(
+        serialized,
+        {ENCODED: tf.io.FixedLenFeature([], tf.string), LABEL: tf.io.FixedLenFeature([], tf.int64)},
+    )
+    image = tf.io.decode_jpeg(features[ENCODED], channels=3)
+    return image, tf.cast(features[LABEL], tf.int32)
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 HxWx3 -> float32 size x size x 3 in [0, 255] (bilinear). The one
+    resize used for validation, evaluation and scoring."""
+    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def augment(image: tf.Tensor, size: int, aug: dict, seed: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """Random rotation, shift, shear, zoom and flip, and the resize to ``size``,
+    as ONE projective resample of the decoded image (ImageDataGenerator's
+    semantics: rotation and shear in degrees, shifts and zoom as fractions)."""
+    shape = tf.shape(image)
+    in_h, in_w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    s = tf.cast(size, tf.float32)
+
+    def uniform(limit: float) -> tf.Tensor:
+        return tf.random.uniform([], -limit, limit) if limit else tf.constant(0.0)
+
+    theta = uniform(aug["rotation"]) * (math.pi / 180.0)
+    shear = uniform(aug["shear"]) * (math.pi / 180.0)
+    zoom = aug["zoom"]
+    zx = tf.random.uniform([], 1.0 - zoom, 1.0 + zoom) if zoom else tf.constant(1.0)
+    zy = tf.random.uniform([], 1.0 - zoom, 1.0 + zoom) if zoom else tf.constant(1.0)
+    flip = (
+        tf.where(tf.random.uniform([]) < 0.5, -1.0, 1.0) if aug["horizontal_flip"] else tf.constant(1.0)
+    )
+    tx = uniform(aug["width_shift"]) * in_w
+    ty = uniform(aug["height_shift"]) * in_h
+
+    # Output pixel o (size x size) maps to input pixel c_in + A (o - c_out) + t,
+    # A = scale_to_input @ rotation @ shear @ zoom @ flip.
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    rot = tf.reshape(tf.stack([cos, -sin, sin, cos]), [2, 2])
+    shr = tf.reshape(tf.stack([1.0, -tf.sin(shear), 0.0, tf.cos(shear)]), [2, 2])
+    zf = tf.reshape(tf.stack([zx * flip, 0.0, 0.0, zy]), [2, 2])
+    scale = tf.reshape(tf.stack([in_w / s, 0.0, 0.0, in_h / s]), [2, 2])
+    a = scale @ rot @ shr @ zf
+    c_out = (s - 1.0) / 2.0
+    c_in = tf.stack([(in_w - 1.0) / 2.0, (in_h - 1.0) / 2.0])
+    offset = c_in - tf.linalg.matvec(a, tf.stack([c_out, c_out])) + tf.stack([tx, ty])
+    transform = tf.stack([a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1], 0.0, 0.0])
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(image, tf.float32)[tf.newaxis],
+        transforms=transform[tf.newaxis],
+        output_shape=tf.stack([size, size]),
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
+    )[0]
+    return tf.clip_by_value(tf.ensure_shape(out, [size, size, 3]), 0.0, 255.0)
+
+
+def make_dataset(
+    files: Sequence[str],
+    *,
+    assignment: Assignment,
+    image_size: int,
+    batch_size: int,
+    training: bool,
+    aug: Optional[dict] = None,
+    shuffle_buffer: int = 1000,
+    repeat: bool = True,
+    seed: Optional[int] = None,
+) -> tf.data.Dataset:
+    """Batches of (float32 images in [0, 255], int32 labels) for one worker.
+    ``files`` are local TFRecord paths indexed like the manifest's shards.
+    Validation (``training=False``) is never augmented nor shuffled."""
+    paths = [files[i] for i in assignment.shards]
+    if assignment.record_stride > 1:
+        ds = tf.data.TFRecordDataset(paths).shard(assignment.record_stride, assignment.record_offset)
+    elif training and len(paths) > 1:
+        ds = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=seed)
+        ds = ds.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(len(paths), 8),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=False,
+        )
+    else:
+        ds = tf.data.TFRecordDataset(paths)
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    use_aug = training and aug is not None and aug.get("enabled", False)
+
+    def _load(serialized):
+        image, label = decode_example(serialized)
+        image = augment(image, image_size, aug) if use_aug else resize(image, image_size)
+        return image, label
+
+    ds = ds.map(_load, num_parallel_calls=AUTOTUNE, deterministic=not training)
+    ds = ds.batch(batch_size, drop_remainder=training)
+    options = tf.data.Options()
+    # Each worker reads its own shards (assign_shards); tf.distribute must not
+    # shard again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    options.deterministic = not training
+    return ds.with_options(options).prefetch(AUTOTUNE)

@@ -1,0 +1,332 @@
+"""The training job on the driver: check everything up front, run Ray Train's
+TensorflowTrainer, then a finalize task that evaluates the last checkpoint in
+inference mode over the whole validation split and writes the run directory.
+
+Run directory: model.keras, labels.json, preprocessing.json, config.yaml,
+history.json, metrics.json, training.png, confusion.png, tensorboard/,
+checkpoints/, and summary.json, written last: its presence marks a completed run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from pipeline import storage as st
+from pipeline.artifact import LABELS_FILE, MODEL_FILE, PREPROCESSING_FILE, preprocessing_spec
+from pipeline.config import Config
+from pipeline.errors import JobFailed, UsageError
+from pipeline.shards import read_manifest
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class TrainPlan:
+    data: str
+    output: str
+    manifest: dict
+    resuming: bool
+
+
+def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
+    """Everything that can fail on user input, checked before any cluster work."""
+    from pipeline.train_loop import enabled_phases, resolve_model_file
+
+    manifest = read_manifest(data, cfg.storage)
+    if len(manifest["classes"]) < 2:
+        raise UsageError(f"{data}: the manifest lists {len(manifest['classes'])} class; need at least 2")
+    if manifest["splits"]["train"]["num_examples"] == 0:
+        raise UsageError(f"{data}: no training examples in the manifest")
+    if not enabled_phases(cfg):
+        raise UsageError("both phases have 0 epochs (train.transfer.epochs, train.finetune.epochs)")
+    _check_unfreeze(cfg)
+    if cfg.model.weights not in ("imagenet", "none") and not _exists(cfg.model.weights, cfg):
+        raise UsageError(f"model.weights: file not found: {cfg.model.weights}")
+    if cfg.model.init_from and not _exists(resolve_model_file(cfg.model.init_from, cfg.storage), cfg):
+        raise UsageError(f"model.init_from: no model at {cfg.model.init_from}")
+    if isinstance(cfg.train.class_weights, dict):
+        unknown = sorted(set(cfg.train.class_weights) - set(manifest["classes"]))
+        if unknown:
+            raise UsageError(f"train.class_weights: unknown classes {', '.join(unknown)}")
+    if _exists(st.join(output, SUMMARY_FILE), cfg):
+        raise UsageError(f"{output} holds a completed run ({SUMMARY_FILE}); choose a new --output")
+    resuming = _exists(st.join(output, CHECKPOINTS), cfg)
+    st.check_writable(output, cfg.storage)
+    return TrainPlan(data, output, manifest, resuming)
+
+
+def _exists(uri: str, cfg: Config) -> bool:
+    try:
+        return st.exists(uri, cfg.storage)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read {uri}: {st.describe_error(exc)}") from None
+
+
+def _check_unfreeze(cfg: Config) -> None:
+    if cfg.train.finetune.epochs == 0:
+        return
+    import tf_keras as keras
+
+    from pipeline.model import freeze_index
+
+    base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(75, 75, 3))
+    try:
+        freeze_index(base, cfg.train.finetune.unfreeze_after)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def resolve_scaling(cfg: Config) -> tuple[int, bool, bool, bool]:
+    """(num_workers, use_gpu, mixed_precision, xla) from config and the cluster."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else gpus > 0
+    if use_gpu and gpus == 0:
+        raise UsageError("scaling.use_gpu is true but the cluster has no GPUs")
+    workers = cfg.scaling.num_workers
+    if workers is None:
+        per = cfg.scaling.gpus_per_worker or 1
+        workers = max(1, int(gpus // per)) if use_gpu else 1
+    mixed = cfg.train.mixed_precision if cfg.train.mixed_precision is not None else use_gpu
+    xla = cfg.train.xla if cfg.train.xla is not None else use_gpu
+    return workers, use_gpu, mixed, xla
+
+
+def ray_storage(uri: str, cfg: Config):
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
+    if st.is_local(uri):
+        return os.path.abspath(uri.replace("file://", "")), None
+    import pyarrow.fs as pafs
+
+    fs, path = st.get_fs(uri, cfg.storage)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def _worker_env(cfg: Config) -> dict:
+    """Secrets reach workers as environment only (never in pickled configs that
+    Ray may persist); the fault-injection hook passes through for tests."""
+    from pipeline.train_loop import FAIL_ONCE_ENV
+
+    env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    s = cfg.storage
+    for key, secret in (("AWS_ACCESS_KEY_ID", s.access_key_id), ("AWS_SECRET_ACCESS_KEY", s.secret_access_key),
+                        ("AWS_SESSION_TOKEN", s.session_token)):
+        if secret is not None:
+            env[key] = secret.get_secret_value()
+    if os.environ.get(FAIL_ONCE_ENV):
+        env[FAIL_ONCE_ENV] = os.environ[FAIL_ONCE_ENV]
+    return env
+
+
+def public_config(cfg: Config) -> dict:
+    """The config as workers get it: secrets removed (they travel as env)."""
+    data = cfg.to_dict(redact=False)
+    for key in ("access_key_id", "secret_access_key", "session_token"):
+        data["storage"][key] = None
+    return data
+
+
+def run_training(cfg: Config, plan: TrainPlan) -> dict:
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from pipeline.train_loop import train_loop_per_worker
+
+    started = time.time()
+    workers, use_gpu, mixed, xla = resolve_scaling(cfg)
+    st.write_text(st.join(plan.output, "config.yaml"), cfg.to_yaml(), cfg.storage)
+    log.info(
+        "train: %d classes, %d train / %d validation images, %d worker(s)%s%s",
+        len(plan.manifest["classes"]), plan.manifest["splits"]["train"]["num_examples"],
+        plan.manifest["splits"]["validation"]["num_examples"], workers,
+        ", GPU" if use_gpu else ", CPU", " (resuming)" if plan.resuming else "",
+    )
+    storage_path, storage_fs = ray_storage(plan.output, cfg)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": public_config(cfg),
+            "manifest": plan.manifest,
+            "data": plan.data,
+            "mixed_precision": mixed,
+            "xla": xla,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINTS,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": _worker_env(cfg)},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001
+        raise JobFailed(f"training failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    if result.checkpoint is None:
+        raise JobFailed("training ended without a checkpoint")
+    train_seconds = time.time() - started
+
+    finalize = ray.remote(finalize_run).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+    outputs = ray.get(finalize.remote(public_config(cfg), plan.manifest, plan.data, plan.output, result.checkpoint))
+    if mixed or xla:
+        outputs["gpu"] = {"mixed_precision": mixed, "xla": xla}
+    elapsed = time.time() - started
+    summary = {
+        "job": "train",
+        "data": plan.data,
+        "output": plan.output,
+        "model": st.join(plan.output, MODEL_FILE),
+        "classes": plan.manifest["classes"],
+        "workers": workers,
+        "use_gpu": use_gpu,
+        "resumed": outputs["resumed"],
+        "epochs": len(outputs["history"]),
+        "metrics": {k: outputs["metrics"][k] for k in ("examples", "accuracy", "top_k", "top_k_accuracy", "macro_f1")},
+        "bn_statistics_recomputed": outputs["bn_batches"],
+        "train_seconds": round(train_seconds, 1),
+        "elapsed_s": round(elapsed, 1),
+        "images_per_s": outputs["images_per_s"],
+        "min_val_accuracy": cfg.train.min_val_accuracy,
+        "outputs": {name: st.join(plan.output, name) for name in outputs["files"]},
+        "history": outputs["history"],
+    }
+    st.write_json(st.join(plan.output, SUMMARY_FILE), summary, cfg.storage)
+    return summary
+
+
+def finalize_run(cfg_dict: dict, manifest: dict, data: str, output: str, checkpoint) -> dict:
+    """Ray task: evaluate the final checkpoint in inference mode on the whole
+    validation split and publish the run directory's artifacts."""
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline import input as inp
+    from pipeline import model as mdl
+    from pipeline import reports
+    from pipeline.train_loop import STATE_FILE, WEIGHTS_FILE, stage_files
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = Config.model_validate(cfg_dict)
+    classes = manifest["classes"]
+    size = cfg.data.image_size
+    with st.local_scratch() as scratch:
+        ckpt = checkpoint.to_directory(os.path.join(scratch, "ckpt"))
+        state = json.load(open(os.path.join(ckpt, STATE_FILE)))
+        model = mdl.build_model(len(classes), size, cfg.model.model_copy(update={"weights": "none"}))
+        model.load_weights(os.path.join(ckpt, WEIGHTS_FILE))
+
+        def shard_files(split):
+            return stage_files([st.join(data, s["file"]) for s in manifest["splits"][split]["shards"]],
+                               cfg.data.cache_dir, cfg.storage)
+
+        def plain(split, batch):
+            files = shard_files(split)
+            return inp.make_dataset(files, assignment=inp.assign_shards(len(files), 0, 1), image_size=size,
+                                    batch_size=batch, training=False, repeat=False)
+
+        recompute = cfg.train.recompute_bn_stats
+        if recompute == "auto":
+            recompute = cfg.model.weights == "none"
+        bn_batches = 0
+        if recompute:
+            # Shuffled, unaugmented training images, as in inference.
+            files = shard_files("train")
+            ds = inp.make_dataset(files, assignment=inp.assign_shards(len(files), 0, 1), image_size=size,
+                                  batch_size=cfg.data.batch_size, training=True, aug=None,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, repeat=True)
+            batches = (images for images, _ in ds.take(cfg.train.bn_stats_batches))
+            bn_batches = mdl.recompute_bn_statistics(model, batches)
+            log.info("recomputed BatchNorm statistics over %d training batches", bn_batches)
+
+        split = "validation" if manifest["splits"]["validation"]["num_examples"] else "train"
+        labels, probs = [], []
+        for images, y in plain(split, max(cfg.data.batch_size, 32)):
+            probs.append(model(images, training=False).numpy())
+            labels.append(y.numpy())
+        probs = np.concatenate(probs) if probs else np.zeros((0, len(classes)))
+        metrics = reports.classification_metrics(np.concatenate(labels) if labels else np.zeros(0), probs,
+                                                 classes, cfg.train.top_k)
+        metrics["split"] = split
+        history = state["history"]
+
+        out = os.path.join(scratch, "out")
+        os.makedirs(out)
+        mdl.save_model(model, os.path.join(out, MODEL_FILE))
+        _dump(os.path.join(out, LABELS_FILE), classes)
+        _dump(os.path.join(out, PREPROCESSING_FILE), preprocessing_spec(size))
+        _dump(os.path.join(out, "history.json"), _history_by_phase(history))
+        _dump(os.path.join(out, "metrics.json"), metrics)
+        reports.plot_training(history, os.path.join(out, "training.png"))
+        reports.plot_confusion(metrics, os.path.join(out, "confusion.png"))
+        _write_tensorboard(history, os.path.join(out, "tensorboard"), tf)
+        files = []
+        for root, _, names in os.walk(out):
+            for name in names:
+                rel = os.path.relpath(os.path.join(root, name), out)
+                st.publish_file(os.path.join(root, name), st.join(output, rel), cfg.storage)
+                files.append(rel)
+    speeds = [h["images_per_s"] for h in history if h.get("images_per_s")]
+    return {
+        "metrics": metrics,
+        "history": history,
+        "resumed": state.get("resumed_from") is not None,
+        "bn_batches": bn_batches,
+        "images_per_s": round(float(np.median(speeds)), 2) if speeds else None,
+        "files": sorted(f for f in files if not f.startswith("tensorboard/")) + ["tensorboard/"],
+    }
+
+
+def _history_by_phase(history: list[dict]) -> dict:
+    out: dict = {}
+    for entry in history:
+        out.setdefault(entry["phase"], []).append({k: v for k, v in entry.items() if k != "phase"})
+    return out
+
+
+def _dump(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _write_tensorboard(history: list[dict], logdir: str, tf) -> None:
+    """Scalars per epoch (both phases on one step axis), train and validation."""
+    writers = {name: tf.summary.create_file_writer(os.path.join(logdir, name)) for name in ("train", "validation")}
+    for step, entry in enumerate(history, start=1):
+        for metric in ("loss", "accuracy", "top_k_accuracy"):
+            for name, key in (("train", metric), ("validation", f"val_{metric}")):
+                if key in entry:
+                    with writers[name].as_default():
+                        tf.summary.scalar(f"epoch_{metric}", entry[key], step=step)
+        if entry.get("images_per_s"):
+            with writers["train"].as_default():
+                tf.summary.scalar("images_per_s", entry["images_per_s"], step=step)
+    for w in writers.values():
+        w.flush()
+        w.close()
+
+
+def check_quality_gate(cfg: Config, summary: dict) -> Optional[str]:
+    """A message when ``train.min_val_accuracy`` is set and missed."""
+    target = cfg.train.min_val_accuracy
+    acc = summary["metrics"]["accuracy"]
+    if target is not None and acc < target:
+        return f"validation accuracy {acc:.4f} is below train.min_val_accuracy {target}"
+    return None
