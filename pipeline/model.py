@@ -119,13 +119,15 @@ def compile_for(model: keras.Model, phase: PhaseConfig, *, top_k: int, jit_compi
 
 
 def warm_start(model: keras.Model, source_file: str) -> dict:
-    """Copy weights by layer name from a saved model, skipping layers whose
-    shapes differ. Returns ``{"copied": [...], "skipped": [...]}``."""
+    """Copy weights from a saved model layer by layer, skipping layers whose
+    shapes differ (a new class set re-initialises the head only). Head layers
+    match by name; base layers by their position in InceptionV3, because Keras
+    numbers auto-generated names per process ("conv2d_94")."""
     donor = keras.models.load_model(source_file, compile=False, safe_mode=True)
-    donor_layers = {layer.name: layer for layer in _all_layers(donor)}
+    donor_layers = dict(_keyed_layers(donor))
     copied, skipped = [], []
-    for layer in _all_layers(model):
-        other = donor_layers.get(layer.name)
+    for key, layer in _keyed_layers(model):
+        other = donor_layers.get(key)
         if other is None or not layer.weights:
             continue
         theirs = other.get_weights()
@@ -139,12 +141,13 @@ def warm_start(model: keras.Model, source_file: str) -> dict:
     return {"copied": copied, "skipped": skipped}
 
 
-def _all_layers(model: keras.Model):
+def _keyed_layers(model: keras.Model):
     for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+        if layer.name == BASE_NAME and isinstance(layer, keras.Model):
+            for i, inner in enumerate(layer.layers):
+                yield f"{BASE_NAME}/{i}/{type(inner).__name__}", inner
         else:
-            yield layer
+            yield layer.name, layer
 
 
 def recompute_bn_statistics(model: keras.Model, batches) -> int:
@@ -152,7 +155,7 @@ def recompute_bn_statistics(model: keras.Model, batches) -> int:
     the average of batch statistics over ``batches`` (images only), so that
     inference mode matches what the weights were trained with. Returns the
     number of batches used."""
-    layers = list(_all_layers(model))
+    layers = [layer for _, layer in _keyed_layers(model)]
     bns = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in bns]
     base = base_of(model)

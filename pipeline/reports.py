@@ -60,20 +60,29 @@ def plot_training(history: list[dict], path: str) -> None:
             ys = [h.get(key, np.nan) for h in history]
             if not all(np.isnan(ys)):
                 ax.plot(x, ys, style, label=label, markersize=4)
-        phases = [h["phase"] for h in history]
-        for i in range(1, len(phases)):
-            if phases[i] != phases[i - 1]:
-                ax.axvline(i + 0.5, color="grey", linestyle="--", linewidth=1)
-                ax.text(i + 0.55, ax.get_ylim()[1], f" {phases[i]}", va="top", fontsize=8, color="grey")
-        if phases:
-            ax.text(0.6, ax.get_ylim()[1], f" {phases[0]}", va="top", fontsize=8, color="grey")
-        ax.set_title(title)
+        _mark_phases(ax, [h["phase"] for h in history])
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(title, pad=14)
         ax.set_xlabel("epoch (both phases)")
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _mark_phases(ax, phases: list[str]) -> None:
+    """Label each phase's span; a dashed line marks each boundary."""
+    spans, start = [], 0
+    for i in range(1, len(phases) + 1):
+        if i == len(phases) or phases[i] != phases[start]:
+            spans.append((phases[start], start + 1, i))
+            start = i
+    where = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    for n, (name, first, last) in enumerate(spans):
+        if n:
+            ax.axvline(first - 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.text((first + last) / 2, 1.01, name, transform=where, ha="center", va="bottom", fontsize=8, color="dimgrey")
 
 
 def plot_confusion(metrics: dict, path: str) -> None:

@@ -1,0 +1,128 @@
+"""The tf.data pipeline alone, no Ray: shard assignment, exact pixels without
+augmentation, unaugmented validation, the one-resample augmentation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from pipeline import input as inp
+from pipeline.shards import make_example
+
+SIZE = 32
+AUG_ON = {"enabled": True, "rotation": 30, "width_shift": 0.2, "height_shift": 0.2, "shear": 10,
+          "zoom": 0.2, "horizontal_flip": True}
+
+
+def jpeg(seed: int, size=(SIZE, SIZE)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_shards(tmp_path, counts: list[int], size=(SIZE, SIZE)) -> list[str]:
+    """Shards whose records carry a unique id as their label."""
+    files, rid = [], 0
+    for i, n in enumerate(counts):
+        path = str(tmp_path / f"train-{i:05d}-of-{len(counts):05d}.tfrecord")
+        with tf.io.TFRecordWriter(path) as w:
+            for _ in range(n):
+                w.write(make_example(jpeg(rid, size), rid, "c", f"id{rid}", size[1], size[0]))
+                rid += 1
+        files.append(path)
+    return files
+
+
+def ids_seen(files, assignment, **kw) -> list[int]:
+    ds = inp.make_dataset(files, assignment=assignment, image_size=SIZE, batch_size=4, training=False,
+                          repeat=False, **kw)
+    return [int(x) for _, y in ds for x in y.numpy()]
+
+
+@pytest.mark.parametrize("counts, world", [([5, 3, 7], 2), ([4, 4, 4, 4, 1], 3), ([6, 2], 4), ([9], 3), ([3, 3], 2)],
+                         ids=["uneven", "five-over-three", "fewer-shards-than-workers", "one-shard", "even"])
+def test_shard_assignment_is_disjoint_and_complete(tmp_path, counts, world):
+    files = write_shards(tmp_path, counts)
+    seen = []
+    for rank in range(world):
+        a = inp.assign_shards(len(files), rank, world)
+        ids = ids_seen(files, a)
+        assert len(ids) == inp.examples_for(a, counts)  # manifest counts predict what is read
+        assert ids, f"rank {rank} got no data"
+        seen.extend(ids)
+    assert sorted(seen) == list(range(sum(counts)))
+
+
+def test_steps_per_epoch_never_zero():
+    assert inp.steps_per_epoch(10, 4) == 3
+    assert inp.steps_per_epoch(1, 64) == 1
+
+
+def decoded(data: bytes) -> np.ndarray:
+    return tf.io.decode_jpeg(data, channels=3).numpy().astype(np.float32)
+
+
+def test_augmentation_off_gives_exact_pixels(tmp_path):
+    files = write_shards(tmp_path, [6])
+    ds = inp.make_dataset(files, assignment=inp.assign_shards(1, 0, 1), image_size=SIZE, batch_size=6,
+                          training=True, aug={**AUG_ON, "enabled": False}, shuffle_buffer=1, repeat=False)
+    images, labels = next(iter(ds))
+    for image, rid in zip(images.numpy(), labels.numpy()):
+        np.testing.assert_array_equal(image, decoded(jpeg(int(rid))))
+
+
+def test_validation_is_never_augmented(tmp_path):
+    files = write_shards(tmp_path, [5])
+    runs = []
+    for _ in range(2):
+        ds = inp.make_dataset(files, assignment=inp.assign_shards(1, 0, 1), image_size=SIZE, batch_size=5,
+                              training=False, aug=AUG_ON, repeat=False)
+        images, labels = next(iter(ds))
+        runs.append(images.numpy())
+        assert labels.numpy().tolist() == [0, 1, 2, 3, 4]  # not shuffled either
+        for image, rid in zip(images.numpy(), labels.numpy()):
+            np.testing.assert_array_equal(image, decoded(jpeg(int(rid))))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_flip_only_is_an_exact_mirror_and_happens_both_ways():
+    image = tf.constant(decoded(jpeg(7)).astype(np.uint8))
+    aug = {**AUG_ON, "rotation": 0, "width_shift": 0, "height_shift": 0, "shear": 0, "zoom": 0}
+    original, mirrored = image.numpy().astype(np.float32), image.numpy()[:, ::-1].astype(np.float32)
+    kinds = set()
+    for _ in range(24):
+        out = inp.augment(image, SIZE, aug).numpy()
+        if np.array_equal(out, original):
+            kinds.add("same")
+        elif np.allclose(out, mirrored, atol=1e-3):
+            kinds.add("mirror")
+        else:
+            pytest.fail("flip-only augmentation resampled the image")
+    assert kinds == {"same", "mirror"}
+
+
+def test_augment_is_one_resample_to_the_model_size():
+    big = tf.constant(np.random.default_rng(0).integers(0, 255, (120, 90, 3), dtype=np.uint8))
+    outs = [inp.augment(big, 75, AUG_ON).numpy() for _ in range(4)]
+    for out in outs:
+        assert out.shape == (75, 75, 3) and out.dtype == np.float32
+        assert 0.0 <= out.min() and out.max() <= 255.0
+    assert not np.allclose(outs[0], outs[1])  # random per image
+    # with every range at zero it is exactly the plain resize's geometry (centre-aligned)
+    still = {**AUG_ON, "rotation": 0, "width_shift": 0, "height_shift": 0, "shear": 0, "zoom": 0,
+             "horizontal_flip": False}
+    same = inp.augment(tf.constant(decoded(jpeg(3)).astype(np.uint8)), SIZE, still).numpy()
+    np.testing.assert_allclose(same, decoded(jpeg(3)), atol=1e-3)
+
+
+def test_augment_runs_inside_tf_data_graph(tmp_path):
+    files = write_shards(tmp_path, [4], size=(48, 40))
+    ds = inp.make_dataset(files, assignment=inp.assign_shards(1, 0, 1), image_size=SIZE, batch_size=2,
+                          training=True, aug=AUG_ON, shuffle_buffer=4)
+    images, labels = next(iter(ds))
+    assert images.shape == (2, SIZE, SIZE, 3) and labels.dtype == tf.int32
