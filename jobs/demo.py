@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Sequence
 
-from jobs import prepare
+from jobs import predict, prepare, train
 from jobs._cli import make_parser, resolve_config, run, setup_logging, start_ray
 from pipeline import demo_data
 
@@ -26,6 +27,8 @@ def main(argv: Sequence[str]) -> int:
     workdir = os.path.abspath(args.workdir)
     images = os.path.join(workdir, "images")
     shards = os.path.join(workdir, "shards")
+    run_dir = os.path.join(workdir, "runs", time.strftime("run-%Y%m%d-%H%M%S"))
+    config = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
 
     if not os.path.isdir(images):
         count = demo_data.generate(images, per_class=args.per_class)
@@ -35,10 +38,15 @@ def main(argv: Sequence[str]) -> int:
     start_ray(resolve_config(args, {}))
 
     step(prepare.main, ["--src", images, "--dst", shards, "--overwrite"])
+    step(train.main, ["--data", shards, "--output", run_dir, "--config", config])
+    sample = os.path.join(images, "circle", "circle_0000.jpg")
+    step(predict.main, ["--model", run_dir, sample, "--top-k", "3",
+                        "--plot", os.path.join(run_dir, "predict.png")])
 
     print("\ndemo outputs:")
     print(f"  images:   {images}")
     print(f"  shards:   {shards}  (manifest.json, summary.json)")
+    print(f"  run:      {run_dir}  (model.keras, metrics.json, training.png, confusion.png, predict.png)")
     return 0
 
 

@@ -230,7 +230,7 @@ def finalize_run(cfg_dict: dict, manifest: dict, data: str, output: str, checkpo
         ckpt = checkpoint.to_directory(os.path.join(scratch, "ckpt"))
         state = json.load(open(os.path.join(ckpt, STATE_FILE)))
         model = mdl.build_model(len(classes), size, cfg.model.model_copy(update={"weights": "none"}))
-        model.load_weights(os.path.join(ckpt, WEIGHTS_FILE))
+        model.load_weights(os.path.join(ckpt, WEIGHTS_FILE)).expect_partial()
 
         def shard_files(split):
             return stage_files([st.join(data, s["file"]) for s in manifest["splits"][split]["shards"]],

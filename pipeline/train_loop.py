@@ -25,7 +25,10 @@ from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "weights.h5"
+# TensorFlow checkpoint format: variables are matched through the object graph,
+# so the trainable flags of the phase that saved them do not matter (HDF5
+# weights are ordered trainable-first and would not load across phases).
+WEIGHTS_FILE = "weights/model"
 STATE_FILE = "state.json"
 # Fault injection for tests: "<marker file>:<epoch number>" makes a worker raise
 # once, at the end of that (global, 1-based) epoch, if the marker does not exist.
@@ -111,6 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tf.get_logger().setLevel(logging.ERROR)  # per-step collective chatter
 
     if config["mixed_precision"]:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -157,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
     with strategy.scope():
         model = mdl.build_model(len(manifest["classes"]), cfg.data.image_size, cfg.model, weights_file=no_top)
         if weights_file:
-            model.load_weights(weights_file)
+            model.load_weights(weights_file).expect_partial()
         elif cfg.model.init_from:
             donor = fetch_to_local(resolve_model_file(cfg.model.init_from, cfg.storage), cfg.storage, ".keras")
             mdl.warm_start(model, donor)
@@ -241,9 +245,12 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
     metrics = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
     metrics.update(phase_index=cb.phase_index, phase=cb.phase)
     with tempfile.TemporaryDirectory(prefix="inception-ray-ckpt-") as tmp:
+        # Every rank saves: reading mirrored / sync-on-read variables is a
+        # collective under MultiWorkerMirroredStrategy, so a rank-0-only save
+        # would wait forever for the others. Only rank 0's copy is reported.
+        cb._model_ref.save_weights(os.path.join(tmp, WEIGHTS_FILE))
         checkpoint = None
         if cb.rank == 0:
-            cb._model_ref.save_weights(os.path.join(tmp, WEIGHTS_FILE))
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(asdict(state), f)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
