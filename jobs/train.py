@@ -19,9 +19,11 @@ def main(argv: Sequence[str]) -> int:
     parser = make_parser("jobs.train", __doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="prepared shards (folder holding manifest.json)")
     parser.add_argument("--output", required=True, help="run directory (local path or fsspec URI)")
+    parser.add_argument("--registry", help="register the run in this model registry (any fsspec URI)")
+    parser.add_argument("--name", help="model name in the registry")
     args = parser.parse_args(argv)
     setup_logging(args.quiet)
-    cfg = resolve_config(args, {})
+    cfg = resolve_config(args, {"registry.uri": args.registry, "registry.name": args.name})
     plan = plan_training(cfg, args.data, args.output)
     start_ray(cfg)
     summary = run_training(cfg, plan)
@@ -47,6 +49,11 @@ def print_summary(summary: dict) -> None:
     print(f"trained in {summary['train_seconds']:.0f}s on {summary['workers']} worker(s){extra}")
     print(f"model: {summary['model']}")
     print(f"plots: {summary['outputs'].get('training.png')}, {summary['outputs'].get('confusion.png')}")
+    reg = summary.get("registry")
+    if reg:
+        prod = "none" if reg["production_accuracy"] is None else f"{reg['production_accuracy']:.4f}"
+        print(f"registry: {reg['registry']}#{reg['name']} version {reg['version']}: accuracy {reg['accuracy']:.4f} "
+              f"vs production {prod} -> {'PROMOTED' if reg['promoted'] else 'not promoted'} ({reg['reason']})")
 
 
 if __name__ == "__main__":

@@ -142,12 +142,40 @@ class TrainConfig(_Section):
     checkpoints_to_keep: int = Field(2, ge=1)
 
 
+class RegistryConfig(_Section):
+    """Where ``jobs.train`` registers its run (``--registry``/``--name``) and the
+    promotion gate: promote when accuracy >= production's - tolerance."""
+
+    uri: Optional[str] = None
+    name: Optional[str] = None
+    tolerance: float = Field(0.0, ge=0, le=1)
+
+
 class ScalingConfig(_Section):
     # None: fit the cluster found (one worker per GPU node share, else 1).
     num_workers: Optional[int] = Field(None, ge=1)
     use_gpu: Optional[bool] = None
     gpus_per_worker: float = Field(1, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
+
+
+class ScoreConfig(_Section):
+    """Batch scoring (``jobs.score``)."""
+
+    # Images per model call in each predictor actor.
+    batch_size: int = Field(64, ge=1)
+    top_k: int = Field(5, ge=1)
+    # Predictor actors. None: one per GPU when the cluster has GPUs, else one
+    # per 8 CPUs (at least one); each CPU actor's TensorFlow uses its node's cores.
+    concurrency: Optional[int] = Field(None, ge=1)
+    # Rows per Parquet file; each file is also the unit of resume.
+    rows_per_file: int = Field(100_000, ge=1)
+    # Files read (concurrently on object stores) and decoded per CPU task call.
+    read_batch: int = Field(16, ge=1)
+    # Larger files get an error row instead of being read.
+    max_file_mb: float = Field(64.0, gt=0)
+    # Decoded-size limit (PIL's decompression-bomb threshold by default).
+    max_pixels: int = Field(89_478_485, ge=1)
 
 
 class Config(_Section):
@@ -159,6 +187,8 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
+    registry: RegistryConfig = RegistryConfig()
+    score: ScoreConfig = ScoreConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -154,6 +154,15 @@ def publish_file(local_path: str, uri: str, storage: StorageConfig) -> None:
         os.unlink(local_path)
 
 
+def copy_file(src: str, dst: str, storage: StorageConfig) -> None:
+    """Copy one file between any two URIs (through a local temporary file), publishing atomically."""
+    with local_scratch() as scratch:
+        local = os.path.join(scratch, "copy")
+        fs, path = get_fs(src, storage)
+        fs.get_file(path, local)
+        publish_file(local, dst, storage)
+
+
 def remove(uri: str, storage: StorageConfig) -> None:
     fs, path = get_fs(uri, storage)
     try:

@@ -56,6 +56,12 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
         unknown = sorted(set(cfg.train.class_weights) - set(manifest["classes"]))
         if unknown:
             raise UsageError(f"train.class_weights: unknown classes {', '.join(unknown)}")
+    if bool(cfg.registry.uri) != bool(cfg.registry.name):
+        raise UsageError("--registry and --name go together (registry.uri and registry.name)")
+    if cfg.registry.uri:
+        from pipeline.registry import list_versions
+
+        list_versions(cfg.registry.uri, cfg.registry.name, cfg.storage)  # readable, valid name
     if _exists(st.join(output, SUMMARY_FILE), cfg):
         raise UsageError(f"{output} holds a completed run ({SUMMARY_FILE}); choose a new --output")
     resuming = _exists(st.join(output, CHECKPOINTS), cfg)
@@ -185,8 +191,9 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
 
     finalize = ray.remote(finalize_run).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     outputs = ray.get(finalize.remote(public_config(cfg), plan.manifest, plan.data, plan.output, result.checkpoint))
-    if mixed or xla:
-        outputs["gpu"] = {"mixed_precision": mixed, "xla": xla}
+    registered = None
+    if cfg.registry.uri:
+        registered = register_and_gate(cfg, plan, outputs["metrics"], use_gpu)
     elapsed = time.time() - started
     summary = {
         "job": "train",
@@ -204,11 +211,67 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
         "elapsed_s": round(elapsed, 1),
         "images_per_s": outputs["images_per_s"],
         "min_val_accuracy": cfg.train.min_val_accuracy,
+        "mixed_precision": mixed,
+        "xla": xla,
+        "registry": registered,
         "outputs": {name: st.join(plan.output, name) for name in outputs["files"]},
         "history": outputs["history"],
     }
     st.write_json(st.join(plan.output, SUMMARY_FILE), summary, cfg.storage)
     return summary
+
+
+def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool) -> dict:
+    """Register the run as a new version, score it and the current production
+    version now on the same validation shards, and promote it if the gate passes."""
+    import ray
+
+    from pipeline import registry as reg
+
+    uri, name = cfg.registry.uri, cfg.registry.name
+    version = reg.register_run(uri, name, plan.output, cfg.storage, metrics=metrics, data=plan.data)
+    before = reg.read_production(uri, name, cfg.storage)
+    candidates = [reg.version_uri(uri, name, version["version"])]
+    if before and before["version"] != version["version"]:
+        candidates.append(reg.version_uri(uri, name, before["version"]))
+    task = ray.remote(evaluate_models).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+    scored = ray.get(task.remote(public_config(cfg), plan.manifest, plan.data, candidates))
+    new_acc = scored[0]["accuracy"]
+    prod_acc = scored[1]["accuracy"] if len(scored) > 1 else None
+    decision = reg.decide(new_acc, prod_acc, tolerance=cfg.registry.tolerance,
+                          min_val_accuracy=cfg.train.min_val_accuracy)
+    if before and before["version"] == version["version"]:
+        decision = {"promote": False, "reason": "this run is already the production version"}
+    after = before
+    if decision["promote"]:
+        after = reg.promote(uri, name, version["version"], cfg.storage, reason=decision["reason"])
+    log.info("registry: %s#%s version %s %s (%s)", uri, name, version["version"],
+             "promoted" if decision["promote"] else "not promoted", decision["reason"])
+    return {
+        "registry": uri,
+        "name": name,
+        "version": version["version"],
+        "accuracy": new_acc,
+        "production_before": before["version"] if before else None,
+        "production_accuracy": prod_acc,
+        "tolerance": cfg.registry.tolerance,
+        "promoted": decision["promote"],
+        "reason": decision["reason"],
+        "production": after["version"] if after else None,
+    }
+
+
+def evaluate_models(cfg_dict: dict, manifest: dict, data: str, model_uris: list[str]) -> list[dict]:
+    """Ray task: metrics of each model (in inference mode) on the same split."""
+    from pipeline.artifact import load_artifact
+    from pipeline.evaluate import evaluate
+
+    cfg = Config.model_validate(cfg_dict)
+    out = []
+    for uri in model_uris:
+        artifact = load_artifact(uri, cfg.storage)
+        out.append(evaluate(artifact.model, cfg, manifest, data, labels=artifact.labels))
+    return out
 
 
 def finalize_run(cfg_dict: dict, manifest: dict, data: str, output: str, checkpoint) -> dict:
@@ -220,7 +283,8 @@ def finalize_run(cfg_dict: dict, manifest: dict, data: str, output: str, checkpo
     from pipeline import input as inp
     from pipeline import model as mdl
     from pipeline import reports
-    from pipeline.train_loop import STATE_FILE, WEIGHTS_FILE, stage_files
+    from pipeline.evaluate import evaluate, split_files
+    from pipeline.train_loop import STATE_FILE, WEIGHTS_FILE
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = Config.model_validate(cfg_dict)
@@ -232,38 +296,20 @@ def finalize_run(cfg_dict: dict, manifest: dict, data: str, output: str, checkpo
         model = mdl.build_model(len(classes), size, cfg.model.model_copy(update={"weights": "none"}))
         model.load_weights(os.path.join(ckpt, WEIGHTS_FILE)).expect_partial()
 
-        def shard_files(split):
-            return stage_files([st.join(data, s["file"]) for s in manifest["splits"][split]["shards"]],
-                               cfg.data.cache_dir, cfg.storage)
-
-        def plain(split, batch):
-            files = shard_files(split)
-            return inp.make_dataset(files, assignment=inp.assign_shards(len(files), 0, 1), image_size=size,
-                                    batch_size=batch, training=False, repeat=False)
-
         recompute = cfg.train.recompute_bn_stats
         if recompute == "auto":
             recompute = cfg.model.weights == "none"
         bn_batches = 0
         if recompute:
             # Shuffled, unaugmented training images, as in inference.
-            files = shard_files("train")
+            files = split_files(cfg, manifest, data, "train")
             ds = inp.make_dataset(files, assignment=inp.assign_shards(len(files), 0, 1), image_size=size,
                                   batch_size=cfg.data.batch_size, training=True, aug=None,
                                   shuffle_buffer=cfg.data.shuffle_buffer, repeat=True)
             batches = (images for images, _ in ds.take(cfg.train.bn_stats_batches))
             bn_batches = mdl.recompute_bn_statistics(model, batches)
             log.info("recomputed BatchNorm statistics over %d training batches", bn_batches)
-
-        split = "validation" if manifest["splits"]["validation"]["num_examples"] else "train"
-        labels, probs = [], []
-        for images, y in plain(split, max(cfg.data.batch_size, 32)):
-            probs.append(model(images, training=False).numpy())
-            labels.append(y.numpy())
-        probs = np.concatenate(probs) if probs else np.zeros((0, len(classes)))
-        metrics = reports.classification_metrics(np.concatenate(labels) if labels else np.zeros(0), probs,
-                                                 classes, cfg.train.top_k)
-        metrics["split"] = split
+        metrics = evaluate(model, cfg, manifest, data)
         history = state["history"]
 
         out = os.path.join(scratch, "out")

@@ -1,0 +1,65 @@
+"""Judge a model in inference mode on a split of prepared shards. Used by the
+training job's final evaluation and by the registry's promotion gate, so both
+compute the same numbers the same way."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from pipeline import storage as st
+from pipeline.config import Config
+
+
+def split_files(cfg: Config, manifest: dict, data: str, split: str) -> list[str]:
+    """Local copies of a split's shards."""
+    from pipeline.train_loop import stage_files
+
+    uris = [st.join(data, s["file"]) for s in manifest["splits"][split]["shards"]]
+    return stage_files(uris, cfg.data.cache_dir, cfg.storage)
+
+
+def eval_split(manifest: dict) -> str:
+    return "validation" if manifest["splits"]["validation"]["num_examples"] else "train"
+
+
+def predict_split(model, files: list[str], image_size: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) over every record of ``files``, once, in order."""
+    from pipeline import input as inp
+
+    ds = inp.make_dataset(files, assignment=inp.assign_shards(len(files), 0, 1), image_size=image_size,
+                          batch_size=batch_size, training=False, repeat=False)
+    labels, probs = [], []
+    for images, y in ds:
+        probs.append(model(images, training=False).numpy())
+        labels.append(y.numpy())
+    n_out = int(model.output_shape[-1])
+    if not probs:
+        return np.zeros(0, int), np.zeros((0, n_out), np.float32)
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def evaluate(model, cfg: Config, manifest: dict, data: str, *, labels: Optional[list[str]] = None,
+             split: Optional[str] = None) -> dict:
+    """Metrics of ``model`` on the manifest's evaluation split. ``labels`` are the
+    model's own class names when they may differ from the manifest's (a
+    production model trained on another class set): predictions are mapped by
+    name, and images of classes the model does not know count as errors."""
+    from pipeline.reports import classification_metrics
+
+    split = split or eval_split(manifest)
+    files = split_files(cfg, manifest, data, split)
+    size = int(model.input_shape[1])
+    y, probs = predict_split(model, files, size, max(cfg.data.batch_size, 32))
+    classes = manifest["classes"]
+    if labels is not None and list(labels) != list(classes):
+        index = {name: i for i, name in enumerate(classes)}
+        mapped = np.zeros((len(probs), len(classes)), np.float32)
+        for j, name in enumerate(labels):
+            if name in index:
+                mapped[:, index[name]] = probs[:, j]
+        probs = mapped
+    metrics = classification_metrics(y, probs, classes, cfg.train.top_k)
+    metrics["split"] = split
+    return metrics
