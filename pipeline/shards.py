@@ -127,7 +127,24 @@ def read_manifest(uri: str, storage: StorageConfig) -> dict:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise UsageError(f"{path}: unsupported manifest format_version {version!r}")
+    try:
+        for split in SPLITS:
+            for shard in manifest["splits"][split]["shards"]:
+                check_shard_name(shard["file"])
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"{path}: malformed manifest ({st.describe_error(exc)})") from None
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
     return manifest
+
+
+def check_shard_name(name: str) -> str:
+    """Shard entries are plain file names inside the manifest's folder: a
+    manifest can never make a reader open a file elsewhere."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") \
+            or ":" in name or not name.endswith(".tfrecord"):
+        raise ValueError(f"shard entry {name!r} is not a plain .tfrecord file name")
+    return name
 
 
 def shard_uris(manifest_dir: str, manifest: dict, split: str) -> list[str]:

@@ -1,0 +1,106 @@
+"""Jobs run unchanged under `ray job submit` against a real cluster started
+with `ray start --head` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import demo_data
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A separate single-node cluster; stopped by killing its own process group
+    (never `ray stop`, which would stop every Ray on the machine)."""
+    port, dash = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("ray-head")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray 2.60 clusters require a token; this one gets its own.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    head = subprocess.Popen(
+        [os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         f"--temp-dir={temp}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([os.path.join(BIN, "ray"), "job", "list", "--address", address],
+                               capture_output=True, text=True, env=env)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail("ray start --head did not come up")
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def submit(cluster, *job: str, timeout=900) -> subprocess.CompletedProcess:
+    address, env = cluster
+    return subprocess.run(
+        [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+         "--runtime-env", "infra/runtime_env.yaml", "--", "python", "-m", *job],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def test_prepare_train_and_score_through_ray_job_submit(cluster, tmp_path):
+    images = tmp_path / "images"
+    demo_data.generate(str(images), per_class=6, size=80, classes=["circle", "square"])
+    shards, run_dir, scores = tmp_path / "shards", tmp_path / "run", tmp_path / "scores"
+
+    proc = submit(cluster, "jobs.prepare", "--src", str(images), "--dst", str(shards))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.load(open(shards / "manifest.json"))["accepted"] == 12
+
+    proc = submit(cluster, "jobs.train", "--data", str(shards), "--output", str(run_dir),
+                  "--set", "data.image_size=75", "--set", "data.batch_size=4", "--set", "model.weights=none",
+                  "--set", "model.head_units=8", "--set", "train.transfer.epochs=1",
+                  "--set", "train.finetune.epochs=0", "--set", "train.bn_stats_batches=1",
+                  "--set", "train.top_k=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "transfer epoch 1/1" in proc.stdout  # per-epoch progress streams back
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["classes"] == ["circle", "square"] and (run_dir / "model.keras").exists()
+
+    proc = submit(cluster, "jobs.score", "--model", str(run_dir), "--images", str(images),
+                  "--output", str(scores), "--batch-size", "8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(str(scores))
+    assert table.num_rows == 12 and set(table.column("label").to_pylist()) <= {"circle", "square"}
+
+
+def test_a_failing_job_makes_ray_job_submit_fail(cluster, tmp_path):
+    proc = submit(cluster, "jobs.train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "run"),
+                  timeout=300)
+    assert proc.returncode != 0
+    assert "no manifest.json" in proc.stdout + proc.stderr
