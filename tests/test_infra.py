@@ -1,0 +1,558 @@
+"""infra/ stays valid and consistent with the code: every YAML parses, the
+workflow passes GitHub's schema (and actionlint where installed), the cluster
+config passes Ray's own schema, and pins, images, entrypoints, flags and
+config paths agree with pyproject.toml and jobs/. Offline, a few seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+BIN = Path(sys.executable).parent
+RUNTIME_ENV = INFRA / "runtime_env.yaml"
+DOCKERFILE = INFRA / "docker" / "Dockerfile"
+CLUSTER = INFRA / "ray" / "cluster.yaml"
+WORKFLOW = INFRA / "ci" / "retrain.yml"
+RAYJOBS = sorted((INFRA / "k8s").glob("*.yaml"))
+
+# DESIGN.md "Commands (contract)": the jobs and the flags each one documents.
+# A flag used in infra/ must be in the module's argparse source or, for a module
+# or flag not written yet, in this contract (the check then reports it pending).
+JOBS = {"prepare", "train", "score", "predict", "registry"}
+CONTRACT_FLAGS = {
+    "prepare": {"--src", "--dst", "--val-fraction", "--shard-size-mb"},
+    "train": {"--data", "--output", "--config", "--set", "--registry", "--name"},
+    "score": {"--model", "--images", "--output", "--batch-size", "--top-k", "--concurrency"},
+    "predict": {"--model", "--plot"},
+    "registry": {"--registry", "--name", "--version"},
+}
+REQUIRED_FLAGS = {
+    "prepare": {"--src", "--dst"},
+    "train": {"--data", "--output"},
+    "score": {"--model", "--images", "--output"},
+    "predict": {"--model"},
+    "registry": {"--registry", "--name"},
+}
+
+# No network for anything these tests start: a request would fail fast.
+OFFLINE_ENV = {
+    **os.environ,
+    "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+    "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "",
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+}
+
+
+# --- helpers -----------------------------------------------------------------
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([A-Za-z0-9.+!-]+)$")
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def pyproject_pins() -> dict[str, str]:
+    """{canonical name: version} of [project] dependencies, all exact pins."""
+    pins = {}
+    for req in pyproject()["project"]["dependencies"]:
+        match = PIN.match(req.replace(" ", ""))
+        assert match, f"pyproject dependency is not an exact pin: {req}"
+        pins[canonical(match.group(1))] = match.group(3)
+    return pins
+
+
+def walk(node, path=()):
+    """Every (path, value) in a parsed YAML tree."""
+    yield path, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from walk(value, path + (key,))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from walk(value, path + (i,))
+
+
+def workflow() -> dict:
+    return load_yaml(WORKFLOW)
+
+
+def workflow_on(wf: dict) -> dict:
+    # YAML 1.1 reads the bare key `on` as the boolean true.
+    return wf.get("on", wf.get(True))
+
+
+def workflow_steps(wf: dict) -> list[dict]:
+    return [step for job in wf["jobs"].values() for step in job.get("steps", [])]
+
+
+def rayjob_containers(doc: dict) -> list[tuple[str, dict, dict]]:
+    """(group, group spec, container) for the head and every worker group."""
+    spec = doc["spec"]["rayClusterSpec"]
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    return [(name, group, c) for name, group in groups for c in group["template"]["spec"]["containers"]]
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuations joined and comments dropped."""
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+# --- entrypoints: `python -m jobs.<name> ...` wherever infra/ writes one -------
+
+ENTRY = re.compile(r"\bpython3?\s+-m\s+jobs\.(\w+)(.*)")
+SHELL_STOP = {"2>&1"}
+
+
+def commands_in(text: str) -> list[tuple[str, list[str]]]:
+    """(job, argument tokens) for each `python -m jobs.X` in a shell text."""
+    text = re.sub(r"\\\n", " ", text)
+    found = []
+    for line in text.splitlines():
+        for match in ENTRY.finditer(line):
+            lexer = shlex.shlex(match.group(2), posix=True, punctuation_chars=True)
+            lexer.whitespace_split, lexer.commenters = True, ""
+            try:
+                tokens = list(lexer)
+            except ValueError:  # unbalanced quotes: prose, not a command
+                tokens = match.group(2).split()
+            for i, token in enumerate(tokens):
+                if token in SHELL_STOP or set(token) <= set(";&|<>()") or token.startswith("#"):
+                    tokens = tokens[:i]
+                    break
+            found.append((match.group(1), tokens))
+    return found
+
+
+def comment_text(path: Path) -> str:
+    """The file's `#` comment lines with the marker removed (usage examples)."""
+    out = []
+    for line in path.read_text().splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith("#"):
+            out.append(stripped[1:])
+    return "\n".join(out)
+
+
+def all_entrypoints() -> list[tuple[str, str, list[str]]]:
+    """(where, job, tokens) from RayJob entrypoints, workflow steps and the usage
+    comments of every infra file and example config."""
+    found = []
+    for path in RAYJOBS:
+        for doc in yaml.safe_load_all(path.read_text()):
+            for job, tokens in commands_in(doc["spec"]["entrypoint"]):
+                found.append((f"{path.name}:entrypoint", job, tokens))
+    for i, step in enumerate(workflow_steps(workflow())):
+        for job, tokens in commands_in(step.get("run", "")):
+            found.append((f"{WORKFLOW.name}:step{i}:{step.get('name', '')}", job, tokens))
+    commented = [p for p in sorted(INFRA.rglob("*")) if p.is_file()] + sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+    for path in commented:
+        for job, tokens in commands_in(comment_text(path)):
+            found.append((f"{path.relative_to(ROOT)}:comment", job, tokens))
+    return found
+
+
+def flags_of(tokens: list[str]) -> list[str]:
+    return [t.split("=", 1)[0] for t in tokens if re.match(r"^--[a-z][a-z0-9-]*", t)]
+
+
+def value_of(tokens: list[str], flag: str) -> str | None:
+    for i, token in enumerate(tokens):
+        if token == flag and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if token.startswith(flag + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def job_source(job: str) -> str | None:
+    for path in (ROOT / "jobs" / f"{job}.py", ROOT / "jobs" / job / "__main__.py"):
+        if path.exists():
+            # The common flags (--config, --set, --address, --quiet) live in _cli.py.
+            return path.read_text() + (ROOT / "jobs" / "_cli.py").read_text()
+    return None
+
+
+def source_flags(source: str) -> set[str]:
+    return set(re.findall(r"add_argument\(\s*(?:\"-\w\",\s*)?\"(--[\w-]+)\"", source))
+
+
+ENTRYPOINTS = all_entrypoints()
+
+
+# --- every file parses -----------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted(INFRA.rglob("*.y*ml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_infra_yaml_parses(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs)
+
+
+def test_the_infra_files_exist():
+    for path in (RUNTIME_ENV, DOCKERFILE, CLUSTER, WORKFLOW):
+        assert path.is_file(), path
+    assert {p.name for p in RAYJOBS} >= {"train-rayjob.yaml", "score-rayjob.yaml"}
+
+
+# --- runtime_env -----------------------------------------------------------------
+
+def test_runtime_env_is_accepted_by_ray():
+    from ray.runtime_env import RuntimeEnv
+
+    env = RuntimeEnv(**load_yaml(RUNTIME_ENV))  # Ray's own validation
+    assert env.env_vars()["TF_USE_LEGACY_KERAS"] == "1"
+    assert all(isinstance(v, str) for v in env.env_vars().values())
+    assert "working_dir" not in env, "the working dir comes from `--working-dir .`"
+
+
+def test_runtime_env_pins_are_pyprojects():
+    packages = load_yaml(RUNTIME_ENV)["pip"]["packages"]
+    assert sorted(packages) == sorted(pyproject()["project"]["dependencies"])
+
+
+def test_runtime_env_upload_excludes_heavy_folders_but_not_code():
+    from ray._private.runtime_env.packaging import _get_excludes  # what `ray job submit` applies
+
+    excluded = _get_excludes(ROOT, load_yaml(RUNTIME_ENV)["excludes"])
+    for heavy in (".venv", ".git", "demo_output", "jobs/__pycache__", ".pytest_cache", "x.egg-info"):
+        assert excluded(ROOT / heavy), heavy
+    for needed in ("jobs/train.py", "jobs/_cli.py", "pipeline/config.py", "jobs/configs/demo.yaml",
+                   "jobs/configs/inceptionv3_imagenet.yaml", "pyproject.toml", "infra/runtime_env.yaml"):
+        assert not excluded(ROOT / needed), needed
+
+
+# --- Dockerfile --------------------------------------------------------------------
+
+def test_dockerfile_base_image_is_pinned_and_matches_ray_and_python():
+    froms = [[t for t in args.split() if not t.startswith("--")][0]
+             for word, args in dockerfile_instructions() if word == "FROM"]
+    assert froms, "no FROM"
+    for image in froms:
+        name, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+        assert tag and tag != "latest" and "latest" not in tag, f"base image not pinned: {image}"
+    base = froms[-1]
+    if base.startswith("rayproject/ray:"):
+        tag = base.split(":", 1)[1]
+        assert tag.startswith(pyproject_pins()["ray"] + "-"), f"{base} is not Ray {pyproject_pins()['ray']}"
+        py = re.search(r"(\d)\.(\d+)", pyproject()["project"]["requires-python"])
+        assert f"-py{py.group(1)}{py.group(2)}" in tag, f"{base} is not Python {py.group(0)}"
+
+
+def test_dockerfile_installs_pyproject_pins_and_the_package():
+    pins = pyproject_pins()
+    runs = " ".join(args for word, args in dockerfile_instructions() if word == "RUN")
+    installed = {}
+    for req in re.findall(r"[\"']?([A-Za-z0-9][\w.-]*(?:\[[^\]]*\])?==[\w.+!-]+)[\"']?", runs):
+        match = PIN.match(req)
+        installed[canonical(match.group(1))] = match.group(3)
+    for name in ("tensorflow", "tf-keras", "ray"):
+        assert installed.get(name) == pins[name], f"Dockerfile {name}=={installed.get(name)}, pyproject {pins[name]}"
+    for name, version in installed.items():
+        if name in pins:
+            assert version == pins[name], f"Dockerfile {name}=={version}, pyproject {pins[name]}"
+    assert "tensorflow[and-cuda]==" in runs, "the GPU image needs TensorFlow's CUDA wheels"
+    assert re.search(r"pip install (--\S+ )*\.(\s|$|&)", runs), "the package itself (`pip install .`)"
+
+
+def test_dockerfile_env_user_workdir_and_copies():
+    instructions = dockerfile_instructions()
+    env = {}
+    for word, args in instructions:
+        if word == "ENV":
+            for item in shlex.split(args):
+                key, _, value = item.partition("=")
+                env[key] = value
+            assert not re.search(r"AWS_(SECRET|ACCESS|SESSION)", args), "credentials baked into the image"
+        if word == "ARG":
+            assert not re.search(r"AWS_(SECRET|ACCESS|SESSION)", args), "credentials as build args"
+    assert env.get("TF_USE_LEGACY_KERAS") == "1"
+    users = [args.split(":")[0] for word, args in instructions if word == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image must not run as root"
+    workdirs = [args for word, args in instructions if word == "WORKDIR"]
+    assert workdirs and workdirs[-1].startswith("/")
+    for word, args in instructions:
+        if word == "COPY" and "--from" not in args:
+            sources = [a for a in shlex.split(args) if not a.startswith("--")][:-1]
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+
+
+def dockerfile_workdir() -> str:
+    return [args for word, args in dockerfile_instructions() if word == "WORKDIR"][-1]
+
+
+# --- images: one tag everywhere ------------------------------------------------------
+
+def cluster_images() -> list[str]:
+    docker = load_yaml(CLUSTER)["docker"]
+    return [docker[k] for k in ("image", "head_image", "worker_image") if k in docker]
+
+
+def rayjob_images() -> list[str]:
+    return [c["image"] for path in RAYJOBS for doc in yaml.safe_load_all(path.read_text())
+            for _, _, c in rayjob_containers(doc)]
+
+
+def test_one_image_tag_everywhere_and_it_is_the_package_version():
+    documented = re.findall(r"docker build .*-t (\S+)", DOCKERFILE.read_text())
+    images = set(cluster_images()) | set(rayjob_images()) | set(documented)
+    assert len(images) == 1, f"cluster.yaml, the RayJobs and the Dockerfile name different images: {images}"
+    image = images.pop()
+    tag = image.rsplit(":", 1)[1] if ":" in image.split("/")[-1] else ""
+    assert tag == pyproject()["project"]["version"], f"{image}: tag is not the package version"
+
+
+# --- Ray cluster launcher ---------------------------------------------------------------
+
+def test_cluster_yaml_passes_rays_schema():
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(load_yaml(CLUSTER), schema)
+
+
+def test_cluster_yaml_head_cpu_workers_gpu_and_bounds():
+    cfg = load_yaml(CLUSTER)
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert not head.get("resources", {}).get("GPU")
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    gpu = [t for t in workers.values() if t.get("resources", {}).get("GPU", 0) >= 1]
+    assert gpu, "no GPU worker type"
+    for name, t in workers.items():
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= cfg["max_workers"], name
+    # jobs.train stops (exit 2) on a cluster without GPUs when use_gpu is set.
+    assert any(t["min_workers"] >= 1 for t in gpu)
+
+
+def test_cluster_yaml_start_commands_and_auth():
+    cfg = load_yaml(CLUSTER)
+    head, worker = " ".join(cfg["head_start_ray_commands"]), " ".join(cfg["worker_start_ray_commands"])
+    assert "ray start --head" in head and "--port=6379" in head
+    assert "ray start --address=$RAY_HEAD_IP:6379" in worker
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+
+
+# --- KubeRay RayJobs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_manifest(path):
+    (doc,) = list(yaml.safe_load_all(path.read_text()))
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    # KubeRay's own checks (ValidateRayJobMetadata/Spec), with RUN_ID filled in
+    # the way the header comment says.
+    name = doc["metadata"]["name"].replace("RUN_ID", "20261130-120000")
+    assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+    spec = doc["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+    assert spec.get("activeDeadlineSeconds", 1) > 0 and spec.get("backoffLimit", 0) >= 0
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == pyproject_pins()["ray"]
+    assert cluster.get("authOptions", {}).get("mode") == "token"
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["env_vars"] == load_yaml(RUNTIME_ENV)["env_vars"]
+    assert runtime_env["working_dir"] == dockerfile_workdir(), "the image's code is what the job runs"
+
+    gpu_groups = []
+    for group, group_spec, container in rayjob_containers(doc):
+        resources = container["resources"]
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources[kind]), f"{group}: {kind} needs cpu and memory"
+        gpus = int(resources["limits"].get("nvidia.com/gpu", 0))
+        if group == "head":
+            assert gpus == 0, "the head needs no GPU"
+        elif gpus:
+            gpu_groups.append(group)
+            assert group_spec["minReplicas"] <= group_spec["replicas"] <= group_spec["maxReplicas"]
+        if "gpu" in group:
+            assert gpus >= 1, f"worker group {group} requests no GPU"
+        assert any(src.get("secretRef") for src in container.get("envFrom", [])), f"{group}: no AWS Secret"
+    assert gpu_groups, "no GPU worker group"
+
+
+# --- GitHub workflow ------------------------------------------------------------------------
+
+def test_workflow_passes_githubs_schema_offline(tmp_path):
+    check = BIN / "check-jsonschema"
+    if not check.exists():
+        pytest.skip("check-jsonschema not installed (pip install -e '.[dev]')")
+    ok = subprocess.run([str(check), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
+                        capture_output=True, text=True, env=OFFLINE_ENV, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # The schema is really applied: a job without runs-on is refused.
+    broken = workflow()
+    del broken["jobs"]["retrain"]["runs-on"]
+    bad = tmp_path / "broken.yml"
+    bad.write_text(yaml.safe_dump(broken))
+    refused = subprocess.run([str(check), "--builtin-schema", "vendor.github-workflows", str(bad)],
+                             capture_output=True, text=True, env=OFFLINE_ENV, timeout=120)
+    assert refused.returncode != 0, refused.stdout
+
+
+def actionlint() -> str | None:
+    found = BIN / "actionlint"
+    return str(found) if found.exists() else shutil.which("actionlint")
+
+
+def test_workflow_passes_actionlint(tmp_path):
+    exe = actionlint()
+    if exe is None:
+        pytest.skip("actionlint not installed (pip install -e '.[dev]')")
+    # shellcheck (from the venv) is on PATH, so run: scripts are checked too.
+    lint = subprocess.run([exe, "-no-color", str(WORKFLOW)], capture_output=True, text=True,
+                          env=OFFLINE_ENV, timeout=120, cwd=tmp_path)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    injected = WORKFLOW.read_text().replace('run: python -m pip install "ray',
+                                            'run: echo "${{ github.event.head_commit.message }}" && python -m pip install "ray')
+    assert injected != WORKFLOW.read_text()
+    bad = tmp_path / "injected.yml"
+    bad.write_text(injected)
+    refused = subprocess.run([exe, "-no-color", str(bad)], capture_output=True, text=True,
+                             env=OFFLINE_ENV, timeout=120, cwd=tmp_path)
+    assert refused.returncode != 0, "actionlint should flag script injection"
+
+
+def test_workflow_schedule_dispatch_concurrency_and_pins():
+    wf = workflow()
+    on = workflow_on(wf)
+    assert on["schedule"] and all(len(s["cron"].split()) == 5 for s in on["schedule"])
+    inputs = on["workflow_dispatch"]["inputs"]
+    assert inputs["run_prepare"]["type"] == "boolean"
+    assert (ROOT / inputs["config"]["default"]).is_file()
+    assert wf["concurrency"]["cancel-in-progress"] is False
+    for step in workflow_steps(wf):
+        if "uses" in step:
+            assert re.search(r"@(v\d+(\.\d+)*|[0-9a-f]{40})$", step["uses"]), f"unpinned action {step['uses']}"
+        if "actions/setup-python" in step.get("uses", ""):
+            py = re.search(r"\d\.\d+", pyproject()["project"]["requires-python"]).group(0)
+            assert str(step["with"]["python-version"]) == py
+    runs = "\n".join(step.get("run", "") for step in workflow_steps(wf))
+    assert f'"ray[default]=={pyproject_pins()["ray"]}"' in runs
+
+
+def test_workflow_submits_with_the_runtime_env_and_reports_the_gate():
+    steps = workflow_steps(workflow())
+    submits = [s for s in steps if "ray job submit" in s.get("run", "")]
+    assert {job for s in submits for job, _ in commands_in(s["run"])} >= {"train"}
+    for step in submits:
+        run = re.sub(r"\\\n", " ", step["run"])
+        assert "--working-dir ." in run and "--runtime-env infra/runtime_env.yaml" in run
+        assert '--address "$RAY_ADDRESS"' in run
+    (train,) = [s for s in submits if "jobs.train" in s["run"]]
+    assert "${{ github.run_id }}" in workflow()["jobs"]["retrain"]["env"]["RUN_OUTPUT"]
+    report = [s for s in steps if "GITHUB_STEP_SUMMARY" in s.get("run", "")]
+    assert report and report[0]["if"].startswith("always()")
+    assert "summary.json" in report[0]["run"] and "code == 3" in report[0]["run"]
+
+
+# --- entrypoints ------------------------------------------------------------------------------
+
+def test_entrypoints_cover_train_and_score():
+    where = {(w.split(":")[0], job) for w, job, _ in ENTRYPOINTS}
+    assert ("train-rayjob.yaml", "train") in where and ("score-rayjob.yaml", "score") in where
+    assert (WORKFLOW.name, "train") in where
+    assert ("infra/ray/cluster.yaml", "train") in where
+
+
+@pytest.mark.parametrize("where,job,tokens", ENTRYPOINTS, ids=[f"{w}:{j}" for w, j, _ in ENTRYPOINTS])
+def test_entrypoint_names_a_job_and_its_flags(where, job, tokens):
+    assert job in JOBS, f"{where}: jobs.{job} is not one of {sorted(JOBS)}"
+    flags = flags_of(tokens)
+    missing = REQUIRED_FLAGS[job] - set(flags)
+    assert not missing, f"{where}: jobs.{job} needs {sorted(missing)}"
+    config = value_of(tokens, "--config")
+    if config and "$" not in config and "://" not in config:
+        assert (ROOT / config).is_file(), f"{where}: --config {config} does not exist"
+
+    source = job_source(job)
+    known = CONTRACT_FLAGS[job] | (source_flags(source) if source else set())
+    unknown = [f for f in flags if f not in known]
+    assert not unknown, f"{where}: jobs.{job} has no flag {unknown}"
+    if source is None:
+        pytest.skip(f"jobs/{job}.py does not exist yet (DESIGN.md contract); flags checked against the contract")
+    pending = [f for f in flags if f not in source_flags(source)]
+    if pending:
+        pytest.skip(f"{where}: jobs.{job} does not define {pending} yet (DESIGN.md contract)")
+
+
+def test_entrypoint_parser_reads_what_infra_writes():
+    text = 'ray job submit -- \\\n  python -m jobs.score --model \'s3://r#m\' --images "$IMG" --output o; echo done'
+    assert commands_in(text) == [("score", ["--model", "s3://r#m", "--images", "$IMG", "--output", "o"])]
+    assert source_flags('p.add_argument(\n    "--set",\n)\np.add_argument("-q", "--quiet")') == {"--set", "--quiet"}
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+SECRET_PATTERNS = [
+    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    re.compile(r"aws_secret_access_key\s*[:=]\s*[\"']?[A-Za-z0-9/+]{40}\b", re.IGNORECASE),
+]
+AWS_SECRET_NAMES = re.compile(r"^AWS_(SECRET_ACCESS_KEY|ACCESS_KEY_ID|SESSION_TOKEN)$|^RAY_AUTH_TOKEN$")
+
+
+def scanned_files() -> list[Path]:
+    return [p for p in sorted(INFRA.rglob("*")) if p.is_file()] + sorted((ROOT / "jobs" / "configs").glob("*"))
+
+
+def test_secret_patterns_catch_a_literal_key():
+    key_id, secret = "AKIA" + "IOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY"
+    assert SECRET_PATTERNS[0].search(f"AWS_ACCESS_KEY_ID={key_id}")
+    assert SECRET_PATTERNS[1].search(f"aws_secret_access_key = {secret}")
+
+
+@pytest.mark.parametrize("path", scanned_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_literal_credentials(path):
+    text = path.read_text()
+    for pattern in SECRET_PATTERNS:
+        assert not pattern.search(text), f"{path}: literal AWS credential"
+    if path.suffix not in (".yaml", ".yml"):
+        return
+    for doc in yaml.safe_load_all(text):
+        for keys, value in walk(doc):
+            # mapping style (workflow env, runtime env_vars): only ${{ secrets.X }}
+            if keys and isinstance(keys[-1], str) and AWS_SECRET_NAMES.match(keys[-1]):
+                assert isinstance(value, str) and re.fullmatch(r"\$\{\{\s*secrets\.\w+\s*\}\}", value), \
+                    f"{path}: {keys[-1]} must come from secrets.*"
+            # Kubernetes env list: valueFrom.secretKeyRef, never value
+            if isinstance(value, dict) and AWS_SECRET_NAMES.match(str(value.get("name", ""))):
+                assert "value" not in value and "secretKeyRef" in value.get("valueFrom", {}), \
+                    f"{path}: {value['name']} must come from a Secret"
+
+
+def test_no_credentials_in_runtime_envs():
+    """env_vars show in the dashboard and job metadata: credentials never go there."""
+    envs = [load_yaml(RUNTIME_ENV)] + [yaml.safe_load(doc["spec"]["runtimeEnvYAML"]) for path in RAYJOBS
+                                       for doc in yaml.safe_load_all(path.read_text())]
+    for env in envs:
+        assert not [k for k in env.get("env_vars", {}) if AWS_SECRET_NAMES.match(k) or k.startswith("AWS_")]
