@@ -20,6 +20,7 @@ from pipeline import storage as st
 from pipeline.artifact import LABELS_FILE, MODEL_FILE, PREPROCESSING_FILE, preprocessing_spec
 from pipeline.config import Config
 from pipeline.errors import JobFailed, UsageError
+from pipeline.faults import maybe_fault
 from pipeline.shards import read_manifest
 
 log = logging.getLogger(__name__)
@@ -117,28 +118,16 @@ def ray_storage(uri: str, cfg: Config):
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def _worker_env(cfg: Config) -> dict:
-    """Secrets reach workers as environment only (never in pickled configs that
-    Ray may persist); the fault-injection hook passes through for tests."""
-    from pipeline.train_loop import FAIL_ONCE_ENV
+def _worker_env() -> dict:
+    """Environment for the workers. Never secrets: Ray logs runtime envs. Secrets
+    from the config travel inside the pickled Config object (SecretStr), which
+    Ray neither logs nor persists; the fault-injection hook passes for tests."""
+    from pipeline.faults import FAULT_ENV
 
     env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    s = cfg.storage
-    for key, secret in (("AWS_ACCESS_KEY_ID", s.access_key_id), ("AWS_SECRET_ACCESS_KEY", s.secret_access_key),
-                        ("AWS_SESSION_TOKEN", s.session_token)):
-        if secret is not None:
-            env[key] = secret.get_secret_value()
-    if os.environ.get(FAIL_ONCE_ENV):
-        env[FAIL_ONCE_ENV] = os.environ[FAIL_ONCE_ENV]
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
     return env
-
-
-def public_config(cfg: Config) -> dict:
-    """The config as workers get it: secrets removed (they travel as env)."""
-    data = cfg.to_dict(redact=False)
-    for key in ("access_key_id", "secret_access_key", "session_token"):
-        data["storage"][key] = None
-    return data
 
 
 def run_training(cfg: Config, plan: TrainPlan) -> dict:
@@ -163,7 +152,7 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": public_config(cfg),
+            "cfg": cfg,
             "manifest": plan.manifest,
             "data": plan.data,
             "mixed_precision": mixed,
@@ -178,7 +167,7 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-            worker_runtime_env={"env_vars": _worker_env(cfg)},
+            worker_runtime_env={"env_vars": _worker_env()},
         ),
     )
     try:
@@ -190,7 +179,8 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
     train_seconds = time.time() - started
 
     finalize = ray.remote(finalize_run).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
-    outputs = ray.get(finalize.remote(public_config(cfg), plan.manifest, plan.data, plan.output, result.checkpoint))
+    outputs = ray.get(finalize.remote(cfg, plan.manifest, plan.data, plan.output, result.checkpoint))
+    maybe_fault("published")
     registered = None
     if cfg.registry.uri:
         registered = register_and_gate(cfg, plan, outputs["metrics"], use_gpu)
@@ -204,6 +194,7 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
         "workers": workers,
         "use_gpu": use_gpu,
         "resumed": outputs["resumed"],
+        "resumed_from": outputs["resumed_from"],
         "epochs": len(outputs["history"]),
         "metrics": {k: outputs["metrics"][k] for k in ("examples", "accuracy", "top_k", "top_k_accuracy", "macro_f1")},
         "bn_statistics_recomputed": outputs["bn_batches"],
@@ -235,7 +226,7 @@ def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool
     if before and before["version"] != version["version"]:
         candidates.append(reg.version_uri(uri, name, before["version"]))
     task = ray.remote(evaluate_models).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
-    scored = ray.get(task.remote(public_config(cfg), plan.manifest, plan.data, candidates))
+    scored = ray.get(task.remote(cfg, plan.manifest, plan.data, candidates))
     new_acc = scored[0]["accuracy"]
     prod_acc = scored[1]["accuracy"] if len(scored) > 1 else None
     decision = reg.decide(new_acc, prod_acc, tolerance=cfg.registry.tolerance,
@@ -261,12 +252,11 @@ def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool
     }
 
 
-def evaluate_models(cfg_dict: dict, manifest: dict, data: str, model_uris: list[str]) -> list[dict]:
+def evaluate_models(cfg: Config, manifest: dict, data: str, model_uris: list[str]) -> list[dict]:
     """Ray task: metrics of each model (in inference mode) on the same split."""
     from pipeline.artifact import load_artifact
     from pipeline.evaluate import evaluate
 
-    cfg = Config.model_validate(cfg_dict)
     out = []
     for uri in model_uris:
         artifact = load_artifact(uri, cfg.storage)
@@ -274,7 +264,7 @@ def evaluate_models(cfg_dict: dict, manifest: dict, data: str, model_uris: list[
     return out
 
 
-def finalize_run(cfg_dict: dict, manifest: dict, data: str, output: str, checkpoint) -> dict:
+def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint) -> dict:
     """Ray task: evaluate the final checkpoint in inference mode on the whole
     validation split and publish the run directory's artifacts."""
     import numpy as np
@@ -287,7 +277,6 @@ def finalize_run(cfg_dict: dict, manifest: dict, data: str, output: str, checkpo
     from pipeline.train_loop import STATE_FILE, WEIGHTS_FILE
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = Config.model_validate(cfg_dict)
     classes = manifest["classes"]
     size = cfg.data.image_size
     with st.local_scratch() as scratch:
@@ -333,6 +322,7 @@ def finalize_run(cfg_dict: dict, manifest: dict, data: str, output: str, checkpo
         "metrics": metrics,
         "history": history,
         "resumed": state.get("resumed_from") is not None,
+        "resumed_from": state.get("resumed_from"),
         "bn_batches": bn_batches,
         "images_per_s": round(float(np.median(speeds)), 2) if speeds else None,
         "files": sorted(f for f in files if not f.startswith("tensorboard/")) + ["tensorboard/"],

@@ -22,6 +22,7 @@ import tf_keras as keras
 
 from pipeline import storage as st
 from pipeline.config import Config
+from pipeline.faults import maybe_fault
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,6 @@ log = logging.getLogger(__name__)
 # weights are ordered trainable-first and would not load across phases).
 WEIGHTS_FILE = "weights/model"
 STATE_FILE = "state.json"
-# Fault injection for tests: "<marker file>:<epoch number>" makes a worker raise
-# once, at the end of that (global, 1-based) epoch, if the marker does not exist.
-FAIL_ONCE_ENV = "INCEPTION_RAY_FAIL_ONCE"
 
 
 @dataclass
@@ -109,7 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline import input as inp
     from pipeline import model as mdl
 
-    cfg = Config.model_validate(config["cfg"])
+    cfg: Config = config["cfg"]
     manifest, data_uri = config["manifest"], config["data"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -255,7 +253,7 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
                 json.dump(asdict(state), f)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
-    _maybe_fail_once(sum(1 for _ in state.history))
+    maybe_fault(f"epoch-{len(state.history)}")
 
 
 def _epoch_line(e: dict, epochs: int) -> str:
@@ -268,13 +266,3 @@ def _epoch_line(e: dict, epochs: int) -> str:
     if e.get("early_stopped"):
         parts.append("| early stop")
     return " ".join(parts)
-
-
-def _maybe_fail_once(global_epoch: int) -> None:
-    spec = os.environ.get(FAIL_ONCE_ENV)
-    if not spec:
-        return
-    marker, _, at = spec.rpartition(":")
-    if int(at) == global_epoch and not os.path.exists(marker):
-        open(marker, "w").close()
-        raise RuntimeError(f"injected failure after epoch {global_epoch} ({FAIL_ONCE_ENV})")

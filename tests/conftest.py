@@ -24,14 +24,33 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # The dashboard serves Ray's state API, which the fault tests use to find
+        # worker processes.
         ray.init(
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),
             logging_level="WARNING",
             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def learnable_shards(ray_session, tmp_path_factory):
+    """Prepared shards of 3 demo classes x 40 images: enough for a from-scratch
+    model to learn well above chance in a few epochs. Returns (shards, images)."""
+    from jobs import prepare as prepare_job
+    from jobs._cli import run
+    from pipeline import demo_data
+
+    root = tmp_path_factory.mktemp("learnable")
+    demo_data.generate(str(root / "images"), per_class=40, size=80, classes=["circle", "square", "stripes"])
+    data = str(root / "shards")
+    assert run(prepare_job.main, ["--src", str(root / "images"), "--dst", data]) == 0
+    return data, root / "images"
 
 
 def _free_port() -> int:

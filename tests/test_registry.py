@@ -9,11 +9,9 @@ import threading
 
 import pytest
 
-from jobs import prepare as prepare_job
 from jobs import registry as registry_job
 from jobs import train as train_job
 from jobs._cli import run
-from pipeline import demo_data
 from pipeline import registry as reg
 from pipeline.config import StorageConfig
 
@@ -26,12 +24,10 @@ LEARN = ["--set", "data.image_size=75", "--set", "data.batch_size=8", "--set", "
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
+def trained(learnable_shards, tmp_path_factory):
     """A registry holding a real model and a worse one (trained with lr 0)."""
     root = tmp_path_factory.mktemp("registry")
-    demo_data.generate(str(root / "images"), per_class=40, size=80, classes=["circle", "square", "stripes"])
-    data = str(root / "shards")
-    assert run(prepare_job.main, ["--src", str(root / "images"), "--dst", data]) == 0
+    data, _ = learnable_shards
     registry = str(root / "registry")
     good, worse = str(root / "good"), str(root / "worse")
     assert run(train_job.main, ["--data", data, "--output", good, *LEARN,

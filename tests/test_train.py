@@ -15,7 +15,7 @@ from jobs import prepare as prepare_job
 from jobs import train as train_job
 from jobs._cli import run
 from pipeline import demo_data
-from pipeline.train_loop import FAIL_ONCE_ENV
+from pipeline.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def test_two_workers_produce_a_complete_run_that_loads_and_predicts(shards, tmp_
 def test_worker_failure_resumes_from_checkpoint_and_gate_exits_3(shards, tmp_path, monkeypatch):
     data, _ = shards
     out = str(tmp_path / "run")
-    monkeypatch.setenv(FAIL_ONCE_ENV, f"{tmp_path}/failed-once:2")
+    monkeypatch.setenv(FAULT_ENV, f"epoch-2:raise:{tmp_path}/failed-once")
     code = run(train_job.main, ["--data", data, "--output", out, *TINY,
                                 "--set", "scaling.num_workers=1", "--set", "train.max_failures=1",
                                 "--set", "train.transfer.epochs=1", "--set", "train.finetune.epochs=2",

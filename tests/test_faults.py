@@ -1,0 +1,180 @@
+"""Faults done for real: a training worker killed with SIGKILL (found through
+Ray's state API), training drivers killed with SIGKILL and re-run, secrets that
+must never be written anywhere, models that carry code."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from jobs import train as train_job
+from jobs._cli import run
+from pipeline.faults import FAULT_ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--set", "data.image_size=75", "--set", "data.batch_size=8", "--set", "model.weights=none",
+         "--set", "model.head_units=16", "--set", "train.transfer.epochs=0", "--set", "train.finetune.epochs=3",
+         "--set", "train.finetune.unfreeze_after=mixed9", "--set", "train.early_stopping_patience=null",
+         "--set", "train.bn_stats_batches=2", "--set", "train.top_k=2", "--set", "scaling.num_workers=1"]
+
+
+def checkpoints(run_dir) -> list[str]:
+    """Checkpoints Ray Train has registered (uploaded and recorded), not merely
+    folders being uploaded."""
+    try:
+        with open(os.path.join(str(run_dir), "checkpoints", "checkpoint_manager_snapshot.json")) as f:
+            return [c["checkpoint_dir_name"] for c in json.load(f)["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def epochs_of(summary: dict) -> list[tuple[str, int]]:
+    return [(h["phase"], h["epoch"]) for h in summary["history"]]
+
+
+@pytest.mark.slow
+def test_worker_killed_with_sigkill_resumes_from_last_checkpoint(learnable_shards, tmp_path):
+    from ray.util.state import list_actors
+
+    data, _ = learnable_shards
+    out = tmp_path / "run"
+    result = {}
+
+    def train():
+        try:
+            result["code"] = run(train_job.main, ["--data", data, "--output", str(out), *QUICK,
+                                                  "--set", "train.max_failures=2"])
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = repr(exc)
+
+    job = threading.Thread(target=train)
+    job.start()
+    deadline = time.time() + 600
+    while not checkpoints(out) and time.time() < deadline and job.is_alive():
+        time.sleep(0.2)
+    assert checkpoints(out), "no checkpoint appeared"
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    dashboard = ray._private.worker.global_worker.node.address_info["webui_url"]
+    workers = list_actors(address=f"http://{dashboard}", filters=[("class_name", "=", "RayTrainWorker"),
+                                                                 ("state", "=", "ALIVE")])
+    assert len(workers) == 1, (address, workers)
+    os.kill(workers[0].pid, signal.SIGKILL)  # mid-epoch 2 (or later), a real process kill
+    job.join(900)
+    assert result == {"code": 0}
+    summary = json.load(open(out / "summary.json"))
+    assert summary["resumed"] and summary["resumed_from"]["epoch"] >= 1
+    # every epoch exactly once: the killed epoch was redone, nothing before it
+    assert epochs_of(summary) == [("finetune", 1), ("finetune", 2), ("finetune", 3)]
+    assert json.load(open(out / "metrics.json"))["examples"] > 0
+
+
+def train_cli(data, out, *extra, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.train", "--data", data, "--output", str(out), *QUICK, *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout=900) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and the local Ray it started (its own session)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+
+
+@pytest.mark.slow
+def test_training_driver_killed_mid_run_resumes_on_rerun(learnable_shards, tmp_path):
+    data, _ = learnable_shards
+    out = tmp_path / "run"
+    proc = train_cli(data, out)
+    deadline = time.time() + 600
+    while not checkpoints(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert checkpoints(out)
+    kill_group(proc)
+    assert not (out / "summary.json").exists() and not (out / "model.keras").exists()
+    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+
+    code, log = finish(train_cli(data, out))
+    assert code == 0, log[-3000:]
+    assert "(resuming)" in log
+    summary = json.load(open(out / "summary.json"))
+    assert summary["resumed"] and epochs_of(summary) == [("finetune", i) for i in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_training_driver_killed_while_publishing_finishes_on_rerun(learnable_shards, tmp_path):
+    data, _ = learnable_shards
+    out = tmp_path / "run"
+    marker = tmp_path / "killed"
+    code, log = finish(train_cli(data, out, env={FAULT_ENV: f"published:sigkill:{marker}"}))
+    assert code == -signal.SIGKILL and marker.exists(), log[-2000:]
+    assert (out / "model.keras").exists() and not (out / "summary.json").exists()  # not complete-looking
+
+    code, log = finish(train_cli(data, out))
+    assert code == 0, log[-3000:]
+    summary = json.load(open(out / "summary.json"))
+    assert epochs_of(summary) == [("finetune", i) for i in (1, 2, 3)]  # nothing retrained
+    # and a completed run is never overwritten
+    code, log = finish(train_cli(data, out))
+    assert code == 2 and "completed run" in log
+
+
+SENTINEL = "SENTINEL-9f2c4e-SECRET"
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_logs_configs_or_artifacts(learnable_shards, tmp_path):
+    data, _ = learnable_shards
+    out = tmp_path / "run"
+    ray_tmp = tempfile.mkdtemp(prefix="ir-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    proc = train_cli(data, out, "--set", "train.finetune.epochs=1",
+                     "--set", f"storage.secret_access_key={SENTINEL}", "--set", "storage.access_key_id=AKIDSENTINEL00",
+                     env={"AWS_SECRET_ACCESS_KEY": SENTINEL, "RAY_TMPDIR": ray_tmp})
+    code, log = finish(proc)
+    assert code == 0, log[-3000:]
+    assert SENTINEL not in log and "AKIDSENTINEL00" not in log
+    assert "**********" in (out / "config.yaml").read_text()
+    scanned = 0
+    for folder in (out, ray_tmp):
+        for path in glob.glob(os.path.join(str(folder), "**", "*"), recursive=True):
+            if os.path.isfile(path) and not os.path.islink(path):
+                blob = open(path, "rb").read()
+                assert SENTINEL.encode() not in blob, path
+                assert b"AKIDSENTINEL00" not in blob, path
+                scanned += 1
+    assert scanned > 20  # the run's artifacts and Ray's own session logs were read
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_model_with_lambda_layer_is_refused_unless_allowed(tmp_path):
+    import tf_keras as keras
+
+    from pipeline.artifact import load_artifact
+    from pipeline.config import StorageConfig
+    from pipeline.errors import UsageError
+
+    inputs = keras.Input((75, 75, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    model.save(tmp_path / "model.keras")
+    (tmp_path / "labels.json").write_text('["a", "b"]')
+    with pytest.raises(UsageError, match="refused in safe mode"):
+        load_artifact(str(tmp_path), StorageConfig())
+    assert load_artifact(str(tmp_path), StorageConfig(), allow_unsafe=True).labels == ["a", "b"]
