@@ -141,3 +141,30 @@ def write_tree(root: str, files: dict[str, bytes]) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
             f.write(data)
+
+
+def more_hostile_corpus() -> dict[str, tuple[bytes, bool]]:
+    """Kinds beyond bad_and_odd_corpus: odd shapes, modes and encodings."""
+    rng = np.random.default_rng(5)
+    noise = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    return {
+        "wide 1x2000.png": (encode(solid(size=(2000, 1)), "PNG"), True),
+        "tall 3000x2.jpg": (encode(solid(size=(2, 3000)), "JPEG"), True),
+        "progressive.jpg": (encode(noise, "JPEG", progressive=True, quality=80), True),
+        "gray-alpha.png": (encode(Image.new("LA", (20, 20), (128, 0)), "PNG"), True),
+        "one-bit.bmp": (encode(Image.new("1", (20, 20), 1), "BMP"), True),
+        "lossy.webp": (encode(noise, "WEBP", quality=50), True),
+        "transparent.gif": (encode(Image.new("P", (20, 20), 0), "GIF", transparency=0), True),
+        "jpeg-named.bmp": (rgb_jpeg(), True),
+        "corrupt.jpg": (corrupt_jpeg(), None),  # decodable with damage, or rejected: either is accounted
+        "html.jpg": (b"<html><body>404 Not Found</body></html>", False),
+        "png-header-only.png": (b"\x89PNG\r\n\x1a\n", False),
+        "gif-bomb.gif": (gif_bomb(), False),
+    }
+
+
+def gif_bomb() -> bytes:
+    """A GIF whose logical screen claims 65535x65535 pixels."""
+    data = bytearray(encode(Image.new("P", (2, 2), 0), "GIF"))
+    data[6:10] = b"\xff\xff\xff\xff"
+    return bytes(data)
