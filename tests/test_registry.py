@@ -124,3 +124,46 @@ def test_reference_parsing():
     assert reg.parse_reference("/runs/1") is None
     with pytest.raises(Exception, match="REGISTRY_URI#name"):
         reg.parse_reference("s3://b/reg#")
+
+
+REGISTER_AND_PROMOTE = """
+import sys
+from pipeline import registry as reg
+from pipeline.config import StorageConfig
+registry, run_dir = sys.argv[1], sys.argv[2]
+v = reg.register_run(registry, "race", run_dir, StorageConfig(), metrics={"accuracy": 0.5}, data="d")
+for _ in range(10):
+    reg.promote(registry, "race", v["version"], StorageConfig(), reason="race")
+print(v["version"])
+"""
+
+
+def test_two_processes_registering_at_once_leave_a_valid_registry(tmp_path):
+    import subprocess
+    import sys
+
+    registry = str(tmp_path / "registry")
+    runs = []
+    for i in range(2):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        (run_dir / "model.keras").write_bytes(os.urandom(200_000))
+        (run_dir / "labels.json").write_text('["a", "b"]')
+        (run_dir / "metrics.json").write_text('{"accuracy": 0.5}')
+        runs.append(str(run_dir))
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER_AND_PROMOTE, registry, r], stdout=subprocess.PIPE,
+                              text=True) for r in runs]
+    versions = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    storage = StorageConfig()
+    listed = reg.list_versions(registry, "race", storage)
+    assert sorted(v["version"] for v in listed) == sorted(versions)
+    assert {v["run"] for v in listed} == set(runs)
+    for v in versions:  # each version is complete, byte for byte
+        folder = reg.version_uri(registry, "race", v)
+        source = runs[versions.index(v)]
+        assert open(os.path.join(folder, "model.keras"), "rb").read() == open(os.path.join(source, "model.keras"), "rb").read()
+    pointer = reg.read_production(registry, "race", storage)
+    assert pointer["version"] in versions
+    # the index is rebuilt from the version folders by the last writer or by anyone
+    assert {v["version"] for v in reg.write_index(registry, "race", storage)} == set(versions)
