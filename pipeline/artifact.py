@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -43,12 +44,26 @@ class ModelArtifact:
     model: object  # tf_keras.Model
     labels: list[str]
     image_size: int
+    _call: Optional[object] = field(default=None, repr=False, compare=False)
 
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """float32 [N, size, size, 3] in [0, 255] -> probabilities [N, classes]."""
         if len(images) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
         return np.asarray(self.model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray:
+        """Like ``predict`` for one batch, through a compiled inference call:
+        the same model without ``Model.predict``'s per-call set-up, which costs
+        more than a third of the time of a 64-image batch at 75x75 on a CPU."""
+        if self._call is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
+            self._call = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+        if len(images) == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        return np.asarray(self._call(np.asarray(images, np.float32)), dtype=np.float32)
 
 
 def check_model_uri(uri: str, storage: StorageConfig) -> str:
@@ -67,10 +82,21 @@ def check_model_uri(uri: str, storage: StorageConfig) -> str:
     return model_uri
 
 
+def model_image_size(uri: str, storage: StorageConfig, *, allow_unsafe: bool = False) -> int:
+    """The input size the model expects, from ``preprocessing.json`` beside it
+    (no TensorFlow needed); a model saved without one is loaded to find out."""
+    folder = model_file_uri(uri).rsplit("/", 1)[0]
+    spec_uri = st.join(folder, PREPROCESSING_FILE)
+    try:
+        if st.exists(spec_uri, storage):
+            return int(st.read_json(spec_uri, storage)["image_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{spec_uri} is not a valid preprocessing spec: {st.describe_error(exc)}") from None
+    return load_artifact(uri, storage, allow_unsafe=allow_unsafe).image_size
+
+
 def load_artifact(uri: str, storage: StorageConfig, *, allow_unsafe: bool = False,
                   display_uri: Optional[str] = None) -> ModelArtifact:
-    import tf_keras as keras
-
     model_uri = check_model_uri(uri, storage)
     folder = model_uri.rsplit("/", 1)[0]
     labels = json.loads(st.read_text(st.join(folder, LABELS_FILE), storage))
@@ -79,7 +105,7 @@ def load_artifact(uri: str, storage: StorageConfig, *, allow_unsafe: bool = Fals
         fs, path = st.get_fs(model_uri, storage)
         fs.get_file(path, local)
         try:
-            model = keras.models.load_model(local, compile=False, safe_mode=not allow_unsafe)
+            model = load_keras_file(local, safe_mode=not allow_unsafe)
         except ValueError as exc:
             if "safe_mode" in str(exc) or "unsafe" in str(exc).lower() or "lambda" in str(exc).lower():
                 raise UsageError(
@@ -91,6 +117,28 @@ def load_artifact(uri: str, storage: StorageConfig, *, allow_unsafe: bool = Fals
     if model.output_shape[-1] != len(labels):
         raise UsageError(f"{model_uri} predicts {model.output_shape[-1]} classes but {LABELS_FILE} lists {len(labels)}")
     return ModelArtifact(display_uri or uri, model, labels, size)
+
+
+def load_keras_file(path: str, *, safe_mode: bool = True):
+    """``keras.models.load_model(path, compile=False)``, fast for plain archives.
+
+    tf_keras reads the weights through the archive's zip member, and each backward
+    seek there re-reads the member from its start (Python 3.11 zipfile): about 20 s
+    for InceptionV3 on 2 cores. An archive holding only the config and the weights
+    is loaded as the same two steps instead: the model from its config (same safe
+    mode), then the weights from the extracted ``model.weights.h5``."""
+    import tf_keras as keras
+
+    if path.endswith(".keras") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            if set(zf.namelist()) <= {"metadata.json", "config.json", "model.weights.h5"}:
+                config = json.loads(zf.read("config.json"))
+                config["compile_config"] = None
+                model = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)
+                with st.local_scratch() as scratch:
+                    model.load_weights(zf.extract("model.weights.h5", scratch))
+                return model
+    return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
 
 
 def image_to_input(rgb_image, size: int) -> np.ndarray:

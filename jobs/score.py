@@ -1,0 +1,68 @@
+"""Score every image under a folder/prefix (or in a list of URIs) into Parquet.
+
+    python -m jobs.score --model RUN_URI|REGISTRY#name --images s3://bucket/images --output s3://bucket/scores
+                         [--batch-size 64] [--top-k 5] [--concurrency N] [--rows-per-file 100000]
+
+One row per input file (uri, label, score, top_k_labels, top_k_scores, error,
+model); files that cannot be read or decoded get a row with ``error`` set.
+Re-running with the same arguments resumes: committed Parquet files are kept.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from jobs._cli import make_parser, resolve_config, run, setup_logging, start_ray
+from pipeline.score import SUMMARY_NAME, plan_score, run_score
+from pipeline import storage as st
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = make_parser("jobs.score", __doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="run directory, model file, or REGISTRY#name (its production version)")
+    parser.add_argument("--images", required=True,
+                        help="folder/prefix scanned recursively for image files, or a list of URIs "
+                             "(.txt, or .csv/.parquet with a 'uri' column)")
+    parser.add_argument("--output", required=True, help=f"folder/prefix for the Parquet files and {SUMMARY_NAME}")
+    parser.add_argument("--batch-size", type=int, help="images per model call (default 64)")
+    parser.add_argument("--top-k", type=int, help="classes kept per image (default 5)")
+    parser.add_argument("--concurrency", type=int,
+                        help="predictor actors (default: one per GPU, else one per 8 CPUs)")
+    parser.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default 100000)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace scores that OUTPUT holds from a different model, image source or top-k")
+    parser.add_argument("--allow-unsafe-model", action="store_true",
+                        help="load models that carry code (Lambda layers); only for models you trust")
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet)
+    cfg = resolve_config(
+        args,
+        {
+            "score.batch_size": args.batch_size,
+            "score.top_k": args.top_k,
+            "score.concurrency": args.concurrency,
+            "score.rows_per_file": args.rows_per_file,
+        },
+    )
+    plan = plan_score(cfg, args.model, args.images, args.output,
+                      overwrite=args.overwrite, allow_unsafe=args.allow_unsafe_model)
+    start_ray(cfg)
+    summary = run_score(cfg, plan, allow_unsafe=args.allow_unsafe_model)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    rate = f", {summary['images_per_s']} images/s" if summary["images_per_s"] else ""
+    print(f"\nscored {summary['scored']} of {summary['images']} images, {summary['errors']} errors "
+          f"({summary['images_this_run']} this run in {summary['elapsed_s']:.1f}s{rate})")
+    if summary["errors_by_reason"]:
+        print("errors: " + "; ".join(f"{n} {r}" for r, n in summary["errors_by_reason"].items()))
+    print(f"parquet: {summary['files']} files in {summary['output']} "
+          f"({summary['files_written']} written now, {summary['files_kept']} kept from an earlier run)")
+    print(f"summary: {st.join(summary['output'], SUMMARY_NAME)}")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

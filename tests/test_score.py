@@ -1,0 +1,319 @@
+"""The score job: one row per input file, the same answers as jobs.predict, bad
+files as error rows, resume after a kill, output any Parquet reader takes, and
+usage errors (exit 2) before any cluster work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import score as score_job
+from jobs._cli import run
+from pipeline import demo_data
+from pipeline.artifact import preprocessing_spec
+from pipeline.config import ModelConfig, StorageConfig, load_config
+from pipeline.errors import UsageError
+from pipeline.score import (SCHEMA, SUMMARY_NAME, ScoringPredictor, list_images, make_chunks, plan_score,
+                            read_and_decode, to_table)
+from tests import imagefactory as fx
+
+CLASSES = ["circle", "square", "triangle"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A run directory with an untrained 75x75 InceptionV3 (no training, no download)."""
+    import tf_keras as keras
+
+    from pipeline.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(len(CLASSES), 75, ModelConfig(weights="none", head_units=16))
+    # An untrained head gives every image almost the same probabilities; larger
+    # weights spread them, so comparing scores between jobs means something.
+    for name in ("head_dense", "predictions"):
+        kernel, bias = model.get_layer(name).get_weights()
+        model.get_layer(name).set_weights([kernel * 30, bias])
+    folder = tmp_path_factory.mktemp("run")
+    model.save(str(folder / "model.keras"))
+    (folder / "labels.json").write_text(json.dumps(CLASSES))
+    (folder / "preprocessing.json").write_text(json.dumps(preprocessing_spec(75)))
+    return str(folder)
+
+
+def make_images(root: str, per_class: int = 8, storage: StorageConfig | None = None) -> int:
+    return demo_data.generate(root, per_class=per_class, size=96, classes=CLASSES, storage=storage)
+
+
+def check_scores(table: pa.Table, model: str, uris: list[str], top_k: int) -> dict:
+    """Exactly one row per URI; good rows agree with jobs.predict; top-k lists
+    sorted, within [0, 1] and summing to at most 1. Returns {uri: error}."""
+    from jobs.predict import predict_files
+
+    assert table.schema.equals(SCHEMA)
+    rows = table.to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(uris)
+    expected = {r[0]: r for r in predict_files(load_config(), model, uris, top_k)}
+    for row in rows:
+        _, labels, scores, error = expected[row["uri"]]
+        assert row["model"] == model
+        assert (row["error"] is None) == (error is None), (row, error)
+        if row["error"] is not None:
+            assert row["label"] is None and row["score"] is None
+            assert row["top_k_labels"] == [] and row["top_k_scores"] == []
+            continue
+        assert len(row["top_k_labels"]) == min(top_k, len(CLASSES))
+        assert row["top_k_labels"] == labels
+        assert row["label"] == labels[0] and row["score"] == row["top_k_scores"][0]
+        np.testing.assert_allclose(row["top_k_scores"], scores, atol=1e-5)
+        assert row["top_k_scores"] == sorted(row["top_k_scores"], reverse=True)
+        assert 0 <= min(row["top_k_scores"]) and sum(row["top_k_scores"]) <= 1 + 1e-5
+    return {r["uri"]: r["error"] for r in rows}
+
+
+# ---------------------------------------------------------------- no Ray
+
+
+def test_listing_takes_image_names_only_and_chunks_are_stable(tmp_path):
+    fx.write_tree(str(tmp_path), {
+        "a/one.JPG": fx.rgb_jpeg(), "a/deep/two.png": fx.palette_png(), "b/three.WebP": fx.webp(),
+        "b/notes.txt": b"text", "b/scan.tiff": fx.tiff(),
+    })
+    found, ignored = list_images(str(tmp_path), StorageConfig())
+    assert [os.path.relpath(u, tmp_path) for u, _ in found] == ["a/deep/two.png", "a/one.JPG", "b/three.WebP"]
+    assert ignored == 2 and all(size > 0 for _, size in found)
+
+    chunks = make_chunks(found, 2)
+    assert [len(c.uris) for c in chunks] == [2, 1]
+    assert [c.name for c in make_chunks(found, 2)] == [c.name for c in chunks]
+    assert make_chunks(found[1:], 2)[0].name != chunks[0].name
+    assert chunks[0].name.startswith("part-00000-") and chunks[1].name.startswith("part-00001-")
+
+
+def test_uri_lists_text_csv_parquet(tmp_path):
+    images = tmp_path / "imgs"
+    fx.write_tree(str(images), {"x.jpg": fx.rgb_jpeg(), "y.png": fx.palette_png()})
+    x, y = str(images / "x.jpg"), str(images / "y.png")
+    (tmp_path / "list.txt").write_text(f"# images to score\n{x}\n\nimgs/y.png\n{x}\n")
+    (tmp_path / "list.csv").write_text(f"id,uri\n1,{x}\n2,{y}\n")
+    pq.write_table(pa.table({"uri": [y, x]}), tmp_path / "list.parquet")
+    for name in ("list.txt", "list.csv", "list.parquet"):
+        found, ignored = list_images(str(tmp_path / name), StorageConfig())
+        assert found == [(x, -1), (y, -1)] and ignored == 0, name
+
+    (tmp_path / "bad.csv").write_text(f"path\n{x}\n")
+    with pytest.raises(UsageError, match="no 'uri' column"):
+        list_images(str(tmp_path / "bad.csv"), StorageConfig())
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(UsageError, match="lists no images"):
+        list_images(str(tmp_path / "empty.txt"), StorageConfig())
+
+
+def test_predictor_is_a_plain_class_on_a_batch(tiny_model, tmp_path):
+    fx.write_tree(str(tmp_path), {"good.jpg": fx.rgb_jpeg(size=(90, 60)), "zero.jpg": b"", "bad.png": fx.truncated_png()})
+    uris = [str(tmp_path / n) for n in ("good.jpg", "zero.jpg", "bad.png", "missing.jpg")]
+    batch = {"uri": np.array(uris, dtype=object), "size": np.array([-1] * 4), "chunk": np.zeros(4, np.int64)}
+    decoded = read_and_decode(batch, storage=StorageConfig(), image_size=75, max_bytes=2**20, max_pixels=10**7)
+    assert decoded["image"].shape == (4, 75, 75, 3) and decoded["image"].dtype == np.float32
+    assert list(decoded["error"][:1]) == [""]
+    assert "empty file" in decoded["error"][1] and "truncated" in decoded["error"][2]
+    assert decoded["error"][3] == "cannot read: file not found"
+
+    predictor = ScoringPredictor(tiny_model, StorageConfig(), top_k=5, image_size=75)
+    table = to_table(predictor(decoded), CLASSES, "run-dir")
+    assert table.schema.equals(SCHEMA)
+    rows = table.to_pylist()
+    assert rows[0]["error"] is None and sorted(rows[0]["top_k_labels"]) == CLASSES
+    assert all(r["error"] and r["label"] is None and r["top_k_scores"] == [] for r in rows[1:])
+
+
+def test_registry_reference_scores_the_production_version(tiny_model, tmp_path):
+    from pipeline import registry as reg
+
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    version = reg.register_run(registry, "shapes", tiny_model, storage, metrics={}, data="test")["version"]
+    reg.promote(registry, "shapes", version, storage, reason="test")
+    fx.write_tree(str(tmp_path / "images"), {"a.jpg": fx.rgb_jpeg()})
+
+    plan = plan_score(load_config(), f"{registry}#shapes", str(tmp_path / "images"), str(tmp_path / "out"))
+    assert plan.model == f"{registry}#shapes@{version}"  # the `model` column names the version
+    assert plan.model_uri == reg.version_uri(registry, "shapes", version)
+    assert plan.labels == CLASSES and plan.image_size == 75
+
+
+# ---------------------------------------------------------------- whole jobs
+
+
+@pytest.mark.slow
+def test_score_local_tree(ray_session, tiny_model, tmp_path):
+    src = tmp_path / "my images"
+    count = make_images(str(src))
+    out = tmp_path / "scores"
+    argv = ["--model", tiny_model, "--images", str(src), "--output", str(out),
+            "--top-k", "2", "--batch-size", "8", "--rows-per-file", "10"]
+    assert run(score_job.main, argv) == 0
+
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert summary["images"] == summary["scored"] == count and summary["errors"] == 0
+    assert summary["files"] == summary["files_written"] == 3 and summary["images_per_s"] > 0
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(Path(p).name for p in summary["parquet"])
+    uris = [str(p) for p in sorted(src.rglob("*.*"))]
+    check_scores(pq.read_table(out), tiny_model, uris, top_k=2)
+
+    # Every reader takes the folder or its files as they are.
+    import duckdb
+    import pandas as pd
+
+    frame = pd.read_parquet(out)
+    assert len(frame) == count and frame["uri"].is_unique
+    assert duckdb.sql(f"select count(*), count(distinct uri) from '{out}/*.parquet'").fetchall() == [(count, count)]
+
+    # The same command again: nothing to do, the same rows.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert run(score_job.main, argv) == 0
+    again = json.loads((out / SUMMARY_NAME).read_text())
+    assert again["files_written"] == 0 and again["files_kept"] == 3 and again["scored"] == count
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_score_s3_bucket_with_bad_files(ray_session, tiny_model, s3_bucket):
+    fs, bucket = s3_bucket
+    good = make_images(f"s3://{bucket}/images/good", per_class=4)
+    corpus = fx.bad_and_odd_corpus()
+    noisy = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    corpus["huge.png"] = (fx.encode(Image.fromarray(noisy), "PNG"), False)
+    for name, (data, _) in corpus.items():
+        fs.pipe(f"{bucket}/images/odd/{name}", data)
+    out = f"s3://{bucket}/scores"
+    argv = ["--model", tiny_model, "--images", f"s3://{bucket}/images", "--output", out,
+            "--rows-per-file", "16", "--set", "score.max_file_mb=0.1"]
+    assert run(score_job.main, argv) == 0
+
+    image_names = {n: ok for n, (_, ok) in corpus.items() if n.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"))}
+    uris = sorted(f"s3://{p}" for p in fs.find(f"{bucket}/images") if p.rsplit("/", 1)[-1] in image_names or "/good/" in p)
+    with fs.open(f"{bucket}/scores/{SUMMARY_NAME}") as f:
+        summary = json.load(f)
+    assert summary["images"] == len(uris) == good + len(image_names)
+    assert summary["ignored_files"] == len(corpus) - len(image_names)  # notes.txt, scan.tiff
+    assert summary["errors"] == sum(not ok for ok in image_names.values())
+
+    table = pa.concat_tables(pq.read_table(f, filesystem=fs) for f in sorted(fs.glob(f"{bucket}/scores/*.parquet")))
+    good_uris = [u for u in uris if "huge.png" not in u]  # jobs.predict has no size limit
+    errors = check_scores(table.filter(pa.compute.is_in(table["uri"], pa.array(good_uris))), tiny_model, good_uris, top_k=5)
+    errors.update({r["uri"]: r["error"] for r in table.to_pylist() if "huge.png" in r["uri"]})
+    by_name = {u.rsplit("/", 1)[-1]: e for u, e in errors.items()}
+    for name, ok in image_names.items():
+        assert (by_name[name] is None) == ok, (name, by_name[name])
+    assert "empty file" in by_name["zero.jpg"]
+    assert "truncated" in by_name["truncated.jpg"] and "truncated" in by_name["truncated.png"]
+    assert by_name["random.jpg"].startswith("not an image")
+    assert "too many pixels" in by_name["bomb.png"] or "decompression bomb" in by_name["bomb.png"]
+    assert by_name["huge.png"].startswith("file too large")
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_is_killed(ray_session, tiny_model, tmp_path):
+    src, out = tmp_path / "images", tmp_path / "scores"
+    count = make_images(str(src), per_class=12)
+    parts = -(-count // 4)
+    argv = ["--model", tiny_model, "--images", str(src), "--output", str(out),
+            "--rows-per-file", "4", "--batch-size", "1", "--set", "score.read_batch=1"]
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *argv, "--address", address, "-q"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob("part-*.parquet")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything the driver started
+        except ProcessLookupError:
+            pass
+    committed = list(out.glob("part-*.parquet"))
+    assert 0 < len(committed) < parts, "the kill should land between the first and the last part"
+
+    assert run(score_job.main, argv) == 0
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert summary["files_kept"] >= len(committed) and summary["files_written"] == parts - summary["files_kept"]
+    assert len(list(out.glob("part-*.parquet"))) == parts and not list(out.glob(".tmp-*"))
+    table = pq.read_table(out)
+    assert table.num_rows == count and len(set(table["uri"].to_pylist())) == count
+    assert summary["images"] == summary["scored"] == count
+
+
+# ---------------------------------------------------------------- usage errors
+
+USAGE_SCRIPT = """
+import json, sys
+from jobs import score
+from jobs._cli import run
+results = []
+for argv in json.loads(sys.argv[1]):
+    code = run(score.main, argv)
+    results.append(code)
+print(json.dumps({"codes": results, "tensorflow": "tensorflow" in sys.modules, "ray": "ray" in sys.modules}))
+"""
+
+
+def test_usage_errors_exit_2_before_any_work(tiny_model, tmp_path):
+    images = tmp_path / "images"
+    fx.write_tree(str(images), {"a/x.jpg": fx.rgb_jpeg()})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "only-text").mkdir()
+    (tmp_path / "only-text" / "notes.txt").write_text("hi")
+    (tmp_path / "a-file").write_text("not a folder")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / SUMMARY_NAME).write_text(json.dumps({"model": "other", "source": str(images), "top_k": 5}))
+    (used / "part-00000-0123abcd.parquet").write_bytes(b"")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "data.parquet").write_bytes(b"")
+    ok = ["--model", tiny_model, "--images", str(images), "--output", str(tmp_path / "out")]
+
+    def swap(flag, value):
+        argv = list(ok)
+        argv[argv.index(flag) + 1] = value
+        return argv
+
+    cases = {
+        "model not found": swap("--model", str(tmp_path / "nowhere")),
+        "has no production version": swap("--model", f"{tmp_path}/registry#flowers"),
+        "source not found": swap("--images", str(tmp_path / "missing")),
+        "no image files under": swap("--images", str(tmp_path / "empty")),
+        "no image files under ": swap("--images", str(tmp_path / "only-text")),
+        "is a file": swap("--images", str(tmp_path / "a-file")),
+        "cannot write to": swap("--output", str(tmp_path / "a-file" / "out")),
+        "already holds scores": swap("--output", str(used)),
+        "did not write": swap("--output", str(tmp_path / "foreign")),
+        "unknown config key": ok + ["--set", "score.batch=3"],
+        "greater than or equal to 1": ok + ["--batch-size", "0"],
+    }
+    proc = subprocess.run([sys.executable, "-c", USAGE_SCRIPT, json.dumps(list(cases.values()))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [2] * len(cases)
+    assert not result["tensorflow"] and not result["ray"]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == len(cases) and all(line.startswith("error: ") for line in lines), proc.stderr
+    for expected, line in zip(cases, lines):
+        assert expected.strip() in line, (expected, line)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
