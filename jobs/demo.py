@@ -13,9 +13,10 @@ import sys
 import time
 from typing import Sequence
 
-from jobs import predict, prepare, train
+from jobs import predict, prepare, score, train
 from jobs._cli import make_parser, resolve_config, run, setup_logging, start_ray
 from pipeline import demo_data
+from pipeline.prepare import split_by_hash
 
 
 def main(argv: Sequence[str]) -> int:
@@ -35,19 +36,45 @@ def main(argv: Sequence[str]) -> int:
         print(f"demo: wrote {count} images in {len(demo_data.CLASSES)} classes under {images}")
     else:
         print(f"demo: reusing the images under {images}")
-    start_ray(resolve_config(args, {}))
+    cfg = resolve_config(args, {})
+    start_ray(cfg)
 
     step(prepare.main, ["--src", images, "--dst", shards, "--overwrite"])
     step(train.main, ["--data", shards, "--output", run_dir, "--config", config])
-    sample = os.path.join(images, "circle", "circle_0000.jpg")
-    step(predict.main, ["--model", run_dir, sample, "--top-k", "3",
-                        "--plot", os.path.join(run_dir, "predict.png")])
+    validation = validation_images(images, cfg.prepare.val_fraction)
+    samples = [next(v for v in validation if f"{os.sep}{c}{os.sep}" in v) for c in ("circle", "stripes", "cross")]
+    step(predict.main, ["--model", run_dir, *samples, "--top-k", "3", "--plot", os.path.join(run_dir, "predict.png")])
+
+    # Score the validation images (prepare's own split) as a URI list.
+    val_list = os.path.join(workdir, "validation.txt")
+    with open(val_list, "w") as f:
+        f.writelines(v + "\n" for v in validation)
+    scores = os.path.join(run_dir, "scores")
+    step(score.main, ["--model", run_dir, "--images", val_list, "--output", scores])
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(scores).select(["uri", "label", "score", "error"]).slice(0, 8).to_pandas()
+    table["uri"] = table["uri"].map(lambda u: os.path.relpath(u, images))
+    print("\nfirst rows of the scores:")
+    print(table.to_string(index=False))
 
     print("\ndemo outputs:")
     print(f"  images:   {images}")
     print(f"  shards:   {shards}  (manifest.json, summary.json)")
     print(f"  run:      {run_dir}  (model.keras, metrics.json, training.png, confusion.png, predict.png)")
+    print(f"  scores:   {scores}/*.parquet  (_summary.json)")
     return 0
+
+
+def validation_images(images: str, val_fraction: float) -> list[str]:
+    """The demo images prepare put in the validation split (split by path hash)."""
+    out = []
+    for folder, _, names in os.walk(images):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if split_by_hash(os.path.relpath(path, images), val_fraction) == "validation":
+                out.append(path)
+    return sorted(out)
 
 
 def step(job_main, argv: list[str]) -> None:
