@@ -104,3 +104,20 @@ def test_mutated_images_never_crash_the_decode_path(which, flips, cut):
     # accepted means usable: the bytes decode as RGB JPEG with the stated size
     img = tf.io.decode_jpeg(out.data, channels=3)
     assert tuple(img.shape) == (out.height, out.width, 3)
+
+
+def test_manifest_entries_cannot_escape_the_shards_folder(tmp_path):
+    from pipeline.config import StorageConfig
+    from pipeline.errors import UsageError
+    from pipeline.shards import read_manifest
+
+    secret = tmp_path / "outside.tfrecord"
+    secret.write_bytes(b"not yours")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for bad in ("../outside.tfrecord", str(secret), "sub/../../outside.tfrecord", "s3://elsewhere/x.tfrecord"):
+        manifest = {"format_version": 1, "classes": ["a", "b"],
+                    "splits": {"train": {"shards": [{"file": bad, "examples": 1}]}, "validation": {"shards": []}}}
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(UsageError, match="not a plain .tfrecord file name"):
+            read_manifest(str(shards), StorageConfig())
