@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Skips the end-to-end runs marked slow (CI runs everything through `make test`).
 test-fast: venv

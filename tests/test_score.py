@@ -317,3 +317,25 @@ def test_usage_errors_exit_2_before_any_work(tiny_model, tmp_path):
     for expected, line in zip(cases, lines):
         assert expected.strip() in line, (expected, line)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_two_scoring_jobs_on_one_output_at_once(tiny_model, tmp_path):
+    """Two jobs (each with its own local Ray, as two schedulers would start them)
+    write the same output at once: both finish (or one refuses with a clear
+    line), and the output has exactly one row per image either way."""
+    src, out = tmp_path / "images", tmp_path / "scores"
+    count = make_images(str(src), per_class=10)
+    argv = ["--model", tiny_model, "--images", str(src), "--output", str(out), "--rows-per-file", "5"]
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs.score", *argv, "-q"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert 0 in codes, results
+    for code, (_, err) in zip(codes, results):
+        assert code in (0, 2), err[-2000:]
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1
+    table = pq.read_table(out)
+    assert table.num_rows == count and len(set(table["uri"].to_pylist())) == count
+    assert not list(out.glob(".tmp-*"))
