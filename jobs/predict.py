@@ -44,7 +44,7 @@ def predict_files(cfg, model_uri: str, images: Sequence[str], top_k: int, allow_
     from pipeline.artifact import image_to_input, load_artifact
     from pipeline.images import ImageRejected, decode_rgb
 
-    from pipeline.score import resolve_model
+    from pipeline.registry import resolve_model
 
     location, shown = resolve_model(model_uri, cfg.storage)
     artifact = load_artifact(location, cfg.storage, allow_unsafe=allow_unsafe, display_uri=shown)

@@ -173,3 +173,17 @@ def decide(new_accuracy: float, production_accuracy: Optional[float], *, toleran
                 "reason": f"accuracy {new_accuracy:.4f} >= production {production_accuracy:.4f} - tolerance {tolerance}"}
     return {"promote": False,
             "reason": f"accuracy {new_accuracy:.4f} < production {production_accuracy:.4f} - tolerance {tolerance}"}
+
+
+def resolve_model(model: str, storage: StorageConfig) -> tuple[str, str]:
+    """(where to load it from, what the output records) for a run directory, a
+    model file, or ``REGISTRY#name`` (its production version, recorded as
+    ``REGISTRY#name@version`` so that a re-run never mixes two versions)."""
+    if parse_reference(model) is None:
+        return model, model
+    try:
+        return production_model_uri(model, storage)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read the registry of {model}: {st.describe_error(exc)}") from None

@@ -42,6 +42,7 @@ from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
 from pipeline.errors import UsageError
 from pipeline.images import IMAGE_EXTENSIONS, ImageRejected, decode_rgb, has_image_extension
+from pipeline.registry import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -194,22 +195,6 @@ def plan_score(cfg: Config, model: str, images: str, output: str, *,
     _check_previous_output(plan, cfg.storage, overwrite)
     plan.image_size = model_image_size(model_uri, cfg.storage, allow_unsafe=allow_unsafe)
     return plan
-
-
-def resolve_model(model: str, storage: StorageConfig) -> tuple[str, str]:
-    """(where to load it from, what the output records) for a run directory, a
-    model file, or ``REGISTRY#name`` (its production version, recorded as
-    ``REGISTRY#name@version`` so that a re-run never mixes two versions)."""
-    from pipeline import registry
-
-    if registry.parse_reference(model) is None:
-        return model, model
-    try:
-        return registry.production_model_uri(model, storage)
-    except UsageError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"cannot read the registry of {model}: {st.describe_error(exc)}") from None
 
 
 def _check_previous_output(plan: ScorePlan, storage: StorageConfig, overwrite: bool) -> None:

@@ -51,8 +51,11 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
     _check_unfreeze(cfg)
     if cfg.model.weights not in ("imagenet", "none") and not _exists(cfg.model.weights, cfg):
         raise UsageError(f"model.weights: file not found: {cfg.model.weights}")
-    if cfg.model.init_from and not _exists(resolve_model_file(cfg.model.init_from, cfg.storage), cfg):
-        raise UsageError(f"model.init_from: no model at {cfg.model.init_from}")
+    if cfg.model.init_from:
+        # Resolved once, here: every worker warm-starts from the same version.
+        cfg.model.init_from = resolve_model_file(cfg.model.init_from, cfg.storage)
+        if not _exists(cfg.model.init_from, cfg):
+            raise UsageError(f"model.init_from: no model at {cfg.model.init_from}")
     if isinstance(cfg.train.class_weights, dict):
         unknown = sorted(set(cfg.train.class_weights) - set(manifest["classes"]))
         if unknown:

@@ -79,10 +79,12 @@ def fetch_to_local(uri: str, storage, suffix: str = "") -> str:
 
 
 def resolve_model_file(uri: str, storage) -> str:
-    """A run directory means its model.keras."""
-    if uri.endswith(".keras") or uri.endswith(".h5"):
-        return uri
-    return st.join(uri, "model.keras")
+    """The model file behind a run directory, a model file, or ``REGISTRY#name``."""
+    from pipeline.artifact import model_file_uri
+    from pipeline.registry import resolve_model
+
+    location, _ = resolve_model(uri, storage)
+    return model_file_uri(location)
 
 
 def class_weights(cfg: Config, manifest: dict) -> Optional[dict[int, float]]:
