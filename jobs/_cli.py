@@ -9,6 +9,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from pipeline import storage as st
 from pipeline.config import Config, load_config
 from pipeline.errors import JobFailed, QualityGateFailed, UsageError
 
@@ -85,11 +86,19 @@ def start_ray(cfg: Config) -> None:
 
 def run(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
     """Call ``main`` and map exceptions to DESIGN.md exit codes with one clear line."""
+    # A dead endpoint or rejected credentials: one line within seconds, not
+    # minutes of retries (the first request to each object store is a quick probe).
+    st.probe_on_first_use()
     try:
         return main(sys.argv[1:] if argv is None else list(argv))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except st.StorageCheckFailed as exc:
+        # Raised only by the first request to a store, i.e. while checking inputs:
+        # unreadable storage is a usage error (exit 2), wherever it was touched first.
+        print(f"error: {exc}", file=sys.stderr)
+        return UsageError.exit_code
     except QualityGateFailed as exc:
         print(f"quality gate: {exc}", file=sys.stderr)
         return exc.exit_code

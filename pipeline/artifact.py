@@ -33,6 +33,14 @@ def preprocessing_spec(image_size: int) -> dict:
     }
 
 
+def resolve_model_file(uri: str, storage: StorageConfig) -> str:
+    """The model file behind a run directory, a model file, or ``REGISTRY#name``."""
+    from pipeline.registry import resolve_model
+
+    location, _ = resolve_model(uri, storage)
+    return model_file_uri(location)
+
+
 def model_file_uri(uri: str) -> str:
     """A run directory (or any folder) means its model.keras."""
     return uri if uri.endswith((".keras", ".h5")) else st.join(uri, MODEL_FILE)

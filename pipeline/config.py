@@ -141,6 +141,10 @@ class TrainConfig(_Section):
     bn_stats_batches: int = Field(20, ge=1)
     checkpoints_to_keep: int = Field(2, ge=1)
 
+    def phases(self) -> list[tuple[str, PhaseConfig]]:
+        """The phases that run, in order (a phase with 0 epochs is skipped)."""
+        return [(n, p) for n, p in (("transfer", self.transfer), ("finetune", self.finetune)) if p.epochs > 0]
+
 
 class RegistryConfig(_Section):
     """Where ``jobs.train`` registers its run (``--registry``/``--name``) and the

@@ -39,16 +39,15 @@ class TrainPlan:
 
 def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
     """Everything that can fail on user input, checked before any cluster work."""
-    from pipeline.train_loop import enabled_phases, resolve_model_file
+    from pipeline.artifact import resolve_model_file
 
     manifest = read_manifest(data, cfg.storage)
     if len(manifest["classes"]) < 2:
         raise UsageError(f"{data}: the manifest lists {len(manifest['classes'])} class; need at least 2")
     if manifest["splits"]["train"]["num_examples"] == 0:
         raise UsageError(f"{data}: no training examples in the manifest")
-    if not enabled_phases(cfg):
+    if not cfg.train.phases():
         raise UsageError("both phases have 0 epochs (train.transfer.epochs, train.finetune.epochs)")
-    _check_unfreeze(cfg)
     if cfg.model.weights not in ("imagenet", "none") and not _exists(cfg.model.weights, cfg):
         raise UsageError(f"model.weights: file not found: {cfg.model.weights}")
     if cfg.model.init_from:
@@ -70,6 +69,7 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
         raise UsageError(f"{output} holds a completed run ({SUMMARY_FILE}); choose a new --output")
     resuming = _exists(st.join(output, CHECKPOINTS), cfg)
     st.check_writable(output, cfg.storage)
+    _check_unfreeze(cfg)  # last: it loads TensorFlow, after every storage check
     return TrainPlan(data, output, manifest, resuming)
 
 

@@ -43,10 +43,6 @@ class LoopState:
     resumed_from: Optional[dict] = None
 
 
-def enabled_phases(cfg: Config) -> list[tuple[str, object]]:
-    return [(n, p) for n, p in (("transfer", cfg.train.transfer), ("finetune", cfg.train.finetune)) if p.epochs > 0]
-
-
 def stage_files(uris: list[str], cache_dir: Optional[str], storage) -> list[str]:
     """Local copies of shard files (reused across restarts on the same node)."""
     root = cache_dir or os.path.join(tempfile.gettempdir(), "inception-ray-cache")
@@ -76,15 +72,6 @@ def fetch_to_local(uri: str, storage, suffix: str = "") -> str:
     fs, path = st.get_fs(uri, storage)
     fs.get_file(path, local)
     return local
-
-
-def resolve_model_file(uri: str, storage) -> str:
-    """The model file behind a run directory, a model file, or ``REGISTRY#name``."""
-    from pipeline.artifact import model_file_uri
-    from pipeline.registry import resolve_model
-
-    location, _ = resolve_model(uri, storage)
-    return model_file_uri(location)
 
 
 def class_weights(cfg: Config, manifest: dict) -> Optional[dict[int, float]]:
@@ -163,11 +150,11 @@ def train_loop_per_worker(config: dict) -> None:
         if weights_file:
             model.load_weights(weights_file).expect_partial()
         elif cfg.model.init_from:
-            donor = fetch_to_local(resolve_model_file(cfg.model.init_from, cfg.storage), cfg.storage, ".keras")
+            donor = fetch_to_local(cfg.model.init_from, cfg.storage, ".keras")  # resolved by the driver
             mdl.warm_start(model, donor)
 
     weights = class_weights(cfg, manifest)
-    phases = enabled_phases(cfg)
+    phases = cfg.train.phases()
     for index, (name, phase) in enumerate(phases):
         if index < state.phase_index:
             continue
