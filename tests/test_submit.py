@@ -64,11 +64,17 @@ def cluster(tmp_path_factory):
 
 def submit(cluster, *job: str, timeout=900) -> subprocess.CompletedProcess:
     address, env = cluster
-    return subprocess.run(
-        [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-         "--runtime-env", "infra/runtime_env.yaml", "--", "python", "-m", *job],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-    )
+    for _ in range(60):
+        proc = subprocess.run(
+            [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+             "--runtime-env", "infra/runtime_env.yaml", "--", "python", "-m", *job],
+            cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+        )
+        # A fresh head answers `ray job list` before its job agent is up.
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(2)
+    return proc
 
 
 def test_prepare_train_and_score_through_ray_job_submit(cluster, tmp_path):
