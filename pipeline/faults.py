@@ -4,8 +4,10 @@
 reaches ``<point>`` either raise (``raise``) or kill itself with SIGKILL
 (``sigkill``), once: the marker file records that it happened. Unset (always,
 outside tests) it does nothing. Points: ``epoch-<n>`` (a training worker after
-its n-th epoch's checkpoint, counted over both phases) and ``published`` (the
-training driver after the run's artifacts are published, before summary.json).
+its n-th epoch's checkpoint, counted over both phases), ``published`` (the
+training driver after the run's artifacts are published, before summary.json)
+and ``score-parts-committed`` (the scoring driver after its last Parquet part,
+before the final summary).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
 from pipeline.errors import UsageError
+from pipeline.faults import maybe_fault
 from pipeline.images import IMAGE_EXTENSIONS, ImageRejected, decode_rgb, has_image_extension
 from pipeline.registry import resolve_model
 
@@ -494,6 +495,7 @@ def run_score(cfg: Config, plan: ScorePlan, *, allow_unsafe: bool = False) -> di
                 log.info("committed %s: %d rows, %d errors (%d of %d parts left)", chunk.name,
                          table.num_rows, len(errors), len(todo) - len(writer.written), len(todo))
         writer.check_complete()
+    maybe_fault("score-parts-committed")
     for name in plan.stale:
         st.remove(st.join(plan.output, name), storage)
 

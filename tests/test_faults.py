@@ -98,6 +98,24 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+def test_training_driver_killed_before_the_first_checkpoint_starts_clean_on_rerun(learnable_shards, tmp_path):
+    data, _ = learnable_shards
+    out = tmp_path / "run"
+    proc = train_cli(data, out, "--set", "train.finetune.epochs=1")
+    deadline = time.time() + 300
+    while not (out / "config.yaml").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert (out / "config.yaml").exists() and not checkpoints(out)
+    kill_group(proc)
+    assert not checkpoints(out) and not (out / "model.keras").exists() and not (out / "summary.json").exists()
+
+    code, log = finish(train_cli(data, out, "--set", "train.finetune.epochs=1"))
+    assert code == 0, log[-3000:]
+    summary = json.load(open(out / "summary.json"))
+    assert epochs_of(summary) == [("finetune", 1)] and not summary["resumed"]
+
+
+@pytest.mark.slow
 def test_training_driver_killed_mid_run_resumes_on_rerun(learnable_shards, tmp_path):
     data, _ = learnable_shards
     out = tmp_path / "run"

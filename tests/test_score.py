@@ -339,3 +339,29 @@ def test_two_scoring_jobs_on_one_output_at_once(tiny_model, tmp_path):
     table = pq.read_table(out)
     assert table.num_rows == count and len(set(table["uri"].to_pylist())) == count
     assert not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_driver_killed_during_the_final_publish(tiny_model, tmp_path):
+    """SIGKILL after the last part is committed, before the final summary: the
+    re-run finds every part, writes nothing twice and completes the summary."""
+    from pipeline.faults import FAULT_ENV
+
+    src, out = tmp_path / "images", tmp_path / "scores"
+    count = make_images(str(src), per_class=6)
+    argv = ["--model", tiny_model, "--images", str(src), "--output", str(out), "--rows-per-file", "5", "-q"]
+    env = {**os.environ, FAULT_ENV: f"score-parts-committed:sigkill:{tmp_path / 'killed'}"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.score", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL and (tmp_path / "killed").exists(), proc.stderr[-2000:]
+    parts = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert len(parts) == -(-count // 5)
+    assert json.loads((out / SUMMARY_NAME).read_text())["status"] == "running"
+
+    proc = subprocess.run([sys.executable, "-m", "jobs.score", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert summary["status"] == "complete" and summary["files_written"] == 0 and summary["files_kept"] == len(parts)
+    table = pq.read_table(out)
+    assert table.num_rows == count and len(set(table["uri"].to_pylist())) == count
