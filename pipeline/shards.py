@@ -10,7 +10,7 @@ rejected input with its reason.
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
@@ -145,32 +145,3 @@ def check_shard_name(name: str) -> str:
             or ":" in name or not name.endswith(".tfrecord"):
         raise ValueError(f"shard entry {name!r} is not a plain .tfrecord file name")
     return name
-
-
-def shard_uris(manifest_dir: str, manifest: dict, split: str) -> list[str]:
-    return [st.join(manifest_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
-
-
-def read_records(uris: Iterable[str], storage: StorageConfig) -> Iterable[bytes]:
-    """Every serialized record of the given shard files, in order, through fsspec."""
-    import tensorflow as tf
-
-    with st.local_scratch() as scratch:
-        for i, uri in enumerate(uris):
-            local = f"{scratch}/{i}.tfrecord"
-            fs, path = st.get_fs(uri, storage)
-            fs.get_file(path, local)
-            for rec in tf.data.TFRecordDataset(local).as_numpy_iterator():
-                yield rec
-
-
-def manifest_summary(manifest: dict, limit: Optional[int] = None) -> str:
-    """A short human table of per-class counts."""
-    classes = manifest["classes"][:limit] if limit else manifest["classes"]
-    width = max([len(c) for c in classes] + [5])
-    lines = [f"{'class':<{width}}  {'train':>7}  {'validation':>10}"]
-    for name in classes:
-        tr = manifest["splits"]["train"]["class_counts"].get(name, 0)
-        va = manifest["splits"]["validation"]["class_counts"].get(name, 0)
-        lines.append(f"{name:<{width}}  {tr:>7}  {va:>10}")
-    return "\n".join(lines)

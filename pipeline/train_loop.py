@@ -111,7 +111,6 @@ def train_loop_per_worker(config: dict) -> None:
     worker_batch = global_batch // world
 
     shards = {s: [st.join(data_uri, x["file"]) for x in manifest["splits"][s]["shards"]] for s in ("train", "validation")}
-    counts = {s: [x["examples"] for x in manifest["splits"][s]["shards"]] for s in ("train", "validation")}
     local = {s: stage_files(shards[s], cfg.data.cache_dir, cfg.storage) for s in shards}
     aug = cfg.augment.model_dump()
     seed = None if cfg.data.seed is None else cfg.data.seed + rank
