@@ -73,7 +73,7 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def augment(image: tf.Tensor, size: int, aug: dict, seed: Optional[tf.Tensor] = None) -> tf.Tensor:
+def augment(image: tf.Tensor, size: int, aug: dict) -> tf.Tensor:
     """Random rotation, shift, shear, zoom and flip, and the resize to ``size``,
     as ONE projective resample of the decoded image (ImageDataGenerator's
     semantics: rotation and shear in degrees, shifts and zoom as fractions)."""
