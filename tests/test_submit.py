@@ -32,7 +32,7 @@ def free_port() -> int:
 def cluster(tmp_path_factory):
     """A separate single-node cluster; stopped by killing its own process group
     (never `ray stop`, which would stop every Ray on the machine)."""
-    port, dash = free_port(), free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
     temp = tmp_path_factory.mktemp("ray-head")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60 clusters require a token; this one gets its own.
@@ -40,20 +40,28 @@ def cluster(tmp_path_factory):
     head = subprocess.Popen(
         [os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         f"--temp-dir={temp}"],
+         # The agent's default port (52365) is taken by any other Ray on this
+         # machine, such as the test session's own; an agent that cannot bind
+         # exits and the head then answers every submission with
+         # "No available agent to submit job".
+         f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
+    # Ready means a job can be submitted and run, not only that the dashboard
+    # answers: the job agent comes up after the dashboard.
+    deadline = time.time() + 180
     while time.time() < deadline:
-        probe = subprocess.run([os.path.join(BIN, "ray"), "job", "list", "--address", address],
-                               capture_output=True, text=True, env=env)
+        probe = subprocess.run([os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--",
+                                "python", "-c", "pass"], capture_output=True, text=True, env=env, timeout=120)
         if probe.returncode == 0:
             break
-        time.sleep(2)
+        time.sleep(3)
     else:
         os.killpg(head.pid, signal.SIGKILL)
-        pytest.fail("ray start --head did not come up")
+        logs = "".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
+                       for p in sorted(temp.glob("session_latest/logs/dashboard_agent*.log")))
+        pytest.fail(f"ray start --head did not accept a job within 180 s\n{probe.stderr[-2000:]}\n{logs}")
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
@@ -64,17 +72,11 @@ def cluster(tmp_path_factory):
 
 def submit(cluster, *job: str, timeout=900) -> subprocess.CompletedProcess:
     address, env = cluster
-    for _ in range(60):
-        proc = subprocess.run(
-            [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-             "--runtime-env", "infra/runtime_env.yaml", "--", "python", "-m", *job],
-            cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-        )
-        # A fresh head answers `ray job list` before its job agent is up.
-        if "No available agent to submit job" not in proc.stdout + proc.stderr:
-            return proc
-        time.sleep(2)
-    return proc
+    return subprocess.run(
+        [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+         "--runtime-env", "infra/runtime_env.yaml", "--", "python", "-m", *job],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )
 
 
 def test_prepare_train_and_score_through_ray_job_submit(cluster, tmp_path):
