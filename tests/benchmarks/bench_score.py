@@ -182,6 +182,16 @@ def _own_cpu_s() -> float:
     return t.user + t.system
 
 
+def _load_note(results: dict) -> str:
+    """How busy the machine was, from the share of CPU other processes took per run."""
+    shares = [run["others_cpu"] for r in results["rounds"] for run in r.values()
+              if isinstance(run, dict) and "others_cpu" in run]
+    if shares and max(shares) >= 0.05:
+        return (f"Other processes took up to {max(shares):.0%} of the machine's CPU during a run, so "
+                "absolute figures are noisy; the ratios compare runs made side by side.")
+    return "No other process took a noticeable share of the CPU while measuring."
+
+
 def _machine_busy_s() -> float:
     with open("/proc/stat") as f:
         user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
@@ -279,8 +289,7 @@ def markdown(results: dict) -> str:
 
 Measured {results['measured_at']} on {results['cpus']} CPUs: demo images ({results['image_size']}x{results['image_size']}),
 InceptionV3 at {results['model_size']}x{results['model_size']}, batch {results['batch_size']}; N = {n['small']}, 4N = {n['large']} images;
-each figure is its fastest of {len(results['rounds'])} rounds. The machine was shared with other
-work while measuring, so absolute figures are noisy; the ratios compare runs made side by side.
+each figure is its fastest of {len(results['rounds'])} rounds. {_load_note(results)}
 
 | run | images/s | ratio | target | |
 |---|---:|---|---|---|

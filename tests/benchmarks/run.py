@@ -109,10 +109,17 @@ def run_one(name: str, info: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tests.benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all of {available()})")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite BENCHMARKS.md from the saved results without measuring again")
     args = parser.parse_args(argv)
     info = machine()
     for name in select(args.names):
-        section = run_one(name, info)
+        if args.render:
+            saved = json.loads((RESULTS / f"{name}.json").read_text())
+            info = saved["machine"]
+            section = importlib.import_module(f"tests.benchmarks.bench_{name}").markdown(saved["results"]).strip()
+        else:
+            section = run_one(name, info)
         print(f"\n{section}\n", flush=True)
         # Read just before writing: keeps sections that others rewrote meanwhile.
         sections = {**read_sections(REPORT), name: section}
