@@ -152,7 +152,6 @@ def load_keras_file(path: str, *, safe_mode: bool = True):
 def image_to_input(rgb_image, size: int) -> np.ndarray:
     """A PIL RGB image -> float32 [size, size, 3] in [0, 255], with the same
     resize as training's validation path."""
-    from pipeline.input import resize
+    from pipeline.input import resize_array
 
-    arr = np.asarray(rgb_image, dtype=np.uint8)
-    return resize(arr, size).numpy()
+    return resize_array(np.asarray(rgb_image, dtype=np.uint8), size)

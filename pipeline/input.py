@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline.shards import ENCODED, LABEL
@@ -71,6 +72,34 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
     resize used for validation, evaluation and scoring."""
     image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def resize_array(image, size: int):
+    """``resize`` for one decoded uint8 HxWx3 array outside tf.data."""
+    return resize_arrays([image], size)[0]
+
+
+def resize_arrays(images, size: int, max_batch_bytes: int = 32 << 20) -> list:
+    """``resize`` for decoded uint8 HxWx3 arrays outside tf.data (scoring,
+    predict), exactly the pixels of ``resize``: the same kernel that
+    ``tf.image.resize`` runs (bilinear, half-pixel centres, no antialiasing),
+    called directly and once per group of images of one shape (up to
+    ``max_batch_bytes`` of input per call), which saves most of the eager cost
+    of resizing one image at a time. Bilinear interpolation stays within the
+    input's range, so no clipping is needed."""
+    out: list = [None] * len(images)
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    for shape, members in groups.items():
+        per_call = max(1, max_batch_bytes // max(1, int(np.prod(shape))))
+        for start in range(0, len(members), per_call):
+            part = members[start : start + per_call]
+            batch = tf.convert_to_tensor(np.stack([images[i] for i in part]), dtype=tf.uint8)
+            resized = tf.raw_ops.ResizeBilinear(images=batch, size=[size, size], half_pixel_centers=True).numpy()
+            for j, i in enumerate(part):
+                out[i] = resized[j]
+    return out
 
 
 def augment(image: tf.Tensor, size: int, aug: dict) -> tf.Tensor:

@@ -268,25 +268,37 @@ def _reason_kind(reason: str) -> str:
 
 
 def read_and_decode(batch: dict, *, storage: StorageConfig, image_size: int,
-                    max_bytes: int, max_pixels: int) -> dict:
+                    max_bytes: int, max_pixels: int, resize_bytes: int = 64 << 20) -> dict:
     """{uri, size, chunk} -> {uri, chunk, image, error}: the model input (float32
     [N, size, size, 3] in [0, 255], the training resize) or the reason a file
-    cannot be scored (its image is zeros). Never raises for a bad file."""
-    from pipeline.artifact import image_to_input
+    cannot be scored (its image is zeros). Never raises for a bad file.
+    Decoded images wait for their resize, which runs per group of one shape, up
+    to ``resize_bytes`` of them at a time."""
+    from pipeline.input import resize_arrays
 
     uris = [str(u) for u in batch["uri"]]
     images = np.zeros((len(uris), image_size, image_size, 3), np.float32)
     errors = np.full(len(uris), NO_ERROR, dtype=object)
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        for (i, _), resized in zip(pending, resize_arrays([a for _, a in pending], image_size)):
+            images[i] = resized
+        pending.clear()
+
     for i, raw in enumerate(read_files(uris, batch["size"], storage, max_bytes)):
         if isinstance(raw, str):
             errors[i] = raw
             continue
         try:
-            images[i] = image_to_input(decode_rgb(raw, max_pixels), image_size)
+            pending.append((i, np.asarray(decode_rgb(raw, max_pixels), dtype=np.uint8)))
         except ImageRejected as exc:
             errors[i] = str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad file never stops the job
             errors[i] = f"cannot decode: {st.describe_error(exc)}"
+        if sum(a.nbytes for _, a in pending) >= resize_bytes:
+            flush()
+    flush()
     return {"uri": np.array(uris, dtype=object), "chunk": batch["chunk"], "image": images, "error": errors}
 
 

@@ -126,3 +126,15 @@ def test_augment_runs_inside_tf_data_graph(tmp_path):
                           training=True, aug=AUG_ON, shuffle_buffer=4)
     images, labels = next(iter(ds))
     assert images.shape == (2, SIZE, SIZE, 3) and labels.dtype == tf.int32
+
+
+@pytest.mark.parametrize("shape", [(128, 96), (75, 75), (40, 200), (31, 17), (1, 1)])
+def test_scoring_resize_gives_the_pixels_of_the_pipeline_resize(shape):
+    """Scoring and predict resize one decoded image at a time outside tf.data;
+    the model must see exactly what validation fed it."""
+    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    for size in (75, 150):
+        expected = inp.resize(tf.constant(image), size).numpy()
+        got = inp.resize_array(image, size)
+        assert got.dtype == np.float32 and got.shape == (size, size, 3)
+        np.testing.assert_array_equal(got, expected)
