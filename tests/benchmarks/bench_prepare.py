@@ -30,13 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from pipeline import demo_data
+from tests.benchmarks import procstat
 from pipeline import storage as st
 from pipeline.config import Config, load_config
 from pipeline.images import prepare_image
@@ -231,48 +231,16 @@ def cpu_meter(moto_pid: int) -> Callable[[], dict]:
     me = os.getpid()
 
     def read() -> dict:
-        procs = _processes()
-        ours = _descendants(me, procs)
+        procs = procstat.processes()
+        ours = procstat.descendants(me, procs)
+        moto = procs.get(moto_pid)
         return {
-            "machine": _machine_busy_ticks() / ticks,
-            "ours": sum(procs[pid][1] for pid in ours) / ticks,
-            "moto": procs.get(moto_pid, (0, 0))[1] / ticks,
+            "machine": procstat.machine_busy_s(),
+            "ours": sum(procs[pid].cpu_ticks for pid in ours) / ticks,
+            "moto": (moto.cpu_ticks if moto else 0) / ticks,
         }
 
     return read
-
-
-def _processes() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, user + system CPU ticks)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        out[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    return out
-
-
-def _descendants(root: int, procs: dict[int, tuple[int, int]]) -> set[int]:
-    children = defaultdict(list)
-    for pid, (parent, _) in procs.items():
-        children[parent].append(pid)
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        found.add(pid)
-        todo.extend(children[pid])
-    return found & procs.keys()
-
-
-def _machine_busy_ticks() -> int:
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    return user + nice + system + irq + softirq + steal
 
 
 # --- fixtures --------------------------------------------------------------------

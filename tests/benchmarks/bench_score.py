@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import demo_data
+from tests.benchmarks import procstat
 
 PER_CLASS = 120  # N = 5 classes x 120 = 600 images
 SCALE = 4
@@ -169,11 +170,11 @@ def time_job(model_dir: str, images: str, output: str, expected: int) -> dict:
 def with_others_cpu(run_one, r: int) -> dict:
     """Run and add ``others_cpu``: the share of the machine's CPU time that
     processes other than this one and the job it ran used meanwhile."""
-    busy, own, started = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+    busy, own, started = procstat.machine_busy_s(), _own_cpu_s(), time.perf_counter()
     result = run_one(r)
     wall = time.perf_counter() - started
     ours = _own_cpu_s() - own + result.pop("tree_cpu_s", 0.0)
-    others = (_machine_busy_s() - busy) - ours
+    others = (procstat.machine_busy_s() - busy) - ours
     return {**result, "others_cpu": round(max(0.0, others) / (len(os.sched_getaffinity(0)) * wall), 2)}
 
 
@@ -192,12 +193,6 @@ def _load_note(results: dict) -> str:
     return "No other process took a noticeable share of the CPU while measuring."
 
 
-def _machine_busy_s() -> float:
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 class TreeMonitor(threading.Thread):
     """Samples a process and its descendants every 0.1 s: the largest sum of
     their resident memory, and the CPU seconds each used (Ray's workers are not
@@ -210,9 +205,9 @@ class TreeMonitor(threading.Thread):
     def run(self) -> None:
         while not self._stop_flag.wait(0.1):
             rss = 0
-            for pid, (ticks, pages) in _tree_stats(self.root).items():
-                self._cpu[pid] = ticks
-                rss += pages * os.sysconf("SC_PAGE_SIZE")
+            for pid, proc in procstat.tree(self.root).items():
+                self._cpu[pid] = proc.cpu_ticks
+                rss += proc.rss_pages * os.sysconf("SC_PAGE_SIZE")
             self.peak = max(self.peak, rss)
 
     def stop(self) -> None:
@@ -221,28 +216,7 @@ class TreeMonitor(threading.Thread):
 
     @property
     def cpu_s(self) -> float:
-        return sum(self._cpu.values()) / os.sysconf("SC_CLK_TCK")
-
-
-def _tree_stats(root: int) -> dict[int, tuple[int, int]]:
-    """pid -> (user + system CPU ticks, resident pages) for ``root`` and its descendants."""
-    parents, stats = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        parents[int(entry)] = int(fields[1])
-        stats[int(entry)] = (int(fields[11]) + int(fields[12]), int(fields[21]))
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo.extend(p for p, parent in parents.items() if parent == pid and p not in tree)
-    return {pid: stats[pid] for pid in tree if pid in stats}
+        return sum(self._cpu.values()) / procstat.TICKS
 
 
 # --- results --------------------------------------------------------------------

@@ -68,7 +68,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from pipeline import demo_data
-from tests.benchmarks.bench_prepare import _benchmark_env, _machine_busy_ticks, cpu_meter, environment, moto_server
+from tests.benchmarks import procstat
+from tests.benchmarks.bench_prepare import _benchmark_env, cpu_meter, environment, moto_server
 
 CPUS = len(os.sched_getaffinity(0))  # Ray's CPUs and the worker's: the whole machine, as the plain fit has
 BATCH = 32
@@ -366,23 +367,19 @@ def epoch_timer():
 
         def on_epoch_begin(self, epoch, logs=None):
             self.marks.setdefault("first_epoch_begin", time.perf_counter())
-            self._begin = (time.perf_counter(), time.process_time(), _machine_busy_s())
+            self._begin = (time.perf_counter(), time.process_time(), procstat.machine_busy_s())
 
         def on_epoch_end(self, epoch, logs=None):
             wall, cpu, machine = self._begin
             self.seconds.append(time.perf_counter() - wall)
             self.cpu_s += time.process_time() - cpu
-            self.machine_s += _machine_busy_s() - machine
+            self.machine_s += procstat.machine_busy_s() - machine
             self.marks["last_epoch_end"] = time.perf_counter()
 
         def on_train_end(self, logs=None):
             self.marks["train_end"] = time.perf_counter()
 
     return EpochTimer()
-
-
-def _machine_busy_s() -> float:
-    return _machine_busy_ticks() / os.sysconf("SC_CLK_TCK")
 
 
 # --- (1) Ray Train vs plain fit --------------------------------------------------
