@@ -77,7 +77,8 @@ def intro(info: dict) -> str:
 Written by `make bench` (`python -m tests.benchmarks.run [NAME ...]`, for example
 `.venv/bin/python -m tests.benchmarks.run prepare`). Running a benchmark rewrites
 its section below and keeps the others; raw results are in
-`tests/benchmarks/results/<name>.json`. Performance is stated as ratios measured
+`tests/benchmarks/results/<name>.json`, from which `--render` rewrites the
+sections without measuring again. Performance is stated as ratios measured
 side by side in one run, never as timing assertions in tests.
 
 Latest run: {info['date']} on {info['cpus']} CPUs ({info['cpu_model'] or 'unknown CPU'}),
