@@ -161,6 +161,11 @@ class ScalingConfig(_Section):
     use_gpu: Optional[bool] = None
     gpus_per_worker: float = Field(1, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
+    # glibc's MALLOC_TOP_PAD_ for training workers, in MB (0: glibc's default).
+    # Iterating a tf.distribute dataset frees and regrows the heap every step;
+    # the pad keeps it, which on CPU workers saves about a third of the step
+    # time (BENCHMARKS.md, training section 1).
+    worker_malloc_top_pad_mb: int = Field(256, ge=0)
 
 
 class ScoreConfig(_Section):

@@ -121,13 +121,16 @@ def ray_storage(uri: str, cfg: Config):
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def _worker_env() -> dict:
-    """Environment for the workers. Never secrets: Ray logs runtime envs. Secrets
-    from the config travel inside the pickled Config object (SecretStr), which
-    Ray neither logs nor persists; the fault-injection hook passes for tests."""
+def worker_env(cfg: Config) -> dict:
+    """Environment for the training workers, set when their processes start.
+    Never secrets: Ray logs runtime envs. Secrets from the config travel inside
+    the pickled Config object (SecretStr), which Ray neither logs nor persists;
+    the fault-injection hook passes for tests."""
     from pipeline.faults import FAULT_ENV
 
     env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if cfg.scaling.worker_malloc_top_pad_mb:
+        env["MALLOC_TOP_PAD_"] = str(cfg.scaling.worker_malloc_top_pad_mb << 20)
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     return env
@@ -170,7 +173,7 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
     try:

@@ -82,3 +82,13 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_training_workers_start_with_the_configured_heap_pad(tmp_path):
+    from pipeline.train import worker_env
+
+    env = worker_env(load_config(None, []))
+    assert env["MALLOC_TOP_PAD_"] == str(256 * 2**20) and env["TF_USE_LEGACY_KERAS"] == "1"
+    assert "MALLOC_TOP_PAD_" not in worker_env(load_config(None, ["scaling.worker_malloc_top_pad_mb=0"]))
+    with pytest.raises(UsageError, match="scaling.worker_malloc_top_pad_mb"):
+        load_config(None, ["scaling.worker_malloc_top_pad_mb=-1"])

@@ -414,6 +414,7 @@ def ray_train_loop(config: dict) -> None:
     images, labels = synthetic_arrays(config["images"], config["size"])
     model.fit(images, labels, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)  # tracing
     info = {"pid": os.getpid(), "nice": os.nice(0), "tf_config": os.environ.get("TF_CONFIG"),
+            "malloc_top_pad": _initial_env().get("MALLOC_TOP_PAD_"),
             "replicas": strategy.num_replicas_in_sync, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     _publish(control / "ready.json", info)
     for r in range(config["rounds"]):
@@ -424,9 +425,19 @@ def ray_train_loop(config: dict) -> None:
     _wait_for(control / "stop", timeout_s=1800)
 
 
+def _initial_env() -> dict:
+    """The environment this process started with (what glibc read)."""
+    with open("/proc/self/environ", "rb") as f:
+        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
 def measure_ray(tmp: str) -> dict:
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
+
+    from pipeline.config import Config
+    from pipeline.train import worker_env
 
     control = Path(tmp, "control")
     control.mkdir()
@@ -435,7 +446,9 @@ def measure_ray(tmp: str) -> dict:
             ray_train_loop,
             train_loop_config={"control": str(control), "size": RAY_SIZE, "images": RAY_IMAGES, "rounds": RAY_ROUNDS},
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": CPUS}),
-            run_config=ray.train.RunConfig(name="bench-train", storage_path=os.path.join(tmp, "ray-results")),
+            # The job's worker environment (pipeline.train.worker_env, default config).
+            run_config=ray.train.RunConfig(name="bench-train", storage_path=os.path.join(tmp, "ray-results"),
+                                           worker_runtime_env={"env_vars": worker_env(Config())}),
         )
         outcome: dict = {}
 
@@ -754,28 +767,18 @@ def markdown(results: dict) -> str:
         " (here training on shards came out faster than on synthetic batches at "
         + " and ".join(f"{size}x{size}" for size in faster)
         + ", though it does strictly more work)" if faster else "")
-    if ray["epoch_cpu_ms_per_image"]["ray"] > 1.1 * ray["epoch_cpu_ms_per_image"]["fit"]:
-        ray_line = (
-            "- Ray Train itself costs next to nothing here; TensorFlow's distributed input does. The training "
-            f"process spent {ray['epoch_cpu_ms_per_image']['ray']:.2f} ms of CPU per image in the worker against "
-            f"{ray['epoch_cpu_ms_per_image']['fit']:.2f} ms in the plain fit. Checked separately: a Ray Train worker "
-            "that fits the same model without a strategy matches the plain fit, and the strategy costs as much in "
-            "a plain process, with or without `TF_CONFIG`. Within the strategy, the cost is in iterating a "
-            "distributed dataset: `strategy.run` of the same training step on batches taken from a list costs what "
-            "the plain step costs, while the same batches through `experimental_distribute_dataset` or "
-            "`distribute_datasets_from_function` (with or without fetching to the device, rebatching or "
-            "`steps_per_execution`) add 1.5 to 2 ms of CPU per image at 75x75 and slow the step by more than that "
-            "(profiled: allocation, page faults and Python work on the main thread, not the collectives). Keras "
-            "`fit` under a strategy always iterates a distributed dataset, so this is the price of "
-            "`MultiWorkerMirroredStrategy` in the job; it is a per-step cost, smaller beside the far more "
-            "expensive steps of larger images and of GPUs fed several replicas at once."
-        )
-    else:
-        ray_line = (
-            f"- The training process spent {ray['epoch_cpu_ms_per_image']['ray']:.2f} ms of CPU per image in the worker "
-            f"against {ray['epoch_cpu_ms_per_image']['fit']:.2f} ms in the plain fit: the steps cost the same, and "
-            "a gap in images/s comes from how much CPU each got."
-        )
+    pad = ray["worker"].get("malloc_top_pad")
+    ray_line = (
+        f"- The training process spent {ray['epoch_cpu_ms_per_image']['ray']:.2f} ms of CPU per image in the worker "
+        f"against {ray['epoch_cpu_ms_per_image']['fit']:.2f} ms in the plain fit. "
+        "Under a strategy, Keras `fit` iterates a distributed dataset, and that iteration frees and regrows the "
+        "heap every step: with glibc's default malloc settings it added 1.5 to 2 ms of CPU per image at 75x75 "
+        "and cut images/s by a third to a half, in a Ray worker and in a plain process alike (profiled: page "
+        "faults and zeroing of fresh pages on the main thread; `strategy.run` on batches from a list costs what "
+        "the plain step costs). A heap top pad removes it: the job starts its training workers with "
+        "`MALLOC_TOP_PAD_` from `scaling.worker_malloc_top_pad_mb` (default 256 MB), "
+        + (f"set here to {int(pad) >> 20} MB." if pad else "which this run did not have.")
+    )
     ray_line += (f" Returning from `fit` after the last epoch also took up to {ray['max_after_epochs_s']['ray']:.1f} s "
                  f"in the worker (plain fit: {ray['max_after_epochs_s']['fit']:.1f} s), once per call, outside the timed "
                  "epochs: the whole-call column.")
@@ -811,7 +814,8 @@ ratio is higher.
 
 {rs['images']} in-memory images at {rs['size']}x{rs['size']}, generated from one seed in each process;
 {rs['epochs_per_round']} epoch(s) per round after an untimed warm-up fit (tracing). The worker ran at nice
-{worker['nice']}, {worker['replicas']} replica, `OMP_NUM_THREADS={worker['omp_num_threads']}`, TF collective address {tf_config}.
+{worker['nice']}, {worker['replicas']} replica, `OMP_NUM_THREADS={worker['omp_num_threads']}`, TF collective address {tf_config},
+`MALLOC_TOP_PAD_={worker.get('malloc_top_pad')}` (the job's `scaling.worker_malloc_top_pad_mb`; the benchmark process runs with glibc's default).
 
 | run | images/s, timed epochs | images/s, whole `fit` call | CPU ms/image, epochs (training process) | CPU ms/image, whole run (all processes) | longest wait after the last epoch, s |
 |---|---:|---:|---:|---:|---:|
