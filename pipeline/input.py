@@ -79,26 +79,23 @@ def resize_array(image, size: int):
     return resize_arrays([image], size)[0]
 
 
-def resize_arrays(images, size: int, max_batch_bytes: int = 32 << 20) -> list:
+def resize_arrays(images, size: int) -> list:
     """``resize`` for decoded uint8 HxWx3 arrays outside tf.data (scoring,
     predict), exactly the pixels of ``resize``: the same kernel that
     ``tf.image.resize`` runs (bilinear, half-pixel centres, no antialiasing),
-    called directly and once per group of images of one shape (up to
-    ``max_batch_bytes`` of input per call), which saves most of the eager cost
-    of resizing one image at a time. Bilinear interpolation stays within the
-    input's range, so no clipping is needed."""
+    called directly and once per group of images of one shape, which saves most
+    of the eager cost of resizing one image at a time. The caller bounds how many
+    images it passes at once. Bilinear interpolation stays within the input's
+    range, so no clipping is needed."""
     out: list = [None] * len(images)
     groups: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(image.shape, []).append(i)
-    for shape, members in groups.items():
-        per_call = max(1, max_batch_bytes // max(1, int(np.prod(shape))))
-        for start in range(0, len(members), per_call):
-            part = members[start : start + per_call]
-            batch = tf.convert_to_tensor(np.stack([images[i] for i in part]), dtype=tf.uint8)
-            resized = tf.raw_ops.ResizeBilinear(images=batch, size=[size, size], half_pixel_centers=True).numpy()
-            for j, i in enumerate(part):
-                out[i] = resized[j]
+    for members in groups.values():
+        batch = tf.convert_to_tensor(np.stack([images[i] for i in members]), dtype=tf.uint8)
+        resized = tf.raw_ops.ResizeBilinear(images=batch, size=[size, size], half_pixel_centers=True).numpy()
+        for j, i in enumerate(members):
+            out[i] = resized[j]
     return out
 
 

@@ -280,23 +280,28 @@ def read_and_decode(batch: dict, *, storage: StorageConfig, image_size: int,
     images = np.zeros((len(uris), image_size, image_size, 3), np.float32)
     errors = np.full(len(uris), NO_ERROR, dtype=object)
     pending: list[tuple[int, np.ndarray]] = []
+    pending_bytes = 0
 
     def flush() -> None:
+        nonlocal pending_bytes
         for (i, _), resized in zip(pending, resize_arrays([a for _, a in pending], image_size)):
             images[i] = resized
         pending.clear()
+        pending_bytes = 0
 
     for i, raw in enumerate(read_files(uris, batch["size"], storage, max_bytes)):
         if isinstance(raw, str):
             errors[i] = raw
             continue
         try:
-            pending.append((i, np.asarray(decode_rgb(raw, max_pixels), dtype=np.uint8)))
+            decoded = np.asarray(decode_rgb(raw, max_pixels), dtype=np.uint8)
+            pending.append((i, decoded))
+            pending_bytes += decoded.nbytes
         except ImageRejected as exc:
             errors[i] = str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad file never stops the job
             errors[i] = f"cannot decode: {st.describe_error(exc)}"
-        if sum(a.nbytes for _, a in pending) >= resize_bytes:
+        if pending_bytes >= resize_bytes:
             flush()
     flush()
     return {"uri": np.array(uris, dtype=object), "chunk": batch["chunk"], "image": images, "error": errors}

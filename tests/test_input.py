@@ -130,11 +130,16 @@ def test_augment_runs_inside_tf_data_graph(tmp_path):
 
 @pytest.mark.parametrize("shape", [(128, 96), (75, 75), (40, 200), (31, 17), (1, 1)])
 def test_scoring_resize_gives_the_pixels_of_the_pipeline_resize(shape):
-    """Scoring and predict resize one decoded image at a time outside tf.data;
-    the model must see exactly what validation fed it."""
-    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    """Scoring and predict resize decoded images outside tf.data (scoring in
+    groups of one shape); the model must see exactly what validation fed it."""
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    others = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(*shape, 3), (20, 30, 3), (*shape, 3)]]
     for size in (75, 150):
         expected = inp.resize(tf.constant(image), size).numpy()
         got = inp.resize_array(image, size)
         assert got.dtype == np.float32 and got.shape == (size, size, 3)
         np.testing.assert_array_equal(got, expected)
+        batch = [image, *others]
+        for one, grouped in zip(batch, inp.resize_arrays(batch, size), strict=True):
+            np.testing.assert_array_equal(grouped, inp.resize(tf.constant(one), size).numpy())

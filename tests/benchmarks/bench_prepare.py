@@ -33,10 +33,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 from pipeline import demo_data
-from tests.benchmarks import procstat
+from tests.benchmarks import accounting
 from pipeline import storage as st
 from pipeline.config import Config, load_config
 from pipeline.images import prepare_image
@@ -65,11 +65,11 @@ def run() -> dict:
             warm_up(warm_tree, os.path.join(tmp, "warm-up-out"), endpoint)
             warm_up(s3_warm_tree, f"s3://{BUCKET}/warm-up-out", endpoint)
             runs = {
-                "loop": lambda r: time_loop(tree, cfg),
-                "local": lambda r: time_prepare(tree, os.path.join(tmp, f"out-{r}"), cfg, images),
-                "s3": lambda r: time_prepare(s3_tree, f"s3://{BUCKET}/out-{r}", cfg, images),
+                "loop": lambda r: {"s": time_loop(tree, cfg)},
+                "local": lambda r: {"s": time_prepare(tree, os.path.join(tmp, f"out-{r}"), cfg, images)},
+                "s3": lambda r: {"s": time_prepare(s3_tree, f"s3://{BUCKET}/out-{r}", cfg, images)},
             }
-            rounds = measure(runs, cpu_meter(moto_pid))
+            rounds = accounting.rounds_of(runs, RUNS, ROUNDS, accounting.cpu_meter(moto_pid), "prepare bench")
             shards = len(plan_prepare(cfg, tree, os.path.join(tmp, "plan-only")).specs)
         return summarise(rounds, images=images, mb=_tree_mb(tree), shards=shards)
 
@@ -77,25 +77,6 @@ def run() -> dict:
 # --- measuring -------------------------------------------------------------------
 
 
-def measure(runs: dict[str, Callable[[int], float]], meter: Callable[[], dict]) -> list[dict]:
-    """Per round and run: seconds, and the CPU seconds used meanwhile by this
-    benchmark's processes (driver, Ray, moto), by moto alone and by all others."""
-    rounds = []
-    for r in range(ROUNDS):
-        timings = {}
-        for name in RUNS[r % len(RUNS):] + RUNS[: r % len(RUNS)]:
-            before = meter()
-            seconds = runs[name](r)
-            used = {key: value - before[key] for key, value in meter().items()}
-            timings[name] = {
-                "s": round(seconds, 3),
-                "cpu_s": round(used["ours"], 2),
-                "moto_cpu_s": round(used["moto"], 2),
-                "others_cpu_s": round(max(0.0, used["machine"] - used["ours"]), 2),
-            }
-        print(f"prepare bench round {r + 1}/{ROUNDS}: {timings}", file=sys.stderr, flush=True)
-        rounds.append(timings)
-    return rounds
 
 
 def time_loop(tree: str, cfg: Config) -> float:
@@ -221,26 +202,6 @@ def _mark(value: float, target: float) -> str:
     return "PASS" if value >= target else "MISS"
 
 
-# --- CPU accounting (Linux /proc) -------------------------------------------------
-
-
-def cpu_meter(moto_pid: int) -> Callable[[], dict]:
-    """A function giving CPU seconds used so far: by the whole machine, by this
-    process and its descendants (Ray, moto), and by moto alone."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    me = os.getpid()
-
-    def read() -> dict:
-        procs = procstat.processes()
-        ours = procstat.descendants(me, procs)
-        moto = procs.get(moto_pid)
-        return {
-            "machine": procstat.machine_busy_s(),
-            "ours": sum(procs[pid].cpu_ticks for pid in ours) / ticks,
-            "moto": (moto.cpu_ticks if moto else 0) / ticks,
-        }
-
-    return read
 
 
 # --- fixtures --------------------------------------------------------------------

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import demo_data
-from tests.benchmarks import procstat
+from tests.benchmarks import accounting
 
 PER_CLASS = 120  # N = 5 classes x 120 = 600 images
 SCALE = 4
@@ -170,11 +170,11 @@ def time_job(model_dir: str, images: str, output: str, expected: int) -> dict:
 def with_others_cpu(run_one, r: int) -> dict:
     """Run and add ``others_cpu``: the share of the machine's CPU time that
     processes other than this one and the job it ran used meanwhile."""
-    busy, own, started = procstat.machine_busy_s(), _own_cpu_s(), time.perf_counter()
+    busy, own, started = accounting.machine_busy_s(), _own_cpu_s(), time.perf_counter()
     result = run_one(r)
     wall = time.perf_counter() - started
     ours = _own_cpu_s() - own + result.pop("tree_cpu_s", 0.0)
-    others = (procstat.machine_busy_s() - busy) - ours
+    others = (accounting.machine_busy_s() - busy) - ours
     return {**result, "others_cpu": round(max(0.0, others) / (len(os.sched_getaffinity(0)) * wall), 2)}
 
 
@@ -205,7 +205,7 @@ class TreeMonitor(threading.Thread):
     def run(self) -> None:
         while not self._stop_flag.wait(0.1):
             rss = 0
-            for pid, proc in procstat.tree(self.root).items():
+            for pid, proc in accounting.tree(self.root).items():
                 self._cpu[pid] = proc.cpu_ticks
                 rss += proc.rss_pages * os.sysconf("SC_PAGE_SIZE")
             self.peak = max(self.peak, rss)
@@ -216,7 +216,7 @@ class TreeMonitor(threading.Thread):
 
     @property
     def cpu_s(self) -> float:
-        return sum(self._cpu.values()) / procstat.TICKS
+        return sum(self._cpu.values()) / accounting.TICKS
 
 
 # --- results --------------------------------------------------------------------

@@ -57,7 +57,6 @@ import datetime as dt
 import io
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -68,8 +67,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from pipeline import demo_data
-from tests.benchmarks import procstat
-from tests.benchmarks.bench_prepare import _benchmark_env, cpu_meter, environment, moto_server
+from tests.benchmarks import accounting
+from tests.benchmarks.accounting import cpu_meter, rounds_of
+from tests.benchmarks.bench_prepare import _benchmark_env, environment, moto_server
 
 CPUS = len(os.sched_getaffinity(0))  # Ray's CPUs and the worker's: the whole machine, as the plain fit has
 BATCH = 32
@@ -367,13 +367,13 @@ def epoch_timer():
 
         def on_epoch_begin(self, epoch, logs=None):
             self.marks.setdefault("first_epoch_begin", time.perf_counter())
-            self._begin = (time.perf_counter(), time.process_time(), procstat.machine_busy_s())
+            self._begin = (time.perf_counter(), time.process_time(), accounting.machine_busy_s())
 
         def on_epoch_end(self, epoch, logs=None):
             wall, cpu, machine = self._begin
             self.seconds.append(time.perf_counter() - wall)
             self.cpu_s += time.process_time() - cpu
-            self.machine_s += procstat.machine_busy_s() - machine
+            self.machine_s += accounting.machine_busy_s() - machine
             self.marks["last_epoch_end"] = time.perf_counter()
 
         def on_train_end(self, logs=None):
@@ -534,30 +534,6 @@ def _await(path: Path, thread: threading.Thread, outcome: dict, timeout_s: float
 # --- measuring -------------------------------------------------------------------
 
 
-def rounds_of(runs: dict[str, Callable[[int], dict]], order: tuple[str, ...], count: int,
-              meter: Callable[[], dict], label: str) -> list[dict]:
-    """``count`` rounds of every run, the order rotating each round; with each
-    result the CPU seconds used meanwhile by this benchmark's processes (``cpu_s``),
-    by moto (``moto_cpu_s``) and by every other process (``others_cpu_s``), and
-    the wall time of the whole run (``wall_s``)."""
-    rounds = []
-    for r in range(count):
-        results = {}
-        for name in order[r % len(order):] + order[: r % len(order)]:
-            before, started = meter(), time.perf_counter()
-            result = runs[name](r)
-            wall = time.perf_counter() - started
-            used = {key: value - before[key] for key, value in meter().items()}
-            results[name] = {
-                **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()},
-                "wall_s": round(wall, 3),
-                "cpu_s": round(used["ours"], 2),
-                "moto_cpu_s": round(used["moto"], 2),
-                "others_cpu_s": round(max(0.0, used["machine"] - used["ours"]), 2),
-            }
-        print(f"{label} round {r + 1}/{count}: {results}", file=sys.stderr, flush=True)
-        rounds.append({name: results[name] for name in order})
-    return rounds
 
 
 def best(rounds: list[dict], name: str) -> dict:
