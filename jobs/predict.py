@@ -41,24 +41,13 @@ def main(argv: Sequence[str]) -> int:
 
 def predict_files(cfg, model_uri: str, images: Sequence[str], top_k: int, allow_unsafe: bool = False):
     """[(uri, top labels, top scores, error)] in input order."""
-    from pipeline.artifact import image_to_input, load_artifact
-    from pipeline.images import ImageRejected, decode_rgb
-
+    from pipeline.artifact import load_artifact
     from pipeline.registry import resolve_model
 
     location, shown = resolve_model(model_uri, cfg.storage)
     artifact = load_artifact(location, cfg.storage, allow_unsafe=allow_unsafe, display_uri=shown)
-    inputs, ok, results = [], [], []
-    for uri in images:
-        try:
-            raw = st.read_bytes(uri, cfg.storage)
-            inputs.append(image_to_input(decode_rgb(raw, cfg.prepare.max_pixels), artifact.image_size))
-            ok.append(uri)
-        except FileNotFoundError:
-            raise UsageError(f"image not found: {uri}") from None
-        except ImageRejected as exc:
-            results.append((uri, [], [], str(exc)))
-    probs = artifact.predict(np.stack(inputs)) if inputs else np.zeros((0, len(artifact.labels)))
+    ok, inputs, results = read_inputs(cfg, images, artifact.recipe)
+    probs = artifact.predict(inputs) if len(inputs) else np.zeros((0, len(artifact.labels)))
     k = min(top_k, len(artifact.labels))
     by_uri = {}
     for uri, p in zip(ok, probs):
@@ -66,6 +55,29 @@ def predict_files(cfg, model_uri: str, images: Sequence[str], top_k: int, allow_
         by_uri[uri] = (uri, [artifact.labels[i] for i in order], [float(p[i]) for i in order], None)
     errors = {r[0]: r for r in results}
     return [by_uri.get(uri) or errors[uri] for uri in images]
+
+
+def read_inputs(cfg, images: Sequence[str], recipe):
+    """The model inputs of ``images`` made with the model's ``recipe``
+    (``pipeline.preprocess``: the same pixels and resize as scoring and
+    evaluation): (URIs that decoded, float32 [N, size, size, 3], [(uri, [], [],
+    reason)] for the files that cannot be used)."""
+    from pipeline.images import ImageRejected
+    from pipeline.preprocess import file_pixels, model_inputs
+
+    ok, pixels, rejected = [], [], []
+    for uri in images:
+        try:
+            raw = st.read_bytes(uri, cfg.storage)
+            pixels.append(file_pixels(raw, recipe, cfg.prepare.max_pixels))
+            ok.append(uri)
+        except FileNotFoundError:
+            raise UsageError(f"image not found: {uri}") from None
+        except ImageRejected as exc:
+            rejected.append((uri, [], [], str(exc)))
+    size = recipe.image_size
+    inputs = np.stack(model_inputs(pixels, recipe)) if pixels else np.zeros((0, size, size, 3), np.float32)
+    return ok, inputs, rejected
 
 
 def draw(cfg, results, path: str) -> None:

@@ -1,7 +1,9 @@
 """A trained model as users and jobs load it: ``model.keras`` (which contains the
 [-1, 1] scaling and the input size) with ``labels.json`` beside it, plus
-``preprocessing.json`` describing the decode and resize that happen outside the
-model. Loading is in Keras safe mode unless the caller allows unsafe code."""
+``preprocessing.json``: the full recipe (``pipeline.preprocess.Recipe``) of the
+decode, normalisation and resize that happen outside the model, which score and
+predict apply as written. Loading is in Keras safe mode unless the caller allows
+unsafe code."""
 
 from __future__ import annotations
 
@@ -16,21 +18,17 @@ import numpy as np
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.errors import UsageError
+from pipeline.preprocess import Recipe, current_recipe
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
 PREPROCESSING_FILE = "preprocessing.json"
 
 
-def preprocessing_spec(image_size: int) -> dict:
-    return {
-        "image_size": image_size,
-        "color": "RGB",
-        "decode": "any supported format; EXIF orientation applied; alpha composited on white",
-        "resize": "bilinear to image_size x image_size, no crop (tf.image.resize)",
-        "input_range": "float32 in [0, 255]",
-        "scaling": "inside the model: x / 127.5 - 1 (InceptionV3)",
-    }
+def preprocessing_spec(image_size: int, max_side: Optional[int] = None) -> dict:
+    """``preprocessing.json`` of a model trained today at ``image_size`` on
+    shards prepared with ``max_side``: the full recipe."""
+    return current_recipe(image_size, max_side).to_dict()
 
 
 def resolve_model_file(uri: str, storage: StorageConfig) -> str:
@@ -52,6 +50,7 @@ class ModelArtifact:
     model: object  # tf_keras.Model
     labels: list[str]
     image_size: int
+    recipe: Recipe  # from preprocessing.json: how files become this model's input
     _call: Optional[object] = field(default=None, repr=False, compare=False)
 
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -90,17 +89,26 @@ def check_model_uri(uri: str, storage: StorageConfig) -> str:
     return model_uri
 
 
-def model_image_size(uri: str, storage: StorageConfig, *, allow_unsafe: bool = False) -> int:
-    """The input size the model expects, from ``preprocessing.json`` beside it
-    (no TensorFlow needed); a model saved without one is loaded to find out."""
+def read_recipe(uri: str, storage: StorageConfig) -> Optional[Recipe]:
+    """The recipe in ``preprocessing.json`` beside the model (no TensorFlow
+    needed), None when there is no such file; UsageError when it is invalid
+    or asks for what this code cannot do."""
     folder = model_file_uri(uri).rsplit("/", 1)[0]
     spec_uri = st.join(folder, PREPROCESSING_FILE)
+    if not st.exists(spec_uri, storage):
+        return None
     try:
-        if st.exists(spec_uri, storage):
-            return int(st.read_json(spec_uri, storage)["image_size"])
+        return Recipe.from_dict(st.read_json(spec_uri, storage))
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"{spec_uri} is not a valid preprocessing spec: {st.describe_error(exc)}") from None
-    return load_artifact(uri, storage, allow_unsafe=allow_unsafe).image_size
+
+
+def model_recipe(uri: str, storage: StorageConfig, *, allow_unsafe: bool = False) -> Recipe:
+    """How files become the model's input, from ``preprocessing.json``; a
+    model saved without one is loaded to find its input size (and gets the
+    recipe of models recorded before the full recipe)."""
+    recipe = read_recipe(uri, storage)
+    return recipe if recipe is not None else load_artifact(uri, storage, allow_unsafe=allow_unsafe).recipe
 
 
 def load_artifact(uri: str, storage: StorageConfig, *, allow_unsafe: bool = False,
@@ -124,7 +132,10 @@ def load_artifact(uri: str, storage: StorageConfig, *, allow_unsafe: bool = Fals
     size = int(model.input_shape[1])
     if model.output_shape[-1] != len(labels):
         raise UsageError(f"{model_uri} predicts {model.output_shape[-1]} classes but {LABELS_FILE} lists {len(labels)}")
-    return ModelArtifact(display_uri or uri, model, labels, size)
+    recipe = read_recipe(model_uri, storage) or Recipe.from_dict({"image_size": size})
+    if recipe.image_size != size:
+        raise UsageError(f"{model_uri} takes {size} px images but {PREPROCESSING_FILE} says {recipe.image_size}")
+    return ModelArtifact(display_uri or uri, model, labels, size, recipe)
 
 
 def load_keras_file(path: str, *, safe_mode: bool = True):
@@ -148,10 +159,3 @@ def load_keras_file(path: str, *, safe_mode: bool = True):
                 return model
     return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
 
-
-def image_to_input(rgb_image, size: int) -> np.ndarray:
-    """A PIL RGB image -> float32 [size, size, 3] in [0, 255], with the same
-    resize as training's validation path."""
-    from pipeline.input import resize_array
-
-    return resize_array(np.asarray(rgb_image, dtype=np.uint8), size)

@@ -57,7 +57,9 @@ class PrepareConfig(_Section):
     max_side: Optional[int] = Field(None, ge=16)
     # PIL's own decompression-bomb threshold.
     max_pixels: int = Field(89_478_485, ge=1)
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    # zlib level of the lossless PNG that prepare writes for a file whose own
+    # bytes the training decoder cannot take as they are (pipeline.preprocess).
+    png_compress_level: int = Field(1, ge=0, le=9)
     # Files fetched together from storage (concurrently on object stores).
     read_batch: int = Field(32, ge=1)
 

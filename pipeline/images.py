@@ -1,17 +1,13 @@
-"""Validate and normalise image files (PIL, no TensorFlow).
-
-Every usable input becomes bytes that ``tf.io.decode_jpeg(channels=3)`` decodes to
-the right colours: plain RGB JPEGs without an EXIF rotation are kept byte for byte;
-everything else (CMYK, grayscale, palette, 16-bit, alpha, EXIF-rotated, PNG, BMP,
-GIF, WebP, or larger than ``max_side``) is decoded once and re-encoded as RGB JPEG.
-Nothing here raises on bad data: an unusable file gives a reason instead.
+"""Open, validate and normalise image files with Pillow (no TensorFlow): the
+steps of ``pipeline.preprocess`` that turn any accepted file into upright 8-bit
+RGB. Nothing here raises on bad data but ImageRejected, whose message is the
+reason.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -24,14 +20,6 @@ _EXIF_ORIENTATION = 0x0112
 
 class ImageRejected(Exception):
     """The bytes are not a usable image; ``str(exc)`` is the reason."""
-
-
-@dataclass(frozen=True)
-class PreparedImage:
-    data: bytes  # JPEG bytes
-    width: int
-    height: int
-    reencoded: bool
 
 
 def has_image_extension(name: str) -> bool:
@@ -112,30 +100,8 @@ def upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def prepare_image(
-    raw: bytes,
-    *,
-    max_pixels: int,
-    max_side: Optional[int] = None,
-    jpeg_quality: int = 95,
-) -> PreparedImage:
-    """Validate ``raw`` and return JPEG bytes for a training record.
-    Raises ImageRejected with a reason for anything unusable."""
-    img = open_image(raw, max_pixels)
-    orientation = _orientation(img)
-    too_big = max_side is not None and max(img.size) > max_side
-    if img.format == "JPEG" and img.mode == "RGB" and orientation in (None, 1) and not too_big:
-        return PreparedImage(raw, img.width, img.height, reencoded=False)
-    rgb = to_rgb(upright(img) if orientation not in (None, 1) else img)
-    if max_side is not None and max(rgb.size) > max_side:
-        rgb = rgb.copy()
-        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=jpeg_quality)
-    return PreparedImage(out.getvalue(), rgb.width, rgb.height, reencoded=True)
-
-
-def _orientation(img: Image.Image) -> Optional[int]:
+def exif_orientation(img: Image.Image) -> Optional[int]:
+    """The EXIF orientation tag (1 to 8), or None."""
     try:
         return img.getexif().get(_EXIF_ORIENTATION)
     except Exception:  # noqa: BLE001

@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import numpy as np
 import tensorflow as tf
 
+from pipeline import preprocess
 from pipeline.shards import ENCODED, LABEL
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -59,50 +59,49 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
 
 
 def decode_example(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """A shard record -> (uint8 HxWx3 image, int32 label), with the recipe's
+    decoder (``pipeline.preprocess.decode_image``: JPEG with the accurate IDCT,
+    else PNG): the pixels scoring gets from the original file."""
     features = tf.io.parse_single_example(
         serialized,
         {ENCODED: tf.io.FixedLenFeature([], tf.string), LABEL: tf.io.FixedLenFeature([], tf.int64)},
     )
-    image = tf.io.decode_jpeg(features[ENCODED], channels=3)
+    image = preprocess.decode_image(features[ENCODED])
     return image, tf.cast(features[LABEL], tf.int32)
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    """uint8 HxWx3 -> float32 size x size x 3 in [0, 255] (bilinear). The one
-    resize used for validation, evaluation and scoring."""
-    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
-    return tf.clip_by_value(image, 0.0, 255.0)
+    """uint8 HxWx3 -> float32 size x size x 3 in [0, 255]: the one resize
+    (``pipeline.preprocess.resize_image``: area average where it shrinks,
+    bilinear where it enlarges), used for validation, evaluation and, through
+    ``preprocess.resize_arrays``, bit for bit by scoring and predict."""
+    return preprocess.resize_image(image, size)
 
 
-def resize_array(image, size: int):
-    """``resize`` for one decoded uint8 HxWx3 array outside tf.data."""
-    return resize_arrays([image], size)[0]
-
-
-def resize_arrays(images, size: int) -> list:
-    """``resize`` for decoded uint8 HxWx3 arrays outside tf.data (scoring,
-    predict), exactly the pixels of ``resize``: the same kernel that
-    ``tf.image.resize`` runs (bilinear, half-pixel centres, no antialiasing),
-    called directly and once per group of images of one shape, which saves most
-    of the eager cost of resizing one image at a time. The caller bounds how many
-    images it passes at once. Bilinear interpolation stays within the input's
-    range, so no clipping is needed."""
-    out: list = [None] * len(images)
-    groups: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(image.shape, []).append(i)
-    for members in groups.values():
-        batch = tf.convert_to_tensor(np.stack([images[i] for i in members]), dtype=tf.uint8)
-        resized = tf.raw_ops.ResizeBilinear(images=batch, size=[size, size], half_pixel_centers=True).numpy()
-        for j, i in enumerate(members):
-            out[i] = resized[j]
-    return out
+# A source side more than this many times the model size is first shrunk to
+# that many times (area average) before augment's bilinear resample.
+AUGMENT_MAX_SHRINK = 2
 
 
 def augment(image: tf.Tensor, size: int, aug: dict) -> tf.Tensor:
     """Random rotation, shift, shear, zoom and flip, and the resize to ``size``,
-    as ONE projective resample of the decoded image (ImageDataGenerator's
-    semantics: rotation and shear in degrees, shifts and zoom as fractions)."""
+    as one projective resample of the decoded image (ImageDataGenerator's
+    semantics: rotation and shear in degrees, shifts and zoom as fractions).
+
+    Bilinear sampling only looks at the 4 nearest pixels, so shrinking by much
+    more than 2x would alias. A side over ``AUGMENT_MAX_SHRINK`` x ``size`` is
+    therefore first brought down to that by the area average of
+    ``pipeline.preprocess.resize_images`` (same centre-aligned geometry, so the
+    random transform means the same thing); smaller images are resampled
+    directly, as before."""
+    limit = AUGMENT_MAX_SHRINK * size
+    shape = tf.shape(image)
+    image = tf.cond(
+        tf.reduce_max(shape[:2]) > limit,
+        lambda: preprocess.resize_images(image[tf.newaxis], tf.minimum(shape[0], limit),
+                                         tf.minimum(shape[1], limit))[0],
+        lambda: tf.cast(image, tf.float32),
+    )
     shape = tf.shape(image)
     in_h, in_w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     s = tf.cast(size, tf.float32)
@@ -134,7 +133,7 @@ def augment(image: tf.Tensor, size: int, aug: dict) -> tf.Tensor:
     offset = c_in - tf.linalg.matvec(a, tf.stack([c_out, c_out])) + tf.stack([tx, ty])
     transform = tf.stack([a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1], 0.0, 0.0])
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.cast(image, tf.float32)[tf.newaxis],
+        images=image[tf.newaxis],
         transforms=transform[tf.newaxis],
         output_shape=tf.stack([size, size]),
         fill_value=0.0,

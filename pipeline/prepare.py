@@ -27,7 +27,8 @@ from typing import Optional
 from pipeline import storage as st
 from pipeline.config import Config, PrepareConfig, StorageConfig
 from pipeline.errors import UsageError
-from pipeline.images import ImageRejected, prepare_image
+from pipeline.images import ImageRejected
+from pipeline.preprocess import prepare_image
 from pipeline.shards import MANIFEST_NAME, SPLITS, build_manifest, make_example, shard_name
 
 log = logging.getLogger(__name__)
@@ -170,12 +171,13 @@ def write_shard(
                             raw,
                             max_pixels=cfg.max_pixels,
                             max_side=cfg.max_side,
-                            jpeg_quality=cfg.jpeg_quality,
+                            png_compress_level=cfg.png_compress_level,
                         )
                     except ImageRejected as exc:
                         rejected.append({"uri": f["uri"], "reason": str(exc)})
                         continue
-                    writer.write(make_example(img.data, f["label"], f["cls"], f["uri"], img.height, img.width))
+                    writer.write(make_example(img.data, f["label"], f["cls"], f["uri"], img.height, img.width,
+                                              image_format=img.format))
                     class_counts[f["cls"]] += 1
                     reencoded += img.reencoded
                     examples += 1

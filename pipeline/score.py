@@ -5,7 +5,9 @@
    of URIs), split the sorted list into chunks of ``rows_per_file`` and find the
    chunks an earlier run already committed. Every user error is raised here.
 2. ``run_score``: a streaming Ray Data pipeline. CPU tasks read and decode the
-   files (``read_and_decode``, the model's own resize), ``ScoringPredictor``
+   files (``read_and_decode``, with the recipe of the model's
+   ``preprocessing.json``: the pixels and resize it was trained and evaluated
+   on, see ``pipeline.preprocess``), ``ScoringPredictor``
    actors run the model (one GPU each when the cluster has GPUs), and the driver
    writes each chunk as soon as all its rows are in: to a local file, then
    published atomically as ``part-<index>-<hash of the chunk's URIs>.parquet``.
@@ -42,7 +44,8 @@ from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
 from pipeline.errors import UsageError
 from pipeline.faults import maybe_fault
-from pipeline.images import IMAGE_EXTENSIONS, ImageRejected, decode_rgb, has_image_extension
+from pipeline.images import IMAGE_EXTENSIONS, ImageRejected, has_image_extension
+from pipeline.preprocess import Recipe, file_pixels, model_inputs
 from pipeline.registry import resolve_model
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,7 @@ class ScorePlan:
     top_k: int  # already capped at the number of labels
     image_size: int
     chunks: list[Chunk]
+    recipe: Optional[Recipe] = None  # the model's preprocessing.json
     ignored: int = 0  # files under the prefix without an image name
     committed: dict[int, Counter] = field(default_factory=dict)  # chunk index -> error reasons
     stale: list[str] = field(default_factory=list)  # our parts this plan does not produce
@@ -176,7 +180,7 @@ def _canonical(uri: str) -> str:
 def plan_score(cfg: Config, model: str, images: str, output: str, *,
                overwrite: bool = False, allow_unsafe: bool = False) -> ScorePlan:
     """Everything that can fail on user input, checked before any cluster work."""
-    from pipeline.artifact import LABELS_FILE, check_model_uri, model_image_size
+    from pipeline.artifact import LABELS_FILE, check_model_uri, model_recipe
 
     model_uri, shown = resolve_model(model, cfg.storage)
     labels_uri = st.join(check_model_uri(model_uri, cfg.storage).rsplit("/", 1)[0], LABELS_FILE)
@@ -194,7 +198,8 @@ def plan_score(cfg: Config, model: str, images: str, output: str, *,
         chunks=make_chunks(found, cfg.score.rows_per_file), ignored=ignored,
     )
     _check_previous_output(plan, cfg.storage, overwrite)
-    plan.image_size = model_image_size(model_uri, cfg.storage, allow_unsafe=allow_unsafe)
+    plan.recipe = model_recipe(model_uri, cfg.storage, allow_unsafe=allow_unsafe)
+    plan.image_size = plan.recipe.image_size
     return plan
 
 
@@ -267,24 +272,24 @@ def _reason_kind(reason: str) -> str:
 # ---------------------------------------------------------------- CPU tasks
 
 
-def read_and_decode(batch: dict, *, storage: StorageConfig, image_size: int,
+def read_and_decode(batch: dict, *, storage: StorageConfig, recipe: Recipe,
                     max_bytes: int, max_pixels: int, resize_bytes: int = 64 << 20) -> dict:
-    """{uri, size, chunk} -> {uri, chunk, image, error}: the model input (float32
-    [N, size, size, 3] in [0, 255], the training resize) or the reason a file
-    cannot be scored (its image is zeros). Never raises for a bad file.
+    """{uri, size, chunk} -> {uri, chunk, image, error}: the model input made
+    with ``recipe`` (float32 [N, size, size, 3] in [0, 255], exactly what
+    evaluation feeds the model for the file's shard record) or the reason a
+    file cannot be scored (its image is zeros). Never raises for a bad file.
     Decoded images wait for their resize, which runs per group of one shape, up
     to ``resize_bytes`` of them at a time."""
-    from pipeline.input import resize_arrays
-
+    size = recipe.image_size
     uris = [str(u) for u in batch["uri"]]
-    images = np.zeros((len(uris), image_size, image_size, 3), np.float32)
+    images = np.zeros((len(uris), size, size, 3), np.float32)
     errors = np.full(len(uris), NO_ERROR, dtype=object)
     pending: list[tuple[int, np.ndarray]] = []
     pending_bytes = 0
 
     def flush() -> None:
         nonlocal pending_bytes
-        for (i, _), resized in zip(pending, resize_arrays([a for _, a in pending], image_size)):
+        for (i, _), resized in zip(pending, model_inputs([a for _, a in pending], recipe)):
             images[i] = resized
         pending.clear()
         pending_bytes = 0
@@ -294,7 +299,7 @@ def read_and_decode(batch: dict, *, storage: StorageConfig, image_size: int,
             errors[i] = raw
             continue
         try:
-            decoded = np.asarray(decode_rgb(raw, max_pixels), dtype=np.uint8)
+            decoded = file_pixels(raw, recipe, max_pixels)
             pending.append((i, decoded))
             pending_bytes += decoded.nbytes
         except ImageRejected as exc:
@@ -338,13 +343,13 @@ class ScoringPredictor:
     A plain class: try it on ``ds.take_batch()`` without an actor pool."""
 
     def __init__(self, model_uri: str, storage: StorageConfig, top_k: int,
-                 image_size: Optional[int] = None, allow_unsafe: bool = False):
+                 recipe: Optional[Recipe] = None, allow_unsafe: bool = False):
         from pipeline.artifact import load_artifact
 
         self.artifact = load_artifact(model_uri, storage, allow_unsafe=allow_unsafe)
-        if image_size is not None and image_size != self.artifact.image_size:
-            raise ValueError(f"{model_uri}: preprocessing.json says {image_size} px, "
-                             f"the model takes {self.artifact.image_size} px")
+        if recipe is not None and recipe != self.artifact.recipe:
+            raise ValueError(f"{model_uri}: its preprocessing.json changed after the images were decoded "
+                             f"with {recipe.to_dict()}")
         self.k = min(top_k, len(self.artifact.labels))
 
     def __call__(self, batch: dict) -> dict:
@@ -455,7 +460,7 @@ def build_dataset(cfg: Config, plan: ScorePlan, chunks: list[Chunk], allow_unsaf
     ds = ds.map_batches(
         read_and_decode,
         batch_size=sc.read_batch,
-        fn_kwargs={"storage": cfg.storage, "image_size": plan.image_size,
+        fn_kwargs={"storage": cfg.storage, "recipe": plan.recipe,
                    "max_bytes": int(sc.max_file_mb * 2**20), "max_pixels": sc.max_pixels},
         # Each decode worker process imports TensorFlow (for the training resize)
         # once: no more of them than there are free CPUs.
@@ -469,7 +474,7 @@ def build_dataset(cfg: Config, plan: ScorePlan, chunks: list[Chunk], allow_unsaf
         ScoringPredictor,
         batch_size=sc.batch_size,
         fn_constructor_kwargs={"model_uri": plan.model_uri, "storage": cfg.storage, "top_k": plan.top_k,
-                               "image_size": plan.image_size, "allow_unsafe": allow_unsafe},
+                               "recipe": plan.recipe, "allow_unsafe": allow_unsafe},
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor,
         num_cpus=1,
@@ -494,7 +499,8 @@ def run_score(cfg: Config, plan: ScorePlan, *, allow_unsafe: bool = False) -> di
     summary_uri = st.join(plan.output, SUMMARY_NAME)
     params = {"job": "score", "model": plan.model, "model_uri": plan.model_uri, "source": plan.source,
               "output": plan.output,
-              "top_k": plan.top_k, "rows_per_file": cfg.score.rows_per_file}
+              "top_k": plan.top_k, "rows_per_file": cfg.score.rows_per_file,
+              "preprocessing": plan.recipe.to_dict() if plan.recipe else None}
     st.write_json(summary_uri, {**params, "status": "running"}, storage)
     _remove_temp_files(plan.output, storage)
 

@@ -34,7 +34,9 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
-def make_example(data: bytes, label: int, text: str, source: str, height: int, width: int) -> bytes:
+def make_example(data: bytes, label: int, text: str, source: str, height: int, width: int,
+                 image_format: str = "jpeg") -> bytes:
+    """One record; ``image_format`` is what ``data`` is, "jpeg" or "png"."""
     import tensorflow as tf  # heavy import kept out of module import time
 
     def _bytes(value: bytes):
@@ -45,7 +47,7 @@ def make_example(data: bytes, label: int, text: str, source: str, height: int, w
 
     feature = {
         ENCODED: _bytes(data),
-        FORMAT: _bytes(b"jpeg"),
+        FORMAT: _bytes(image_format.encode("ascii")),
         LABEL: _int(label),
         TEXT: _bytes(text.encode("utf-8")),
         SOURCE: _bytes(source.encode("utf-8")),
@@ -63,6 +65,7 @@ def parse_example(serialized: bytes) -> dict[str, Any]:
     f = ex.features.feature
     return {
         "encoded": f[ENCODED].bytes_list.value[0],
+        "format": f[FORMAT].bytes_list.value[0].decode("ascii"),
         "label": int(f[LABEL].int64_list.value[0]),
         "text": f[TEXT].bytes_list.value[0].decode("utf-8"),
         "source": f[SOURCE].bytes_list.value[0].decode("utf-8"),

@@ -311,7 +311,8 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
         os.makedirs(out)
         mdl.save_model(model, os.path.join(out, MODEL_FILE))
         _dump(os.path.join(out, LABELS_FILE), classes)
-        _dump(os.path.join(out, PREPROCESSING_FILE), preprocessing_spec(size))
+        _dump(os.path.join(out, PREPROCESSING_FILE),
+              preprocessing_spec(size, manifest.get("settings", {}).get("max_side")))
         _dump(os.path.join(out, "history.json"), _history_by_phase(history))
         _dump(os.path.join(out, "metrics.json"), metrics)
         reports.plot_training(history, os.path.join(out, "training.png"))

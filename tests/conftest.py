@@ -1,5 +1,7 @@
 """Shared fixtures: one Ray instance for the whole session, and a real S3-protocol
-server (moto's server mode) on 127.0.0.1."""
+server (moto's server mode) on 127.0.0.1. Hypothesis profiles: "ci" (the
+default) tests the same examples on every run; "fuzz" (`make fuzz`) draws new
+random ones, many more."""
 
 from __future__ import annotations
 
@@ -8,6 +10,17 @@ import re
 import socket
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# A fixed set of examples per test (derived from the test itself), and no example
+# database, so that `make test` passes or fails the same way on every machine.
+settings.register_profile("ci", max_examples=150, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+# `make fuzz`: random examples, many of them; failures are saved and replayed.
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "5000")), derandomize=False,
+                          deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+# --hypothesis-profile NAME (pytest) overrides this.
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Before Ray starts, so that its worker processes inherit them.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")

@@ -16,15 +16,15 @@ from pipeline.errors import UsageError
 
 def test_override_order(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("prepare:\n  val_fraction: 0.3\n  shard_size_mb: 50\n  jpeg_quality: 80\n")
+    path.write_text("prepare:\n  val_fraction: 0.3\n  shard_size_mb: 50\n  png_compress_level: 3\n")
     cfg = load_config(
         str(path),
-        ["prepare.shard_size_mb=20", "prepare.jpeg_quality=85"],
-        {"prepare.jpeg_quality": 90, "prepare.max_side": None},
+        ["prepare.shard_size_mb=20", "prepare.png_compress_level=6"],
+        {"prepare.png_compress_level": 9, "prepare.max_side": None},
     )
     assert cfg.prepare.val_fraction == 0.3  # file over default
     assert cfg.prepare.shard_size_mb == 20  # --set over file
-    assert cfg.prepare.jpeg_quality == 90  # flag over --set
+    assert cfg.prepare.png_compress_level == 9  # flag over --set
     assert cfg.prepare.max_side is None  # a flag not given changes nothing
     assert cfg.prepare.min_shards == 4  # default
 

@@ -1,6 +1,10 @@
 """Hostile and odd inputs: every kind is accounted for with a reason, good files
 are used, nothing crashes; random bytes never escape the decode path as anything
-but a rejection."""
+but a rejection, and a file prepare accepts always gives a record that decodes in
+tf.data, to the pixels scoring gets from the file.
+
+The hypothesis tests run a fixed set of examples in `make test` (the "ci"
+profile in conftest.py) and random ones in `make fuzz`."""
 
 from __future__ import annotations
 
@@ -11,14 +15,16 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as hs
 from PIL import Image
 
 from jobs import prepare as prepare_job
 from jobs._cli import run
-from pipeline.images import ImageRejected, decode_rgb, prepare_image
-from pipeline.shards import parse_example
+from pipeline import input as inp
+from pipeline.images import ImageRejected, decode_rgb
+from pipeline.preprocess import current_recipe, file_pixels, prepare_image
+from pipeline.shards import make_example, parse_example
 from tests import imagefactory as fx
 
 LIMIT = 89_478_485
@@ -61,12 +67,12 @@ def test_prepare_accounts_for_every_hostile_file(ray_session, tmp_path):
             assert rel in accepted, (rel, rejected.get(rel))
         elif ok is False:
             assert rel in rejected and rejected[rel], rel
-    for rec in records:  # everything accepted decodes as RGB JPEG
-        assert tf.io.decode_jpeg(rec["encoded"], channels=3).shape[-1] == 3
+    for rec in records:  # everything accepted decodes with the training decoder, at its stated size
+        image, _ = inp.decode_example(tf.constant(make_example(rec["encoded"], 0, "x", "x", 1, 1)))
+        assert tuple(image.shape) == (rec["height"], rec["width"], 3)
     assert "cannot read" in rejected["other/loop"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(hs.binary(max_size=4096))
 def test_random_bytes_never_crash_the_decode_path(data):
     for fn in (lambda d: prepare_image(d, max_pixels=LIMIT, max_side=64), lambda d: decode_rgb(d, LIMIT)):
@@ -89,21 +95,47 @@ def _valid_images() -> list[bytes]:
 VALID = _valid_images()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(hs.sampled_from(range(len(VALID))), hs.lists(hs.tuples(hs.integers(0, 10**6), hs.integers(0, 255)),
-                                                   max_size=8), hs.integers(0, 10**6))
-def test_mutated_images_never_crash_the_decode_path(which, flips, cut):
+def mutate(which: int, flips: list[tuple[int, int]], cut: int) -> bytes:
     data = bytearray(VALID[which])
     for pos, value in flips:
         data[pos % len(data)] = value
-    data = bytes(data[: max(1, cut % (len(data) + 1))])
+    return bytes(data[: max(1, cut % (len(data) + 1))])
+
+
+def decode_in_tf_data(record: bytes) -> np.ndarray:
+    """The record through the training pipeline's decoder, inside tf.data."""
+    ds = tf.data.Dataset.from_tensors(record).map(inp.decode_example)
+    return next(iter(ds))[0].numpy()
+
+
+# Pillow decodes this damaged JPEG; TensorFlow's decoder refuses it (a file that
+# prepare once kept byte for byte and that then crashed training).
+@example(which=0, flips=[(231, 0)], cut=701)
+@given(hs.sampled_from(range(len(VALID))), hs.lists(hs.tuples(hs.integers(0, 10**6), hs.integers(0, 255)),
+                                                   max_size=8), hs.integers(0, 10**6))
+def test_mutated_images_never_crash_the_decode_path(which, flips, cut):
+    data = mutate(which, flips, cut)
     try:
         out = prepare_image(data, max_pixels=LIMIT)
-    except ImageRejected:
+    except ImageRejected as exc:
+        assert str(exc)  # a rejection always has a reason
         return
-    # accepted means usable: the bytes decode as RGB JPEG with the stated size
-    img = tf.io.decode_jpeg(out.data, channels=3)
-    assert tuple(img.shape) == (out.height, out.width, 3)
+    # Accepted means usable: the record decodes in tf.data, at the stated size,
+    # to exactly the pixels scoring gets from the file itself.
+    record = make_example(out.data, 0, "x", "x", out.height, out.width, image_format=out.format)
+    pixels = decode_in_tf_data(record)
+    assert pixels.shape == (out.height, out.width, 3)
+    np.testing.assert_array_equal(pixels, file_pixels(data, current_recipe(75), LIMIT))
+
+
+def test_the_damaged_jpeg_is_stored_as_a_decodable_png():
+    data = mutate(0, [(231, 0)], 701)
+    with pytest.raises(tf.errors.InvalidArgumentError):  # the training decoder refuses the file itself
+        tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+    out = prepare_image(data, max_pixels=LIMIT)
+    assert out.reencoded and out.format == "png" and out.data.startswith(b"\x89PNG")
+    pixels = decode_in_tf_data(make_example(out.data, 0, "x", "x", out.height, out.width, image_format="png"))
+    np.testing.assert_array_equal(pixels, np.asarray(decode_rgb(data, LIMIT)))
 
 
 def test_manifest_entries_cannot_escape_the_shards_folder(tmp_path):

@@ -1,5 +1,6 @@
-"""Image validation and normalisation: every accepted output decodes with
-tf.io.decode_jpeg(channels=3) to the right colours; every bad input gets a reason."""
+"""Image validation and normalisation: every accepted output decodes with the
+training decoder to the right colours, kept byte for byte where that decoder
+takes the file as it is; every bad input gets a reason."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.images import ImageRejected, prepare_image
+from pipeline.images import ImageRejected
+from pipeline.preprocess import decode_image, prepare_image
 from tests import imagefactory as fx
 
 LIMIT = 89_478_485
 
 
 def tf_pixels(data: bytes) -> np.ndarray:
-    return tf.io.decode_jpeg(data, channels=3).numpy().astype(int)
+    return decode_image(tf.constant(data)).numpy().astype(int)
 
 
 def mean_colour(data: bytes) -> np.ndarray:
@@ -24,16 +26,30 @@ def mean_colour(data: bytes) -> np.ndarray:
 def test_plain_rgb_jpeg_is_kept_byte_for_byte():
     raw = fx.rgb_jpeg()
     out = prepare_image(raw, max_pixels=LIMIT)
-    assert out.data == raw and not out.reencoded
+    assert out.data == raw and not out.reencoded and out.format == "jpeg"
     assert (out.width, out.height) == (40, 30)
+
+
+@pytest.mark.parametrize(
+    "make, fmt, colour",
+    [
+        (lambda: fx.gray_jpeg(128), "jpeg", (128, 128, 128)),
+        (fx.palette_png, "png", (30, 30, 200)),
+        (lambda: fx.encode(fx.solid((10, 20, 30)), "PNG"), "png", (10, 20, 30)),
+    ],
+    ids=["gray-jpeg", "palette-png", "rgb-png"],
+)
+def test_files_the_training_decoder_takes_as_they_are_are_kept(make, fmt, colour):
+    raw = make()
+    out = prepare_image(raw, max_pixels=LIMIT)
+    assert out.data == raw and not out.reencoded and out.format == fmt
+    np.testing.assert_array_equal(mean_colour(out.data), colour)
 
 
 @pytest.mark.parametrize(
     "make, colour",
     [
         (fx.cmyk_jpeg, (255, 0, 0)),
-        (lambda: fx.gray_jpeg(128), (128, 128, 128)),
-        (fx.palette_png, (30, 30, 200)),
         (fx.rgba_png, (255, 255, 255)),
         (fx.png16, (255, 255, 255)),
         (lambda: fx.png16(level=32768), (128, 128, 128)),
@@ -41,13 +57,13 @@ def test_plain_rgb_jpeg_is_kept_byte_for_byte():
         (fx.webp, (30, 200, 30)),
         (fx.animated_gif, (255, 0, 0)),
     ],
-    ids=["cmyk", "gray", "palette", "alpha", "png16-white", "png16-mid", "bmp", "webp", "gif-first-frame"],
+    ids=["cmyk", "alpha", "png16-white", "png16-mid", "bmp", "webp", "gif-first-frame"],
 )
-def test_other_inputs_are_reencoded_to_rgb_jpeg_with_right_colours(make, colour):
+def test_other_inputs_are_reencoded_losslessly_with_right_colours(make, colour):
     out = prepare_image(make(), max_pixels=LIMIT)
-    assert out.reencoded
-    assert out.data[:2] == b"\xff\xd8"  # JPEG
-    np.testing.assert_allclose(mean_colour(out.data), colour, atol=6)
+    assert out.reencoded and out.format == "png"
+    assert out.data[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_allclose(mean_colour(out.data), colour, atol=1)
 
 
 def test_exif_orientation_is_applied():
@@ -61,7 +77,7 @@ def test_exif_orientation_is_applied():
 
 def test_max_side_downsizes_once_and_keeps_aspect():
     out = prepare_image(fx.rgb_jpeg(size=(400, 200)), max_pixels=LIMIT, max_side=100)
-    assert out.reencoded and (out.width, out.height) == (100, 50)
+    assert out.reencoded and out.format == "png" and (out.width, out.height) == (100, 50)
     assert tf_pixels(out.data).shape == (50, 100, 3)
     small = fx.rgb_jpeg(size=(80, 40))
     assert prepare_image(small, max_pixels=LIMIT, max_side=100).data == small

@@ -11,6 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pipeline import input as inp
+from pipeline import preprocess
 from pipeline.shards import make_example
 
 SIZE = 32
@@ -64,7 +65,8 @@ def test_steps_per_epoch_never_zero():
 
 
 def decoded(data: bytes) -> np.ndarray:
-    return tf.io.decode_jpeg(data, channels=3).numpy().astype(np.float32)
+    """The recipe's decoder: JPEG with the accurate IDCT (what Pillow decodes)."""
+    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE").numpy().astype(np.float32)
 
 
 def test_augmentation_off_gives_exact_pixels(tmp_path):
@@ -128,18 +130,53 @@ def test_augment_runs_inside_tf_data_graph(tmp_path):
     assert images.shape == (2, SIZE, SIZE, 3) and labels.dtype == tf.int32
 
 
-@pytest.mark.parametrize("shape", [(128, 96), (75, 75), (40, 200), (31, 17), (1, 1)])
+@pytest.mark.parametrize("shape", [(128, 96), (75, 75), (40, 200), (31, 17), (1, 1), (1000, 750)])
 def test_scoring_resize_gives_the_pixels_of_the_pipeline_resize(shape):
     """Scoring and predict resize decoded images outside tf.data (scoring in
-    groups of one shape); the model must see exactly what validation fed it."""
+    groups of one shape); the model must see exactly what validation fed it,
+    in tf.data's graph."""
     rng = np.random.default_rng(sum(shape))
     image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
     others = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(*shape, 3), (20, 30, 3), (*shape, 3)]]
     for size in (75, 150):
-        expected = inp.resize(tf.constant(image), size).numpy()
-        got = inp.resize_array(image, size)
-        assert got.dtype == np.float32 and got.shape == (size, size, 3)
-        np.testing.assert_array_equal(got, expected)
+        in_graph = tf.data.Dataset.from_tensors(image).map(lambda x: inp.resize(x, size))
+        expected = next(iter(in_graph)).numpy()
+        np.testing.assert_array_equal(inp.resize(tf.constant(image), size).numpy(), expected)
         batch = [image, *others]
-        for one, grouped in zip(batch, inp.resize_arrays(batch, size), strict=True):
-            np.testing.assert_array_equal(grouped, inp.resize(tf.constant(one), size).numpy())
+        grouped = preprocess.resize_arrays(batch, size)
+        assert grouped[0].dtype == np.float32 and grouped[0].shape == (size, size, 3)
+        np.testing.assert_array_equal(grouped[0], expected)
+        for one, out in zip(batch, grouped, strict=True):
+            np.testing.assert_array_equal(out, inp.resize(tf.constant(one), size).numpy())
+
+
+def noise(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+def test_resize_does_not_alias_when_shrinking():
+    """Pixel noise shrunk 13x: the area average makes it nearly flat grey;
+    sampling 4 pixels per output pixel (bilinear, the old resize) keeps most of
+    the noise, i.e. aliases it."""
+    image = tf.constant(noise((1000, 975)))
+    smooth = inp.resize(image, 75).numpy()
+    aliased = preprocess.resize_image(image, 75, preprocess.BILINEAR).numpy()
+    assert smooth.std() < 12 < 35 < aliased.std()
+    assert abs(smooth.mean() - 127.5) < 2
+
+
+def test_augment_does_not_alias_a_much_larger_image():
+    """augment with every range at zero is the plain resize's geometry; on a
+    source much larger than the model size it shrinks antialiased first, so it
+    does not alias either (a bare bilinear resample would)."""
+    still = {**AUG_ON, "rotation": 0, "width_shift": 0, "height_shift": 0, "shear": 0, "zoom": 0,
+             "horizontal_flip": False}
+    image = tf.constant(noise((1000, 975), seed=1))
+    out = inp.augment(image, 75, still).numpy()
+    assert out.shape == (75, 75, 3) and out.std() < 12
+    plain = inp.resize(image, 75).numpy()
+    assert np.abs(out - plain).mean() < 3  # the same picture, nearly the same pixels
+    wide = inp.augment(tf.constant(noise((40, 700), seed=2)), 75, still).numpy()  # only the long side is over
+    assert wide.shape == (75, 75, 3)
+    np.testing.assert_allclose(wide.mean(axis=(0, 1)), inp.resize(tf.constant(noise((40, 700), seed=2)), 75)
+                               .numpy().mean(axis=(0, 1)), atol=3)

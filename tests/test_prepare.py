@@ -16,7 +16,8 @@ from jobs import prepare as prepare_job
 from jobs._cli import run
 from pipeline import demo_data
 from pipeline.prepare import split_by_hash
-from pipeline.shards import parse_example
+from pipeline.input import decode_example
+from pipeline.shards import make_example, parse_example
 from tests import imagefactory as fx
 
 
@@ -28,7 +29,8 @@ def read_split(dst: str, manifest: dict, split: str) -> list[dict]:
 
 
 def check_shards_match_manifest(dst: str, manifest: dict) -> list[dict]:
-    """Every record decodes as RGB JPEG with the manifest's label for its class."""
+    """Every record decodes with the training decoder, at its stated size and
+    format, with the manifest's label for its class."""
     records = []
     for split in ("train", "validation"):
         recs = read_split(dst, manifest, split)
@@ -36,7 +38,8 @@ def check_shards_match_manifest(dst: str, manifest: dict) -> list[dict]:
         assert len(recs) == info["num_examples"] == sum(s["examples"] for s in info["shards"])
         for rec in recs:
             assert manifest["classes"][rec["label"]] == rec["text"]
-            img = tf.io.decode_jpeg(rec["encoded"], channels=3)
+            img, _ = decode_example(tf.constant(make_example(rec["encoded"], 0, "x", "x", 1, 1)))
+            assert rec["format"] == ("jpeg" if rec["encoded"][:2] == b"\xff\xd8" else "png")
             assert tuple(img.shape) == (rec["height"], rec["width"], 3)
             rec["split"] = split
         counts = {c: 0 for c in manifest["classes"]}

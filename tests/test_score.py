@@ -24,6 +24,7 @@ from pipeline import demo_data
 from pipeline.artifact import preprocessing_spec
 from pipeline.config import ModelConfig, StorageConfig, load_config
 from pipeline.errors import UsageError
+from pipeline.preprocess import Recipe, current_recipe
 from pipeline.score import (SCHEMA, SUMMARY_NAME, ScoringPredictor, list_images, make_chunks, plan_score,
                             read_and_decode, to_table)
 from tests import imagefactory as fx
@@ -125,18 +126,74 @@ def test_predictor_is_a_plain_class_on_a_batch(tiny_model, tmp_path):
     fx.write_tree(str(tmp_path), {"good.jpg": fx.rgb_jpeg(size=(90, 60)), "zero.jpg": b"", "bad.png": fx.truncated_png()})
     uris = [str(tmp_path / n) for n in ("good.jpg", "zero.jpg", "bad.png", "missing.jpg")]
     batch = {"uri": np.array(uris, dtype=object), "size": np.array([-1] * 4), "chunk": np.zeros(4, np.int64)}
-    decoded = read_and_decode(batch, storage=StorageConfig(), image_size=75, max_bytes=2**20, max_pixels=10**7)
+    decoded = read_and_decode(batch, storage=StorageConfig(), recipe=current_recipe(75), max_bytes=2**20,
+                              max_pixels=10**7)
     assert decoded["image"].shape == (4, 75, 75, 3) and decoded["image"].dtype == np.float32
     assert list(decoded["error"][:1]) == [""]
     assert "empty file" in decoded["error"][1] and "truncated" in decoded["error"][2]
     assert decoded["error"][3] == "cannot read: file not found"
 
-    predictor = ScoringPredictor(tiny_model, StorageConfig(), top_k=5, image_size=75)
+    predictor = ScoringPredictor(tiny_model, StorageConfig(), top_k=5, recipe=current_recipe(75))
     table = to_table(predictor(decoded), CLASSES, "run-dir")
     assert table.schema.equals(SCHEMA)
     rows = table.to_pylist()
     assert rows[0]["error"] is None and sorted(rows[0]["top_k_labels"]) == CLASSES
     assert all(r["error"] and r["label"] is None and r["top_k_scores"] == [] for r in rows[1:])
+
+
+# preprocessing.json as models trained before the full recipe was recorded have it.
+OLD_PREPROCESSING = {
+    "image_size": 75, "color": "RGB",
+    "decode": "any supported format; EXIF orientation applied; alpha composited on white",
+    "resize": "bilinear to image_size x image_size, no crop (tf.image.resize)",
+    "input_range": "float32 in [0, 255]", "scaling": "inside the model: x / 127.5 - 1 (InceptionV3)",
+}
+
+
+def test_an_old_model_is_scored_with_its_own_recipe(tiny_model, tmp_path, monkeypatch):
+    """score and predict apply the recipe in the model's preprocessing.json, not
+    today's defaults: for a model recorded before the full recipe, JPEGs decoded
+    with TensorFlow's default IDCT and resized without antialiasing, as it was
+    trained; today's recipe gives other pixels for the same files."""
+    import shutil
+
+    import tensorflow as tf
+
+    from jobs.predict import read_inputs
+
+    old = tmp_path / "old-run"
+    old.mkdir()
+    for name in ("model.keras", "labels.json"):
+        shutil.copy(Path(tiny_model, name), old / name)
+    (old / "preprocessing.json").write_text(json.dumps(OLD_PREPROCESSING))
+    noisy = Image.fromarray(np.random.default_rng(4).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    fx.write_tree(str(tmp_path / "images"), {"a.jpg": fx.encode(noisy, "JPEG", quality=90),
+                                             "b.png": fx.encode(noisy, "PNG")})
+    uris = [str(tmp_path / "images" / n) for n in ("a.jpg", "b.png")]
+
+    plan = plan_score(load_config(), str(old), str(tmp_path / "images"), str(tmp_path / "out"))
+    assert plan.recipe == Recipe.from_dict(OLD_PREPROCESSING) and plan.recipe.resize_antialias is False
+    predictor = ScoringPredictor(str(old), StorageConfig(), top_k=2, recipe=plan.recipe)
+    artifact = predictor.artifact  # what predict loads too (load_artifact)
+    assert artifact.recipe == plan.recipe
+
+    raw = (tmp_path / "images" / "a.jpg").read_bytes()
+    as_trained = [tf.io.decode_jpeg(raw, channels=3).numpy(), np.asarray(noisy)]
+    expected = np.stack([tf.raw_ops.ResizeBilinear(images=x[None], size=[75, 75], half_pixel_centers=True)[0]
+                         for x in as_trained])
+    batch = {"uri": np.array(uris, dtype=object), "size": np.array([-1, -1]), "chunk": np.zeros(2, np.int64)}
+    scored = read_and_decode(batch, storage=StorageConfig(), recipe=plan.recipe, max_bytes=2**24, max_pixels=10**7)
+    np.testing.assert_array_equal(scored["image"], expected)
+    _, predicted, _ = read_inputs(load_config(), uris, artifact.recipe)
+    np.testing.assert_array_equal(predicted, expected)
+
+    today = read_and_decode(batch, storage=StorageConfig(), recipe=current_recipe(75), max_bytes=2**24,
+                            max_pixels=10**7)
+    assert np.abs(today["image"] - expected).mean() > 1
+    # Images decoded with another recipe than the model's are never scored.
+    monkeypatch.setattr("pipeline.artifact.load_artifact", lambda *args, **kwargs: artifact)
+    with pytest.raises(ValueError, match="preprocessing.json changed"):
+        ScoringPredictor(str(old), StorageConfig(), top_k=2, recipe=current_recipe(75))
 
 
 def test_registry_reference_scores_the_production_version(tiny_model, tmp_path):

@@ -39,8 +39,8 @@ from pipeline import demo_data
 from tests.benchmarks import accounting
 from pipeline import storage as st
 from pipeline.config import Config, load_config
-from pipeline.images import prepare_image
 from pipeline.prepare import plan_prepare, run_prepare
+from pipeline.preprocess import prepare_image
 
 NUM_CPUS = 2
 IMAGE_SIZE = 512
@@ -87,7 +87,7 @@ def time_loop(tree: str, cfg: Config) -> float:
             path.read_bytes(),
             max_pixels=settings.max_pixels,
             max_side=settings.max_side,
-            jpeg_quality=settings.jpeg_quality,
+            png_compress_level=settings.png_compress_level,
         )
     return time.perf_counter() - started
 

@@ -113,10 +113,10 @@ def image_files(tree: str) -> list[Path]:
 
 
 def decode_all(tree: str) -> np.ndarray:
-    from pipeline.artifact import image_to_input
-    from pipeline.images import decode_rgb
+    from pipeline.preprocess import current_recipe, file_pixels, model_inputs
 
-    return np.stack([image_to_input(decode_rgb(p.read_bytes(), 10**8), MODEL_SIZE) for p in image_files(tree)])
+    recipe = current_recipe(MODEL_SIZE)
+    return np.stack(model_inputs([file_pixels(p.read_bytes(), recipe, 10**8) for p in image_files(tree)], recipe))
 
 
 # --- the runs -------------------------------------------------------------------
