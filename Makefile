@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast fuzz demo bench clean
 
 venv: $(STAMP)
 
@@ -16,12 +16,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# Hypothesis tests run a fixed set of examples (the "ci" profile, tests/conftest.py).
 test: venv
 	$(PY) -m pytest -q --durations=15
 
 # Skips the end-to-end runs marked slow (CI runs everything through `make test`).
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# The hypothesis tests with new random examples, FUZZ_EXAMPLES of them per test
+# (default 5000); a failure is saved in .hypothesis/ and replayed first next time.
+FUZZ_EXAMPLES ?= 5000
+fuzz: venv
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -m hypothesis --hypothesis-profile=fuzz \
+		--hypothesis-show-statistics
 
 demo: venv
 	$(PY) -m jobs.demo --workdir $(DEMO_DIR)
