@@ -93,7 +93,9 @@ def decode_rgb(raw: bytes, max_pixels: int) -> Image.Image:
 
 
 def upright(img: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation, if any."""
+    """Apply the EXIF orientation, if any (``img`` itself when there is none)."""
+    if exif_orientation(img) not in range(2, 9):
+        return img
     try:
         return ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
