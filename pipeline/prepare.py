@@ -29,7 +29,7 @@ from pipeline.config import Config, PrepareConfig, StorageConfig
 from pipeline.errors import UsageError
 from pipeline.images import ImageRejected
 from pipeline.preprocess import prepare_image
-from pipeline.shards import MANIFEST_NAME, SPLITS, build_manifest, make_example, shard_name
+from pipeline.shards import MANIFEST_NAME, SPLITS, build_manifest, file_sha256, make_example, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ def discover(src: str, storage: StorageConfig, val_fraction: float) -> Discovery
 
 
 def plan_shards(files: list[SourceFile], cfg: PrepareConfig) -> list[dict]:
-    """Shard specs ``{"split", "name", "files"}``; every file is in exactly one."""
+    """Shard specs ``{"split", "index", "count", "files"}``; every file is in
+    exactly one. The shard's name is known once it is written (it carries the
+    content's SHA-256)."""
     specs = []
     target = cfg.shard_size_mb * 1024 * 1024
     for split in SPLITS:
@@ -130,7 +132,8 @@ def plan_shards(files: list[SourceFile], cfg: PrepareConfig) -> list[dict]:
             specs.append(
                 {
                     "split": split,
-                    "name": shard_name(split, i, count),
+                    "index": i,
+                    "count": count,
                     "files": [asdict(f) for f in members[i::count]],
                 }
             )
@@ -156,7 +159,7 @@ def write_shard(
     reencoded = 0
     examples = 0
     with st.local_scratch() as scratch:
-        local = os.path.join(scratch, spec["name"])
+        local = os.path.join(scratch, f"{spec['split']}-{spec['index']:05d}.tfrecord")
         with tf.io.TFRecordWriter(local) as writer:
             for start in range(0, len(files), cfg.read_batch):
                 batch = files[start : start + cfg.read_batch]
@@ -182,12 +185,15 @@ def write_shard(
                     reencoded += img.reencoded
                     examples += 1
         size = os.path.getsize(local)
+        sha256 = file_sha256(local)
+        name = shard_name(spec["split"], spec["index"], spec["count"], sha256)
         if examples:
-            st.publish_file(local, st.join(dst, spec["name"]), storage)
+            _publish_shard(local, st.join(dst, name), size, storage)
     result = {
-        "file": spec["name"],
+        "file": name,
         "examples": examples,
         "bytes": size if examples else 0,
+        "sha256": sha256,
         "class_counts": dict(class_counts),
         "rejected": rejected,
         "reencoded": reencoded,
@@ -195,6 +201,19 @@ def write_shard(
     }
     # Arrow needs one schema for every row: nested, variable parts travel as JSON.
     return {"split": spec["split"], "result": json.dumps(result)}
+
+
+def _publish_shard(local: str, uri: str, size: int, storage: StorageConfig) -> None:
+    """Shard names carry their content's hash: a file already there under this
+    name holds these bytes (a re-run, or a prepare --overwrite that produced an
+    identical shard), and is never rewritten while a live manifest may name it."""
+    try:
+        fs, path = st.get_fs(uri, storage)
+        if fs.size(path) == size:
+            return
+    except FileNotFoundError:
+        pass
+    st.publish_file(local, uri, storage)
 
 
 def _read_many(fs, paths: list[str]) -> dict:

@@ -1,15 +1,19 @@
 """TFRecord shards and their manifest.
 
-A shard is ``<split>-<index:05d>-of-<count:05d>.tfrecord`` holding
-``tf.train.Example`` records with the fields of DESIGN.md. ``manifest.json`` is
-written last and is the only thing a reader needs: classes in label order, per
-split the shard files with their example counts, counts per class, and every
-rejected input with its reason.
+A shard is ``<split>-<index:05d>-of-<count:05d>-<sha256[:16]>.tfrecord`` holding
+``tf.train.Example`` records (``image/encoded``, ``image/class/label``,
+``image/class/text``, ``image/source``, ...). The name carries the shard's
+content identity: a new prepare never rewrites a file that a live manifest
+names, and a cache keyed by name can never serve stale bytes. ``manifest.json``
+is written last and is the only thing a reader needs: classes in label order,
+per split the shard files with their example counts, sizes and SHA-256, counts
+per class, and every rejected input with its reason.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 from typing import Any
 
 from pipeline import storage as st
@@ -30,8 +34,16 @@ HEIGHT = "image/height"
 WIDTH = "image/width"
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+def shard_name(split: str, index: int, count: int, sha256: str) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}-{sha256[:16]}.tfrecord"
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def make_example(data: bytes, label: int, text: str, source: str, height: int, width: int,
@@ -88,7 +100,7 @@ def build_manifest(
     layout: str,
     settings: dict,
 ) -> dict:
-    """``shards[split]`` is a list of ``{"file", "examples", "bytes", "class_counts"}``."""
+    """``shards[split]`` is a list of ``{"file", "examples", "bytes", "sha256", "class_counts"}``."""
     splits = {}
     for split in SPLITS:
         entries = sorted(shards.get(split, []), key=lambda s: s["file"])
@@ -100,7 +112,8 @@ def build_manifest(
             "num_examples": sum(e["examples"] for e in entries),
             "class_counts": class_counts,
             "shards": [
-                {"file": e["file"], "examples": e["examples"], "bytes": e["bytes"]} for e in entries
+                {"file": e["file"], "examples": e["examples"], "bytes": e["bytes"], "sha256": e["sha256"]}
+                for e in entries
             ],
         }
     accepted = sum(s["num_examples"] for s in splits.values())

@@ -22,9 +22,10 @@ fault, picked among ``kinds``:
   already took effect.
 
 ``"slowdown"`` and ``"drop"`` never reach upstream. ``stats()`` counts requests,
-faults by kind, requests forwarded (answer relayed) and ``aborted`` ones
-(upstream failed, or the client left mid-answer), so tests can prove faults
-really happened. The proxy only serves what clients ask (no loops of its own
+faults by kind, requests forwarded (answer relayed), ``aborted`` ones
+(upstream failed, or the client left mid-answer) and the response body bytes
+relayed (``body_bytes``), so tests can prove faults really happened and count
+what a client downloaded. The proxy only serves what clients ask (no loops of its own
 besides the accept loop); ``close()`` (or leaving the ``with`` block) stops it
 and closes every client connection still open.
 
@@ -163,6 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                     else:
                         self.wfile.write(data)
+                    proxy._count("body_bytes", len(data))
                 if upstream_chunked:
                     self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -205,7 +207,8 @@ class FaultProxy:
         self.p, self.kinds = p, tuple(kinds)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._counts = {"requests": 0, "forwarded": 0, "aborted": 0, "slowdown": 0, "drop": 0, "lost": 0}
+        self._counts = {"requests": 0, "forwarded": 0, "aborted": 0, "slowdown": 0, "drop": 0, "lost": 0,
+                        "body_bytes": 0}
         self._by_method: dict[str, int] = {}
         self._connections: set = set()
         self._server = _Server(("127.0.0.1", 0), _Handler)
@@ -226,9 +229,9 @@ class FaultProxy:
                 return kind
             return None
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
-            self._counts[key] += 1
+            self._counts[key] += n
 
     def _opened(self, sock) -> None:
         with self._lock:

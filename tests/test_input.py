@@ -51,7 +51,7 @@ def test_shard_assignment_is_disjoint_and_complete(tmp_path, counts, world):
     files = write_shards(tmp_path, counts)
     seen = []
     for rank in range(world):
-        a = inp.assign_shards(len(files), rank, world)
+        a = inp.assign_shards(counts, rank, world)
         ids = ids_seen(files, a)
         assert len(ids) == inp.examples_for(a, counts)  # manifest counts predict what is read
         assert ids, f"rank {rank} got no data"
@@ -71,7 +71,7 @@ def decoded(data: bytes) -> np.ndarray:
 
 def test_augmentation_off_gives_exact_pixels(tmp_path):
     files = write_shards(tmp_path, [6])
-    ds = inp.make_dataset(files, assignment=inp.assign_shards(1, 0, 1), image_size=SIZE, batch_size=6,
+    ds = inp.make_dataset(files, assignment=inp.assign_shards([1], 0, 1), image_size=SIZE, batch_size=6,
                           training=True, aug={**AUG_ON, "enabled": False}, shuffle_buffer=1, repeat=False)
     images, labels = next(iter(ds))
     for image, rid in zip(images.numpy(), labels.numpy()):
@@ -82,7 +82,7 @@ def test_validation_is_never_augmented(tmp_path):
     files = write_shards(tmp_path, [5])
     runs = []
     for _ in range(2):
-        ds = inp.make_dataset(files, assignment=inp.assign_shards(1, 0, 1), image_size=SIZE, batch_size=5,
+        ds = inp.make_dataset(files, assignment=inp.assign_shards([1], 0, 1), image_size=SIZE, batch_size=5,
                               training=False, aug=AUG_ON, repeat=False)
         images, labels = next(iter(ds))
         runs.append(images.numpy())
@@ -124,7 +124,7 @@ def test_augment_is_one_resample_to_the_model_size():
 
 def test_augment_runs_inside_tf_data_graph(tmp_path):
     files = write_shards(tmp_path, [4], size=(48, 40))
-    ds = inp.make_dataset(files, assignment=inp.assign_shards(1, 0, 1), image_size=SIZE, batch_size=2,
+    ds = inp.make_dataset(files, assignment=inp.assign_shards([1], 0, 1), image_size=SIZE, batch_size=2,
                           training=True, aug=AUG_ON, shuffle_buffer=4)
     images, labels = next(iter(ds))
     assert images.shape == (2, SIZE, SIZE, 3) and labels.dtype == tf.int32

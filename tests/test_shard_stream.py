@@ -1,0 +1,184 @@
+"""Each worker streams only its own shards from object storage, through a
+bounded cache that verifies every shard against the manifest: bytes counted at
+a proxy in front of the moto S3 server, disk use sampled while reading, stale
+and truncated shards."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+import tensorflow as tf
+
+from pipeline import input as inp
+from pipeline.config import StorageConfig
+from pipeline.shard_stream import ShardCache, ShardError, ShardRef, ShardStream
+from tests.faultproxy import FaultProxy
+from tests.test_input import jpeg
+from pipeline.shards import make_example
+
+pytestmark = pytest.mark.s3
+SIZE = 32
+
+
+def put_shards(fs, prefix: str, tmp_path, counts: list[int], label_of=lambda rid: rid) -> list[dict]:
+    """TFRecord shards on S3 whose records carry a unique id; manifest-style entries."""
+    entries, rid = [], 0
+    for i, n in enumerate(counts):
+        local = str(tmp_path / f"s{i}.tfrecord")
+        with tf.io.TFRecordWriter(local) as w:
+            for _ in range(n):
+                w.write(make_example(jpeg(rid), label_of(rid), "c", f"id{rid}", SIZE, SIZE))
+                rid += 1
+        data = open(local, "rb").read()
+        name = f"train-{i:05d}-of-{len(counts):05d}-{hashlib.sha256(data).hexdigest()[:16]}.tfrecord"
+        fs.pipe_file(f"{prefix}/{name}", data)
+        entries.append({"file": name, "examples": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return entries
+
+
+def refs_for(entries, base: str) -> list[ShardRef]:
+    return [ShardRef(f"{base}/{e['file']}", e["bytes"], e["sha256"], e["examples"]) for e in entries]
+
+
+def storage_at(endpoint: str) -> StorageConfig:
+    return StorageConfig(endpoint_url=endpoint, max_attempts=2)
+
+
+def labels_read(stream: ShardStream, assignment, examples: int) -> list[int]:
+    """The first ``examples`` labels of the training input over ``stream``, read
+    one shard at a time without record shuffling, so passes do not overlap."""
+    ds = inp.make_dataset(stream, assignment=assignment, image_size=SIZE, batch_size=1, training=True,
+                          shuffle_buffer=1, seed=0, read_parallelism=1)
+    return [int(y[0]) for _, y in ds.take(examples)]
+
+
+def test_each_worker_fetches_only_its_own_shards_and_starts_before_the_rest(s3_endpoint, s3_bucket, tmp_path):
+    fs, bucket = s3_bucket
+    counts = [3] * 12
+    entries = put_shards(fs, f"{bucket}/shards", tmp_path, counts)
+    total_bytes = sum(e["bytes"] for e in entries)
+    with FaultProxy(s3_endpoint, p=0) as proxy:
+        storage = storage_at(proxy.url)
+        refs = refs_for(entries, f"s3://{bucket}/shards")
+        fetched, seen = [], []
+        for rank in range(2):
+            assignment = inp.assign_shards(counts, rank, 2)
+            cache = ShardCache(str(tmp_path / f"cache-{rank}"), storage, concurrency=2)
+            stream = ShardStream(cache, [refs[i] for i in assignment.shards], shuffle=True, repeat=True, seed=rank,
+                                 lookahead=2, keep_open=6)
+            ds = iter(inp.make_dataset(stream, assignment=assignment, image_size=SIZE, batch_size=1,
+                                       training=True, shuffle_buffer=1, seed=0, read_parallelism=1))
+            before = proxy.stats()["body_bytes"]
+            first = next(ds)
+            # The first image came while most of this worker's 6 shards were not fetched yet.
+            assert cache.stats["fetches"] < len(assignment.shards) - 1, cache.stats
+            ids = [int(first[1][0])] + [int(next(ds)[1][0]) for _ in range(inp.examples_for(assignment, counts) - 1)]
+            fetched.append(proxy.stats()["body_bytes"] - before)
+            seen.append(ids)
+            cache.close()
+    # Disjoint and complete: the two workers' passes are the whole split, once.
+    assert sorted(seen[0] + seen[1]) == list(range(sum(counts)))
+    for got in fetched:
+        # Each worker downloaded about half the bytes (object bodies only).
+        assert 0.45 * total_bytes <= got <= 0.55 * total_bytes, (got, total_bytes)
+
+
+def test_cache_stays_within_its_bound_while_reading(s3_endpoint, s3_bucket, tmp_path):
+    fs, bucket = s3_bucket
+    counts = [4] * 10
+    entries = put_shards(fs, f"{bucket}/shards", tmp_path, counts)
+    largest = max(e["bytes"] for e in entries)
+    bound = 6 * largest
+    root = tmp_path / "cache"
+    cache = ShardCache(str(root), storage_at(s3_endpoint), max_bytes=bound, concurrency=2)
+    stream = ShardStream(cache, refs_for(entries, f"s3://{bucket}/shards"), shuffle=True, repeat=True, seed=1,
+                         lookahead=2, keep_open=3)
+    peak, stop = [0], threading.Event()
+
+    def sample():  # disk use as the filesystem sees it, temporary downloads included
+        while not stop.is_set():
+            try:
+                used = sum(e.stat().st_size for e in os.scandir(root) if e.is_file())
+            except FileNotFoundError:
+                used = 0
+            peak[0] = max(peak[0], used)
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        labels = labels_read(stream, inp.assign_shards(counts, 0, 1), 3 * sum(counts))
+    finally:
+        stop.set()
+        sampler.join()
+        cache.close()
+    assert sorted(labels) == sorted(list(range(sum(counts))) * 3)  # three full passes
+    assert cache.stats["evictions"] > 0  # the bound was really in play
+    assert 0 < peak[0] <= bound, (peak[0], bound)
+
+
+def test_truncated_cached_shard_is_fetched_again_and_a_changed_one_is_refused(s3_endpoint, s3_bucket, tmp_path):
+    fs, bucket = s3_bucket
+    entries = put_shards(fs, f"{bucket}/shards", tmp_path, [3, 3])
+    refs = refs_for(entries, f"s3://{bucket}/shards")
+    storage = storage_at(s3_endpoint)
+    cache = ShardCache(str(tmp_path / "cache"), storage)
+    path = cache.local_path(refs[0])
+    cache.close()
+    with open(path, "r+b") as f:  # a node that died mid-write, or a disk that lost the tail
+        f.truncate(refs[0].bytes // 2)
+    cache = ShardCache(str(tmp_path / "cache"), storage)
+    assert cache.local_path(refs[0]) == path
+    assert cache.stats["fetches"] == 1 and os.path.getsize(path) == refs[0].bytes
+    # The object changed under the manifest (same size, other bytes): refused, never read.
+    data = bytearray(fs.cat_file(f"{bucket}/shards/{entries[1]['file']}"))
+    data[-1] ^= 0xFF
+    fs.pipe_file(f"{bucket}/shards/{entries[1]['file']}", bytes(data))
+    with pytest.raises(ShardError, match="does not match manifest.json"):
+        cache.local_path(refs[1])
+    assert not [n for n in os.listdir(cache.root) if n.startswith(entries[1]["sha256"])]
+    cache.close()
+
+
+def test_local_shard_that_differs_from_the_manifest_is_refused(tmp_path):
+    path = tmp_path / "train-00000-of-00001-0000000000000000.tfrecord"
+    path.write_bytes(b"x" * 10)
+    cache = ShardCache(str(tmp_path / "cache"), StorageConfig())
+    with pytest.raises(ShardError, match="10 bytes, expected 11"):
+        cache.local_path(ShardRef(str(path), 11, None, 1))
+    with pytest.raises(ShardError, match="SHA-256 differs"):
+        cache.local_path(ShardRef(str(path), 10, "0" * 64, 1))
+    assert cache.local_path(ShardRef(str(path), 10, hashlib.sha256(b"x" * 10).hexdigest(), 1)) == str(path)
+    cache.close()
+
+
+def test_second_process_on_the_same_cache_folder_gets_its_own(tmp_path):
+    first = ShardCache(str(tmp_path / "rank-0"), StorageConfig())
+    second = ShardCache(str(tmp_path / "rank-0"), StorageConfig())
+    assert first.root != second.root
+    second.close()
+    assert not os.path.exists(second.root)  # its private folder goes with it
+    first.close()
+
+
+def test_a_cache_too_small_for_the_shards_read_at_once_is_refused_before_any_work(s3_bucket, tmp_path, capsys):
+    import json
+
+    from jobs import train as train_job
+    from jobs._cli import run
+
+    fs, bucket = s3_bucket
+    shard = {"file": "train-00000-of-00001-0123456789abcdef.tfrecord", "examples": 10, "bytes": 2 * 10**9,
+             "sha256": "0" * 64}
+    manifest = {"format_version": 1, "classes": ["a", "b"], "splits": {
+        "train": {"num_examples": 10, "class_counts": {"a": 5, "b": 5}, "shards": [shard]},
+        "validation": {"num_examples": 0, "class_counts": {"a": 0, "b": 0}, "shards": []}}}
+    fs.pipe_file(f"{bucket}/shards/manifest.json", json.dumps(manifest).encode())
+    code = run(train_job.main, ["--data", f"s3://{bucket}/shards", "--output", str(tmp_path / "run"),
+                                "--set", "data.cache_max_gb=10"])
+    assert code == 2
+    assert "data.cache_max_gb=10.0 is too small" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")
