@@ -71,8 +71,19 @@ class DataConfig(_Section):
     # Per replica: the global batch is this times the number of replicas.
     batch_size: int = Field(32, ge=1)
     shuffle_buffer: int = Field(1000, ge=1)
-    # Where workers stage shards from object storage (None: a temp folder).
+    # Where each worker caches the shards it streams from object storage (None:
+    # a folder under the system temp dir), and how much of them it keeps, per
+    # worker: least recently used shards are evicted beyond this.
     cache_dir: Optional[str] = None
+    cache_max_gb: float = Field(50.0, gt=0)
+    # Shards each worker downloads at once, ahead of the reader.
+    download_concurrency: int = Field(4, ge=1)
+    # Shards each worker reads (interleaves) at once.
+    read_parallelism: int = Field(4, ge=1)
+    # Records that fail to decode are skipped and counted; above this fraction
+    # of an epoch's records the job fails, naming the shards that hold them.
+    max_bad_record_fraction: float = Field(0.001, ge=0, le=1)
+    # Seeds model initialisation, shuffling and augmentation (None: random).
     seed: Optional[int] = None
 
 
@@ -101,6 +112,12 @@ class ModelConfig(_Section):
     # BatchNorm momentum in the base (None keeps Keras' 0.99). From-scratch runs
     # need a lower value so inference-mode statistics keep up with the weights.
     bn_momentum: Optional[float] = Field(None, gt=0, lt=1)
+    # BatchNorm while fine-tuning: "frozen" keeps the base's BatchNorm layers in
+    # inference mode (their statistics and scale untouched, as the Keras
+    # transfer-learning guide recommends for pretrained weights), "train"
+    # updates them; "auto": frozen for pretrained weights (imagenet, a weights
+    # file, init_from), trained from scratch.
+    bn_mode: Literal["auto", "frozen", "train"] = "auto"
 
 
 class PhaseConfig(_Section):
@@ -140,6 +157,13 @@ class TrainConfig(_Section):
     # Re-estimate BatchNorm moving statistics on training data (inference-mode
     # passes) before the final evaluation and export. "auto": when weights is none.
     recompute_bn_stats: Union[bool, Literal["auto"]] = "auto"
+    # Learning rates above are for a global batch of lr_reference_batch images
+    # (None: data.batch_size, i.e. one replica); "linear" scales them by
+    # global batch / reference (Goyal et al., 2017), "none" leaves them.
+    lr_scaling: Literal["linear", "none"] = "linear"
+    lr_reference_batch: Optional[int] = Field(None, ge=1)
+    # Linear warmup at the start of each phase, in epochs (fractions allowed).
+    warmup_epochs: float = Field(0.0, ge=0)
     bn_stats_batches: int = Field(20, ge=1)
     checkpoints_to_keep: int = Field(2, ge=1)
 

@@ -8,28 +8,31 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline import storage as st
 from pipeline.config import Config
+from pipeline.shard_stream import shard_refs
 
 
-def split_files(cfg: Config, manifest: dict, data: str, split: str) -> list[str]:
-    """Local copies of a split's shards."""
-    from pipeline.train_loop import stage_files
+def split_stream(cfg: Config, manifest: dict, data: str, split: str, *, training: bool = False):
+    """A split's shards streamed through this process's bounded, verified cache:
+    one pass in order, or (``training``) endless shuffled passes."""
+    from pipeline import input as inp
+    from pipeline.train_loop import shard_stream, worker_cache
 
-    uris = [st.join(data, s["file"]) for s in manifest["splits"][split]["shards"]]
-    return stage_files(uris, cfg.data.cache_dir, cfg.storage)
+    refs = shard_refs(manifest, data, split)
+    assignment = inp.assign_shards([r.examples for r in refs], 0, 1)
+    return shard_stream(worker_cache(cfg, "evaluation"), refs, assignment, cfg, training=training, seed=cfg.data.seed)
 
 
 def eval_split(manifest: dict) -> str:
     return "validation" if manifest["splits"]["validation"]["num_examples"] else "train"
 
 
-def predict_split(model, files: list[str], image_size: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) over every record of ``files``, once, in order."""
+def predict_split(model, files, image_size: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) over every decodable record of ``files`` (local
+    paths or a ShardStream), once, in order."""
     from pipeline import input as inp
 
-    ds = inp.make_dataset(files, assignment=inp.assign_shards(len(files), 0, 1), image_size=image_size,
-                          batch_size=batch_size, training=False, repeat=False)
+    ds = inp.make_dataset(files, image_size=image_size, batch_size=batch_size, training=False, repeat=False)
     labels, probs = [], []
     for images, y in ds:
         probs.append(model(images, training=False).numpy())
@@ -49,9 +52,12 @@ def evaluate(model, cfg: Config, manifest: dict, data: str, *, labels: Optional[
     from pipeline.reports import classification_metrics
 
     split = split or eval_split(manifest)
-    files = split_files(cfg, manifest, data, split)
     size = int(model.input_shape[1])
-    y, probs = predict_split(model, files, size, max(cfg.data.batch_size, 32))
+    stream = split_stream(cfg, manifest, data, split)
+    try:
+        y, probs = predict_split(model, stream, size, max(cfg.data.batch_size, 32))
+    finally:
+        stream.cache.close()
     classes = manifest["classes"]
     if labels is not None and list(labels) != list(classes):
         index = {name: i for i, name in enumerate(classes)}
@@ -62,4 +68,6 @@ def evaluate(model, cfg: Config, manifest: dict, data: str, *, labels: Optional[
         probs = mapped
     metrics = classification_metrics(y, probs, classes, cfg.train.top_k)
     metrics["split"] = split
+    # Undecodable records are skipped by the input pipeline, and counted here.
+    metrics["skipped_records"] = manifest["splits"][split]["num_examples"] - len(y)
     return metrics

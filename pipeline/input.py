@@ -32,14 +32,23 @@ class Assignment:
     record_offset: int = 0
 
 
-def assign_shards(num_shards: int, rank: int, world: int) -> Assignment:
-    """Disjoint and complete across ranks: shard i goes to rank i % world; with
+def assign_shards(shard_examples: Sequence[int], rank: int, world: int) -> Assignment:
+    """Disjoint and complete across ranks, balanced by examples: shards go,
+    largest first, to the rank with the fewest examples so far (ties to the
+    lower rank), so that every worker's pass is about N / world records. With
     fewer shards than workers every worker reads all shards and keeps its own
     stripe of records, so no worker is ever left without data."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world of {world}")
+    num_shards = len(shard_examples)
     if num_shards >= world:
-        return Assignment(tuple(range(rank, num_shards, world)))
+        load = [0] * world
+        owned: list[list[int]] = [[] for _ in range(world)]
+        for i in sorted(range(num_shards), key=lambda i: (-shard_examples[i], i)):
+            r = min(range(world), key=lambda r: (load[r], r))
+            load[r] += shard_examples[i]
+            owned[r].append(i)
+        return Assignment(tuple(sorted(owned[rank])))
     return Assignment(tuple(range(num_shards)), record_stride=world, record_offset=rank)
 
 
@@ -144,9 +153,9 @@ def augment(image: tf.Tensor, size: int, aug: dict) -> tf.Tensor:
 
 
 def make_dataset(
-    files: Sequence[str],
+    files,
     *,
-    assignment: Assignment,
+    assignment: Optional[Assignment] = None,
     image_size: int,
     batch_size: int,
     training: bool,
@@ -154,39 +163,79 @@ def make_dataset(
     shuffle_buffer: int = 1000,
     repeat: bool = True,
     seed: Optional[int] = None,
+    read_parallelism: int = 8,
+    counted: bool = False,
+    class_weights: Optional[Sequence[float]] = None,
 ) -> tf.data.Dataset:
-    """Batches of (float32 images in [0, 255], int32 labels) for one worker.
-    ``files`` are local TFRecord paths indexed like the manifest's shards.
-    Validation (``training=False``) is never augmented nor shuffled."""
-    paths = [files[i] for i in assignment.shards]
-    if assignment.record_stride > 1:
-        ds = tf.data.TFRecordDataset(paths).shard(assignment.record_stride, assignment.record_offset)
-    elif training and len(paths) > 1:
-        ds = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=seed)
-        ds = ds.interleave(
-            tf.data.TFRecordDataset,
-            cycle_length=min(len(paths), 8),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=False,
-        )
+    """Batches of float32 images in [0, 255] and int32 labels for one worker.
+
+    ``files`` is a list of local TFRecord paths indexed like the manifest's
+    shards (``assignment`` picks this worker's; default all), or a
+    ``pipeline.shard_stream.ShardStream`` that fetches this worker's shards as
+    they are needed (it then decides the order and repetition; ``assignment``
+    only contributes a record stripe). Validation (``training=False``) is never
+    augmented nor shuffled.
+
+    A record that fails to decode is skipped, never an error. With ``counted``
+    each element is ``(images, labels, weights, skipped)``: ``weights`` from
+    ``class_weights`` (indexed by label; 1 when None) and ``skipped`` the number
+    of undecodable records dropped just before each image, so a train step can
+    count both. Without it, ``(images, labels)``."""
+    from pipeline.shard_stream import ShardStream
+
+    assignment = assignment or Assignment(tuple(range(0 if isinstance(files, ShardStream) else len(files))))
+    if isinstance(files, ShardStream):
+        paths = tf.data.Dataset.from_generator(files.paths, output_signature=tf.TensorSpec([], tf.string))
+        num_paths = len(files.refs)
     else:
-        ds = tf.data.TFRecordDataset(paths)
+        chosen = [files[i] for i in assignment.shards]
+        num_paths = len(chosen)
+        paths = tf.data.Dataset.from_tensor_slices(tf.constant(chosen, tf.string)) if chosen else \
+            tf.data.Dataset.from_tensor_slices(tf.constant([], tf.string))
+        if training and assignment.record_stride == 1 and num_paths > 1:
+            paths = paths.shuffle(num_paths, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            paths = paths.repeat()
+    if assignment.record_stride > 1:
+        # A fixed order, so that the workers' stripes stay disjoint.
+        records = paths.flat_map(tf.data.TFRecordDataset).shard(assignment.record_stride, assignment.record_offset)
+    else:
+        records = paths.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=max(1, min(num_paths, read_parallelism)),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=not training,
+        )
     if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+        records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     use_aug = training and aug is not None and aug.get("enabled", False)
 
-    def _load(serialized):
+    def _load(index, serialized):
         image, label = decode_example(serialized)
         image = augment(image, image_size, aug) if use_aug else resize(image, image_size)
-        return image, label
+        return image, label, index
 
-    ds = ds.map(_load, num_parallel_calls=AUTOTUNE, deterministic=not training)
+    def _count_skipped(last_index, element):
+        image, label, index = element
+        return index, (image, label, index - last_index - 1)
+
+    # Records are numbered before decoding and decoded in order, so a gap in
+    # the numbers after ignore_errors is exactly the records that failed.
+    ds = records.enumerate().map(_load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors().scan(tf.constant(-1, tf.int64), _count_skipped)
+    if counted:
+        table = tf.constant(list(class_weights) if class_weights else [1.0], tf.float32)
+
+        def _weighted(image, label, skipped):
+            weight = tf.gather(table, label) if class_weights else tf.constant(1.0)
+            return image, label, weight, skipped
+
+        ds = ds.map(_weighted, num_parallel_calls=AUTOTUNE)
+    else:
+        ds = ds.map(lambda image, label, skipped: (image, label))
     ds = ds.batch(batch_size, drop_remainder=training)
     options = tf.data.Options()
     # Each worker reads its own shards (assign_shards); tf.distribute must not
     # shard again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    options.deterministic = not training
     return ds.with_options(options).prefetch(AUTOTUNE)

@@ -81,10 +81,13 @@ def freeze_index(base: keras.Model, unfreeze_after: Union[int, str]) -> int:
     return names.index(unfreeze_after) + 1
 
 
-def set_phase(model: keras.Model, phase: str, unfreeze_after: Union[int, str] = "mixed8") -> int:
+def set_phase(model: keras.Model, phase: str, unfreeze_after: Union[int, str] = "mixed8", *,
+              freeze_bn: bool = False) -> int:
     """Set trainable flags for a phase; returns the number of trainable base layers.
     A frozen BatchNormalization layer runs in inference mode (Keras 2 semantics),
-    so frozen statistics are never updated."""
+    so frozen statistics are never updated. ``freeze_bn`` keeps every
+    BatchNormalization layer of the base frozen in fine-tuning too: pretrained
+    statistics are not disturbed by small per-replica batches."""
     base = base_of(model)
     if phase == "transfer":
         base.trainable = False
@@ -94,21 +97,53 @@ def set_phase(model: keras.Model, phase: str, unfreeze_after: Union[int, str] = 
     base.trainable = True
     cut = freeze_index(base, unfreeze_after)
     for i, layer in enumerate(base.layers):
-        layer.trainable = i >= cut
-    return len(base.layers) - cut
+        layer.trainable = i >= cut and not (freeze_bn and isinstance(layer, keras.layers.BatchNormalization))
+    return sum(1 for layer in base.layers[cut:] if layer.trainable)
 
 
-def make_optimizer(phase: PhaseConfig) -> keras.optimizers.Optimizer:
+def bn_frozen(cfg: ModelConfig) -> bool:
+    """``model.bn_mode``: "auto" freezes BatchNorm when fine-tuning pretrained
+    weights (ImageNet, a weights file, or a warm start) and trains it from scratch."""
+    if cfg.bn_mode != "auto":
+        return cfg.bn_mode == "frozen"
+    return cfg.weights != "none" or cfg.init_from is not None
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from ``rate / warmup_steps`` to ``rate`` over the first
+    ``warmup_steps`` optimizer steps, then constant. The step is the optimizer's
+    own counter, so a resumed run continues where it was."""
+
+    def __init__(self, rate: float, warmup_steps: int):
+        self.rate, self.warmup_steps = float(rate), int(warmup_steps)
+
+    def __call__(self, step):
+        import tensorflow as tf
+
+        done = tf.cast(step, tf.float32) + 1.0
+        return self.rate * tf.minimum(1.0, done / float(max(1, self.warmup_steps)))
+
+    def get_config(self):
+        return {"rate": self.rate, "warmup_steps": self.warmup_steps}
+
+
+def make_optimizer(phase: PhaseConfig, learning_rate: Optional[float] = None,
+                   warmup_steps: int = 0) -> keras.optimizers.Optimizer:
+    """The phase's optimizer at ``learning_rate`` (default: the phase's own),
+    with a linear warmup over ``warmup_steps`` when given."""
+    rate = phase.learning_rate if learning_rate is None else learning_rate
+    lr = WarmupSchedule(rate, warmup_steps) if warmup_steps > 0 else rate
     if phase.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=phase.learning_rate, momentum=phase.momentum)
+        return keras.optimizers.SGD(learning_rate=lr, momentum=phase.momentum)
     if phase.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=phase.learning_rate)
-    return keras.optimizers.RMSprop(learning_rate=phase.learning_rate, momentum=phase.momentum)
+        return keras.optimizers.Adam(learning_rate=lr)
+    return keras.optimizers.RMSprop(learning_rate=lr, momentum=phase.momentum)
 
 
-def compile_for(model: keras.Model, phase: PhaseConfig, *, top_k: int, jit_compile: bool = False) -> None:
+def compile_for(model: keras.Model, phase: PhaseConfig, *, top_k: int, jit_compile: bool = False,
+                learning_rate: Optional[float] = None, warmup_steps: int = 0) -> None:
     model.compile(
-        optimizer=make_optimizer(phase),
+        optimizer=make_optimizer(phase, learning_rate, warmup_steps),
         loss="sparse_categorical_crossentropy",
         metrics=[
             "accuracy",
@@ -177,6 +212,84 @@ def recompute_bn_statistics(model: keras.Model, batches) -> int:
         for layer, momentum in zip(bns, momenta):
             layer.momentum = momentum
     return n
+
+
+def count_inputs(model: keras.Model) -> None:
+    """Make the model count what its train and test steps actually receive.
+
+    The steps then take ``(images, labels, weights, skipped)`` elements (see
+    ``pipeline.input.make_dataset(counted=True)``) and log, per epoch, summed
+    over every replica of every worker: ``examples`` (images trained on),
+    ``replica_batch`` (mean images per replica per step) and
+    ``skipped_records`` (undecodable records dropped by the input). Validation
+    logs the same with ``val_``. Create it inside the strategy scope; the saved
+    model is unchanged (only this instance's steps are wrapped)."""
+    import tensorflow as tf
+
+    examples = keras.metrics.Sum(name="examples")
+    replica_batch = keras.metrics.Mean(name="replica_batch")
+    skipped = keras.metrics.Sum(name="skipped_records")
+    model._input_counters = [examples, replica_batch, skipped]  # tracked: reset every epoch
+    train_step, test_step = model.train_step, model.test_step
+
+    def counted(data):
+        images, labels, weights, skip = data
+        n = tf.cast(tf.shape(labels)[0], tf.float32)
+        examples.update_state(n)
+        replica_batch.update_state(n)
+        skipped.update_state(tf.cast(tf.reduce_sum(skip), tf.float32))
+        return images, labels, weights
+
+    model.train_step = lambda data: train_step(counted(data))
+    model.test_step = lambda data: test_step(counted(data))
+
+
+class RestoreError(RuntimeError):
+    """A checkpoint did not restore completely."""
+
+
+def restore_verified(model: keras.Model, path: str, *, with_optimizer: bool) -> int:
+    """Restore a ``save_weights`` checkpoint and prove it: TensorFlow's own
+    matching must account for every object (``with_optimizer``: every value in
+    the checkpoint, optimizer slots included; else every model variable), and
+    then every variable in memory must equal a tensor read back from the file.
+    Returns the number of variables verified; raises RestoreError otherwise."""
+    import hashlib
+
+    import numpy as np
+    import tensorflow as tf
+
+    try:
+        status = model.load_weights(path)
+        if with_optimizer:
+            status.assert_consumed()
+        else:
+            status.assert_existing_objects_matched()
+            status.expect_partial()  # the old phase's optimizer is not needed
+    except (AssertionError, ValueError) as exc:
+        raise RestoreError(f"checkpoint {path} did not restore completely: {str(exc)[:500]}") from None
+
+    def fingerprint(value) -> tuple:
+        arr = np.ascontiguousarray(np.asarray(value))
+        return arr.dtype.str, arr.shape, hashlib.sha1(arr.tobytes()).hexdigest()
+
+    reader = tf.train.load_checkpoint(path)
+    stored: dict[tuple, int] = {}
+    for key in reader.get_variable_to_shape_map():
+        if key.startswith("_CHECKPOINTABLE_OBJECT_GRAPH") or key.startswith("save_counter"):
+            continue
+        fp = fingerprint(reader.get_tensor(key))
+        stored[fp] = stored.get(fp, 0) + 1
+    variables = list(model.variables)
+    if with_optimizer:
+        variables += list(model.optimizer.variables)
+    for variable in variables:
+        fp = fingerprint(variable.numpy())
+        if not stored.get(fp):
+            raise RestoreError(f"checkpoint {path}: {variable.name} {tuple(variable.shape)} differs from every "
+                               "value stored in the checkpoint")
+        stored[fp] -= 1
+    return len(variables)
 
 
 def save_model(model: keras.Model, path: str) -> None:

@@ -67,10 +67,27 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
         list_versions(cfg.registry.uri, cfg.registry.name, cfg.storage)  # readable, valid name
     if _exists(st.join(output, SUMMARY_FILE), cfg):
         raise UsageError(f"{output} holds a completed run ({SUMMARY_FILE}); choose a new --output")
+    _check_cache_bound(cfg, manifest, data)
     resuming = _exists(st.join(output, CHECKPOINTS), cfg)
     st.check_writable(output, cfg.storage)
     _check_unfreeze(cfg)  # last: it loads TensorFlow, after every storage check
     return TrainPlan(data, output, manifest, resuming)
+
+
+def _check_cache_bound(cfg: Config, manifest: dict, data: str) -> None:
+    """A worker keeps the shards it reads and fetches ahead pinned in its cache."""
+    from pipeline.shard_stream import stream_window
+
+    if st.is_local(data):
+        return  # read in place
+    largest = max((s["bytes"] for split in manifest["splits"].values() for s in split["shards"]), default=0)
+    pinned = sum(stream_window(cfg.data.download_concurrency, cfg.data.read_parallelism)) + 1
+    need = pinned * largest
+    if need > cfg.data.cache_max_gb * 1e9:
+        raise UsageError(
+            f"data.cache_max_gb={cfg.data.cache_max_gb} is too small: a worker keeps up to {pinned} shards of up to "
+            f"{largest / 1e9:.3f} GB in its cache at once; set it to at least {need / 1e9:.3f}"
+        )
 
 
 def _exists(uri: str, cfg: Config) -> bool:
@@ -161,6 +178,7 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
             "cfg": cfg,
             "manifest": plan.manifest,
             "data": plan.data,
+            "output": plan.output,
             "mixed_precision": mixed,
             "xla": xla,
         },
@@ -182,6 +200,7 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
         raise JobFailed(f"training failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
     if result.checkpoint is None:
         raise JobFailed("training ended without a checkpoint")
+    check_training_failure(cfg, plan.output, result.checkpoint)
     train_seconds = time.time() - started
 
     finalize = ray.remote(finalize_run).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
@@ -199,10 +218,12 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
         "classes": plan.manifest["classes"],
         "workers": workers,
         "use_gpu": use_gpu,
+        "scaling": outputs["scaling"],
         "resumed": outputs["resumed"],
         "resumed_from": outputs["resumed_from"],
         "epochs": len(outputs["history"]),
-        "metrics": {k: outputs["metrics"][k] for k in ("examples", "accuracy", "top_k", "top_k_accuracy", "macro_f1")},
+        "metrics": {k: outputs["metrics"][k] for k in ("examples", "accuracy", "top_k", "top_k_accuracy", "macro_f1",
+                                                         "skipped_records")},
         "bn_statistics_recomputed": outputs["bn_batches"],
         "train_seconds": round(train_seconds, 1),
         "elapsed_s": round(elapsed, 1),
@@ -216,6 +237,32 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
     }
     st.write_json(st.join(plan.output, SUMMARY_FILE), summary, cfg.storage)
     return summary
+
+
+def check_training_failure(cfg: Config, output: str, checkpoint) -> None:
+    """Raise JobFailed when the workers stopped training on purpose (too many
+    undecodable records), naming the shards and source files."""
+    from pipeline.train_loop import BAD_RECORDS, STATE_FILE
+
+    with checkpoint.as_directory() as folder:
+        state = json.load(open(os.path.join(folder, STATE_FILE)))
+    if not state.get("failure"):
+        return
+    folder = st.join(output, BAD_RECORDS)
+    bad = []
+    for name in sorted(_list_names(folder, cfg)):
+        bad.extend(st.read_json(st.join(folder, name), cfg.storage))
+    where = "; ".join(f"{b['shard']} record {b['record']} ({b['source']})" for b in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise JobFailed(f"{state['failure']}: {where}{more} (all listed in {folder}/)")
+
+
+def _list_names(uri: str, cfg: Config) -> list[str]:
+    fs, path = st.get_fs(uri, cfg.storage)
+    try:
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
 
 
 def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool) -> dict:
@@ -279,7 +326,7 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
     from pipeline import input as inp
     from pipeline import model as mdl
     from pipeline import reports
-    from pipeline.evaluate import evaluate, split_files
+    from pipeline.evaluate import evaluate, split_stream
     from pipeline.train_loop import STATE_FILE, WEIGHTS_FILE
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -289,7 +336,7 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
         ckpt = checkpoint.to_directory(os.path.join(scratch, "ckpt"))
         state = json.load(open(os.path.join(ckpt, STATE_FILE)))
         model = mdl.build_model(len(classes), size, cfg.model.model_copy(update={"weights": "none"}))
-        model.load_weights(os.path.join(ckpt, WEIGHTS_FILE)).expect_partial()
+        mdl.restore_verified(model, os.path.join(ckpt, WEIGHTS_FILE), with_optimizer=False)
 
         recompute = cfg.train.recompute_bn_stats
         if recompute == "auto":
@@ -297,12 +344,14 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
         bn_batches = 0
         if recompute:
             # Shuffled, unaugmented training images, as in inference.
-            files = split_files(cfg, manifest, data, "train")
-            ds = inp.make_dataset(files, assignment=inp.assign_shards(len(files), 0, 1), image_size=size,
-                                  batch_size=cfg.data.batch_size, training=True, aug=None,
-                                  shuffle_buffer=cfg.data.shuffle_buffer, repeat=True)
+            stream = split_stream(cfg, manifest, data, "train", training=True)
+            ds = inp.make_dataset(stream, image_size=size, batch_size=cfg.data.batch_size, training=True, aug=None,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, read_parallelism=cfg.data.read_parallelism)
             batches = (images for images, _ in ds.take(cfg.train.bn_stats_batches))
-            bn_batches = mdl.recompute_bn_statistics(model, batches)
+            try:
+                bn_batches = mdl.recompute_bn_statistics(model, batches)
+            finally:
+                stream.cache.close()
             log.info("recomputed BatchNorm statistics over %d training batches", bn_batches)
         metrics = evaluate(model, cfg, manifest, data)
         history = state["history"]
@@ -331,6 +380,7 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
         "resumed": state.get("resumed_from") is not None,
         "resumed_from": state.get("resumed_from"),
         "bn_batches": bn_batches,
+        "scaling": state.get("scaling"),
         "images_per_s": round(float(np.median(speeds)), 2) if speeds else None,
         "files": sorted(f for f in files if not f.startswith("tensorboard/")) + ["tensorboard/"],
     }

@@ -9,9 +9,9 @@ calls ``ray.train.report``; a restarted worker group resumes from it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -20,9 +20,11 @@ from typing import Optional
 
 import tf_keras as keras
 
+from pipeline import input as inp
 from pipeline import storage as st
 from pipeline.config import Config
 from pipeline.faults import maybe_fault
+from pipeline.shard_stream import ShardCache, ShardRef, ShardStream, shard_refs, stream_window
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 # weights are ordered trainable-first and would not load across phases).
 WEIGHTS_FILE = "weights/model"
 STATE_FILE = "state.json"
+BAD_RECORDS = "bad_records"
 
 
 @dataclass
@@ -41,26 +44,28 @@ class LoopState:
     best_val_loss: Optional[float] = None
     wait: int = 0  # epochs without val_loss improvement in this phase
     resumed_from: Optional[dict] = None
+    scaling: Optional[dict] = None  # batch sizes and learning rates as run
+    failure: Optional[str] = None  # set when training must stop (bad records)
 
 
-def stage_files(uris: list[str], cache_dir: Optional[str], storage) -> list[str]:
-    """Local copies of shard files (reused across restarts on the same node)."""
-    root = cache_dir or os.path.join(tempfile.gettempdir(), "inception-ray-cache")
-    os.makedirs(root, exist_ok=True)
-    out = []
-    for uri in uris:
-        if st.is_local(uri) and os.path.exists(uri.replace("file://", "")):
-            out.append(uri.replace("file://", ""))
-            continue
-        name = hashlib.sha1(uri.encode()).hexdigest()[:16] + "-" + os.path.basename(uri)
-        local = os.path.join(root, name)
-        if not os.path.exists(local):
-            fs, path = st.get_fs(uri, storage)
-            tmp = f"{local}.tmp-{os.getpid()}"
-            fs.get_file(path, tmp)
-            os.replace(tmp, local)
-        out.append(local)
-    return out
+def worker_cache(cfg: Config, name: str) -> ShardCache:
+    """A shard cache in its own folder under ``data.cache_dir``, by name (a
+    restarted worker of the same rank on the same node finds its shards again)."""
+    root = cfg.data.cache_dir or os.path.join(tempfile.gettempdir(), "inception-ray-cache")
+    return ShardCache(os.path.join(root, name), cfg.storage,
+                      max_bytes=int(cfg.data.cache_max_gb * 1e9), concurrency=cfg.data.download_concurrency)
+
+
+def shard_stream(cache: ShardCache, refs: list[ShardRef], assignment: inp.Assignment, cfg: Config, *,
+                 training: bool, seed: Optional[int]) -> ShardStream:
+    """The shards of ``assignment`` in reading order: shuffled endless passes
+    for training, one pass in order otherwise (and always in order when the
+    worker keeps a stripe of records: the stripes must stay disjoint)."""
+    mine = [refs[i] for i in assignment.shards]
+    striped = assignment.record_stride > 1
+    lookahead, keep_open = stream_window(cfg.data.download_concurrency, cfg.data.read_parallelism)
+    return ShardStream(cache, mine, shuffle=training and not striped, repeat=training, seed=seed,
+                       lookahead=lookahead, keep_open=keep_open)
 
 
 def fetch_to_local(uri: str, storage, suffix: str = "") -> str:
@@ -89,11 +94,28 @@ def class_weights(cfg: Config, manifest: dict) -> Optional[dict[int, float]]:
     return {i: float(spec.get(c, 1.0)) for i, c in enumerate(classes)}
 
 
+def batch_scaling(cfg: Config, workers: int, replicas: int, train_examples: int) -> dict:
+    """Per-replica and global batch, steps per epoch, and each phase's learning
+    rate after scaling with the global batch, and its warmup steps."""
+    per_replica = cfg.data.batch_size
+    global_batch = per_replica * replicas
+    steps = inp.steps_per_epoch(train_examples, global_batch)
+    reference = cfg.train.lr_reference_batch or per_replica
+    factor = global_batch / reference if cfg.train.lr_scaling == "linear" else 1.0
+    phases = {
+        name: {"base_learning_rate": phase.learning_rate, "learning_rate": phase.learning_rate * factor,
+               "warmup_steps": int(math.ceil(cfg.train.warmup_epochs * steps))}
+        for name, phase in cfg.train.phases()
+    }
+    return {"workers": workers, "replicas": replicas, "per_replica_batch": per_replica,
+            "global_batch": global_batch, "steps_per_epoch": steps, "lr_scaling": cfg.train.lr_scaling,
+            "lr_reference_batch": reference, "lr_factor": factor, "phases": phases}
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import tensorflow as tf
 
-    from pipeline import input as inp
     from pipeline import model as mdl
 
     cfg: Config = config["cfg"]
@@ -106,90 +128,160 @@ def train_loop_per_worker(config: dict) -> None:
     if config["mixed_precision"]:
         keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    replicas = strategy.num_replicas_in_sync
-    global_batch = cfg.data.batch_size * replicas
-    worker_batch = global_batch // world
-
-    shards = {s: [st.join(data_uri, x["file"]) for x in manifest["splits"][s]["shards"]] for s in ("train", "validation")}
-    local = {s: stage_files(shards[s], cfg.data.cache_dir, cfg.storage) for s in shards}
-    aug = cfg.augment.model_dump()
+    n_train = manifest["splits"]["train"]["num_examples"]
+    scaling = batch_scaling(cfg, world, strategy.num_replicas_in_sync, n_train)
+    global_batch, steps = scaling["global_batch"], scaling["steps_per_epoch"]
     seed = None if cfg.data.seed is None else cfg.data.seed + rank
+    weights = class_weights(cfg, manifest)
+    table = [weights.get(i, 1.0) for i in range(len(manifest["classes"]))] if weights else None
 
-    train_assign = inp.assign_shards(len(local["train"]), rank, world)
-    train_ds = inp.make_dataset(
-        local["train"], assignment=train_assign, image_size=cfg.data.image_size, batch_size=worker_batch,
-        training=True, aug=aug, shuffle_buffer=cfg.data.shuffle_buffer, seed=seed,
-    )
-    steps = inp.steps_per_epoch(manifest["splits"]["train"]["num_examples"], global_batch)
-    val_ds, val_steps = None, None
-    if local["validation"]:
-        val_assign = inp.assign_shards(len(local["validation"]), rank, world)
-        val_ds = inp.make_dataset(
-            local["validation"], assignment=val_assign, image_size=cfg.data.image_size,
-            batch_size=worker_batch, training=False, repeat=True,
+    # Each worker streams only its own shards, fetched ahead of the reader.
+    cache = worker_cache(cfg, f"rank-{rank}")
+    refs = {split: shard_refs(manifest, data_uri, split) for split in ("train", "validation")}
+    assign = {split: inp.assign_shards([r.examples for r in refs[split]], rank, world) for split in refs}
+    if rank == 0 and len(refs["train"]) < world:
+        log.warning("%d training shards for %d workers: every worker reads every shard and keeps its stripe "
+                    "of records; prepare more shards (prepare.min_shards) to split the downloads",
+                    len(refs["train"]), world)
+
+    def train_input(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        # One dataset per worker, batched per replica: the global step takes
+        # data.batch_size images on every replica.
+        stream = shard_stream(cache, refs["train"], assign["train"], cfg, training=True, seed=seed)
+        return inp.make_dataset(
+            stream, assignment=assign["train"], image_size=cfg.data.image_size,
+            batch_size=context.get_per_replica_batch_size(global_batch), training=True,
+            aug=cfg.augment.model_dump(), shuffle_buffer=cfg.data.shuffle_buffer, seed=seed,
+            read_parallelism=cfg.data.read_parallelism, counted=True, class_weights=table,
         )
-        val_steps = inp.steps_per_epoch(manifest["splits"]["validation"]["num_examples"], global_batch)
+
+    train_ds = strategy.distribute_datasets_from_function(train_input)
+    val_ds = None
+    if refs["validation"]:
+        # One pass over this worker's validation shards per epoch; Keras spreads
+        # each batch over the replicas and lets workers with fewer images idle.
+        stream = shard_stream(cache, refs["validation"], assign["validation"], cfg, training=False, seed=None)
+        val_ds = inp.make_dataset(stream, assignment=assign["validation"], image_size=cfg.data.image_size,
+                                  batch_size=global_batch, training=False, repeat=False,
+                                  read_parallelism=cfg.data.read_parallelism, counted=True)
 
     state = LoopState()
-    weights_file = None
+    ckpt_dir = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         ckpt_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix="inception-ray-restore-"))
         state = LoopState(**json.load(open(os.path.join(ckpt_dir, STATE_FILE))))
-        weights_file = os.path.join(ckpt_dir, WEIGHTS_FILE)
         state.resumed_from = {"phase_index": state.phase_index, "epoch": state.epoch}
         if rank == 0:
             log.info("resuming from checkpoint: phase %d, %d epochs done", state.phase_index, state.epoch)
+    state.scaling = scaling
+
+    phases = cfg.train.phases()
+    top_k = min(cfg.train.top_k, len(manifest["classes"]))
+    freeze_bn = mdl.bn_frozen(cfg.model)
+
+    def enter_phase(index: int) -> int:
+        name, phase = phases[index]
+        lr = scaling["phases"][name]
+        with strategy.scope():
+            trainable = mdl.set_phase(model, name, getattr(phase, "unfreeze_after", "mixed8"), freeze_bn=freeze_bn)
+            mdl.compile_for(model, phase, top_k=top_k, jit_compile=config["xla"],
+                            learning_rate=lr["learning_rate"], warmup_steps=lr["warmup_steps"])
+            model.optimizer.build(model.trainable_variables)
+        return trainable
 
     no_top = None
-    if cfg.model.weights not in ("imagenet", "none") and weights_file is None:
+    if cfg.model.weights not in ("imagenet", "none") and ckpt_dir is None:
         no_top = fetch_to_local(cfg.model.weights, cfg.storage, ".h5")
+    if cfg.data.seed is not None:
+        # Right before the variables are made: the same initial weights on every
+        # worker and in every run, whatever ops were created before.
+        keras.utils.set_random_seed(cfg.data.seed)
     with strategy.scope():
         model = mdl.build_model(len(manifest["classes"]), cfg.data.image_size, cfg.model, weights_file=no_top)
-        if weights_file:
-            model.load_weights(weights_file).expect_partial()
-        elif cfg.model.init_from:
+        mdl.count_inputs(model)
+        if ckpt_dir is None and cfg.model.init_from:
             donor = fetch_to_local(cfg.model.init_from, cfg.storage, ".keras")  # resolved by the driver
             mdl.warm_start(model, donor)
+    entered = None
+    if ckpt_dir is not None:
+        # Inside a phase, its optimizer (slots, step count) is restored too; at a
+        # phase boundary only the model, since the next phase starts afresh.
+        mid_phase = state.phase_index < len(phases) and state.epoch < phases[state.phase_index][1].epochs
+        if mid_phase:
+            enter_phase(state.phase_index)
+            entered = state.phase_index
+        with strategy.scope():
+            verified = mdl.restore_verified(model, os.path.join(ckpt_dir, WEIGHTS_FILE), with_optimizer=mid_phase)
+        state.resumed_from.update(variables_verified=verified, optimizer_restored=mid_phase)
+        if rank == 0:
+            log.info("restored and verified %d variables%s", verified, " (optimizer included)" if mid_phase else "")
 
-    weights = class_weights(cfg, manifest)
-    phases = cfg.train.phases()
     for index, (name, phase) in enumerate(phases):
-        if index < state.phase_index:
+        if state.failure or index < state.phase_index:
             continue
         if index > state.phase_index:
             state.phase_index, state.epoch, state.best_val_loss, state.wait = index, 0, None, 0
         if state.epoch >= phase.epochs:
             continue
-        with strategy.scope():
-            trainable = mdl.set_phase(model, name, getattr(phase, "unfreeze_after", "mixed8"))
-            mdl.compile_for(model, phase, top_k=min(cfg.train.top_k, len(manifest["classes"])), jit_compile=config["xla"])
+        trainable = enter_phase(index) if entered != index else None
         if rank == 0:
-            log.info("phase %s: %d epochs, %d trainable base layers, global batch %d (%d replicas), %d steps/epoch",
-                     name, phase.epochs, trainable, global_batch, replicas, steps)
-        reporter = Reporter(name, index, phase.epochs, state, cfg, rank, global_batch * steps, model)
+            log.info("phase %s: %d epochs%s, global batch %d (%d x %d replicas), learning rate %.3g, "
+                     "%d steps/epoch", name, phase.epochs,
+                     "" if trainable is None else f", {trainable} trainable base layers", global_batch,
+                     cfg.data.batch_size, scaling["replicas"], scaling["phases"][name]["learning_rate"], steps)
+        reporter = Reporter(name, index, phase.epochs, state, cfg, rank, model,
+                            bad_records=lambda: find_bad_records(cache, refs, assign, cfg, config["output"], rank),
+                            val_total=manifest["splits"]["validation"]["num_examples"])
         model.fit(
             train_ds,
             epochs=phase.epochs,
             initial_epoch=state.epoch,
             steps_per_epoch=steps,
             validation_data=val_ds,
-            validation_steps=val_steps,
-            class_weight=weights,
             callbacks=[reporter],
             verbose=0,
         )
+    cache.close()
+
+
+def find_bad_records(cache: ShardCache, refs: dict, assign: dict, cfg: Config, output: str, rank: int) -> list[dict]:
+    """This worker's undecodable records (shard, position, source), written to
+    ``<output>/bad_records/rank-<rank>.json`` for the driver's message."""
+    import tensorflow as tf
+
+    from pipeline.shards import SOURCE
+
+    bad = []
+    for split in ("train", "validation"):
+        for i in assign[split].shards:
+            ref = refs[split][i]
+            for position, record in enumerate(tf.data.TFRecordDataset(cache.local_path(ref))):
+                if assign[split].record_stride > 1 and position % assign[split].record_stride != assign[split].record_offset:
+                    continue
+                try:
+                    inp.decode_example(record)
+                except tf.errors.InvalidArgumentError as exc:
+                    example = tf.train.Example.FromString(record.numpy())
+                    source = example.features.feature[SOURCE].bytes_list.value
+                    bad.append({"shard": ref.name, "record": position,
+                                "source": source[0].decode("utf-8", "replace") if source else None,
+                                "error": str(exc).strip().splitlines()[0][:200]})
+    st.write_json(st.join(output, BAD_RECORDS, f"rank-{rank}.json"), bad, cfg.storage)
+    return bad
 
 
 class Reporter(keras.callbacks.Callback):
-    """Per-epoch line, early stopping whose counters survive a restart, and a
-    checkpoint + ``ray.train.report`` after every epoch."""
+    """Per-epoch line, early stopping whose counters survive a restart, the
+    bad-record limit, and a checkpoint + ``ray.train.report`` after every epoch."""
 
-    def __init__(self, phase, phase_index, epochs, state, cfg, rank, images, model):
+    def __init__(self, phase, phase_index, epochs, state, cfg, rank, model, bad_records, val_total):
         super().__init__()
+        self.val_total = val_total  # validation covers its split once per epoch
         self.phase, self.phase_index, self.epochs = phase, phase_index, epochs
-        self.state, self.cfg, self.rank, self.images = state, cfg, rank, images
+        self.state, self.cfg, self.rank = state, cfg, rank
         self._model_ref = model
+        self._bad_records = bad_records
         self._started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -197,6 +289,9 @@ class Reporter(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         _on_epoch_end(self, epoch, logs or {})
+
+
+COUNTED = ("examples", "replica_batch", "skipped_records", "val_examples", "val_skipped_records")
 
 
 def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
@@ -207,7 +302,16 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
     for key in ("loss", "accuracy", "top_k_accuracy", "val_loss", "val_accuracy", "val_top_k_accuracy"):
         if key in logs:
             entry[key] = float(logs[key])
-    entry["images_per_s"] = round(cb.images / seconds, 2) if seconds > 0 else None
+    # Counted inside the train and test steps, over every replica of every worker.
+    for key in COUNTED:
+        if key in logs:
+            value = float(logs[key])
+            entry[key] = int(round(value)) if key != "replica_batch" else round(value, 3)
+    if "val_examples" in entry:
+        # Validation reads its split exactly once, so whatever it did not get
+        # was skipped (a gap at the very end of a pass has no later record to show it).
+        entry["val_skipped_records"] = max(0, cb.val_total - entry["val_examples"])
+    entry["images_per_s"] = round(entry.get("examples", 0) / seconds, 2) if seconds > 0 else None
     entry["seconds"] = round(seconds, 2)
     state = cb.state
     state.history.append(entry)
@@ -225,6 +329,16 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
         cb._model_ref.stop_training = True
         state.epoch = cb.epochs  # the phase is over; a resume moves on
         entry["early_stopped"] = True
+    skipped = entry.get("skipped_records", 0) + entry.get("val_skipped_records", 0)
+    read = entry.get("examples", 0) + entry.get("val_examples", 0) + skipped
+    limit = cb.cfg.data.max_bad_record_fraction
+    if skipped and skipped > limit * read:
+        # Every worker sees the same summed counts, so all stop together; each
+        # names its own bad records for the driver's message.
+        cb._bad_records()
+        state.failure = (f"{skipped} of {read} records in {cb.phase} epoch {epoch + 1} could not be decoded, "
+                         f"over data.max_bad_record_fraction={limit}")
+        cb._model_ref.stop_training = True
 
     if cb.rank == 0:
         log.info(_epoch_line(entry, cb.epochs))
@@ -250,7 +364,9 @@ def _epoch_line(e: dict, epochs: int) -> str:
                        ("val_accuracy", "val_acc"), ("val_top_k_accuracy", "val_top_k")):
         if key in e:
             parts.append(f"{label} {e[key]:.4f}")
-    parts.append(f"| {e['images_per_s']} img/s, {e['seconds']:.1f}s")
+    parts.append(f"| {e.get('examples', 0)} images, {e['images_per_s']} img/s, {e['seconds']:.1f}s")
+    if e.get("skipped_records") or e.get("val_skipped_records"):
+        parts.append(f"| {e.get('skipped_records', 0) + e.get('val_skipped_records', 0)} undecodable records skipped")
     if e.get("early_stopped"):
         parts.append("| early stop")
     return " ".join(parts)

@@ -35,6 +35,78 @@ def test_phases_freeze_what_the_recipe_says():
     assert mdl.set_phase(model, "finetune", 172) == len(names) - 172
     with pytest.raises(ValueError, match="not a layer of InceptionV3"):
         mdl.set_phase(model, "finetune", "mixed99")
+    # bn_mode frozen: every BatchNorm of the base stays in inference mode while fine-tuning
+    bns = [layer for layer in base.layers[cut:] if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and mdl.set_phase(model, "finetune", "mixed8", freeze_bn=True) == len(names) - 249 - len(bns)
+    assert not any(layer.trainable for layer in bns)
+    x = images(2)
+    before = [layer.moving_mean.numpy().copy() for layer in bns]
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, np.array([0, 1]))
+    assert all(np.array_equal(b, layer.moving_mean.numpy()) for b, layer in zip(before, bns))
+
+
+def test_bn_mode_auto_freezes_only_pretrained_weights():
+    assert mdl.bn_frozen(ModelConfig(weights="imagenet"))
+    assert mdl.bn_frozen(ModelConfig(weights="s3://b/no_top.h5"))
+    assert mdl.bn_frozen(ModelConfig(weights="none", init_from="runs/a"))
+    assert not mdl.bn_frozen(ModelConfig(weights="none"))
+    assert not mdl.bn_frozen(ModelConfig(weights="imagenet", bn_mode="train"))
+    assert mdl.bn_frozen(ModelConfig(weights="none", bn_mode="frozen"))
+
+
+def test_warmup_reaches_the_scaled_rate_and_the_schedule_follows_the_optimizer_step():
+    schedule = mdl.WarmupSchedule(0.4, 4)
+    assert [round(float(schedule(step)), 6) for step in range(6)] == [0.1, 0.2, 0.3, 0.4, 0.4, 0.4]
+
+
+def test_batch_scaling_follows_the_global_batch():
+    from pipeline.config import load_config
+    from pipeline.train_loop import batch_scaling
+
+    cfg = load_config(overrides=["data.batch_size=8", "train.warmup_epochs=0.5", "train.transfer.learning_rate=0.01"])
+    out = batch_scaling(cfg, workers=2, replicas=4, train_examples=100)
+    assert (out["global_batch"], out["steps_per_epoch"], out["lr_factor"]) == (32, 4, 4.0)
+    assert out["phases"]["transfer"] == {"base_learning_rate": 0.01, "learning_rate": 0.04, "warmup_steps": 2}
+    same = batch_scaling(load_config(overrides=["train.lr_scaling=none"]), workers=2, replicas=4, train_examples=100)
+    assert same["lr_factor"] == 1.0
+
+
+def _trained_checkpoint(tmp_path):
+    model = mdl.build_model(3, SIZE, TINY)
+    mdl.set_phase(model, "finetune", "mixed9")
+    mdl.compile_for(model, PhaseConfig(optimizer="sgd", learning_rate=0.01, momentum=0.9), top_k=2)
+    model.fit(images(4), np.array([0, 1, 2, 0]), epochs=2, verbose=0)
+    path = str(tmp_path / "ckpt" / "model")
+    model.save_weights(path)
+    return model, path
+
+
+def test_restore_is_verified_weights_and_optimizer_slots(tmp_path):
+    saved, path = _trained_checkpoint(tmp_path)
+    fresh = mdl.build_model(3, SIZE, TINY)
+    mdl.set_phase(fresh, "finetune", "mixed9")
+    mdl.compile_for(fresh, PhaseConfig(optimizer="sgd", learning_rate=0.01, momentum=0.9), top_k=2)
+    fresh.optimizer.build(fresh.trainable_variables)
+    n = mdl.restore_verified(fresh, path, with_optimizer=True)
+    assert n == len(fresh.variables) + len(fresh.optimizer.variables)
+    slots = [v for v in fresh.optimizer.variables if v.name.startswith("m/")]
+    assert slots and any(np.abs(v.numpy()).sum() > 0 for v in slots)  # momentum really came back
+    for a, b in zip(saved.optimizer.variables, fresh.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(saved.variables, fresh.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    # Without the optimizer built first, its slots cannot be restored: a loud error, not a partial resume.
+    unbuilt = mdl.build_model(3, SIZE, TINY)
+    mdl.set_phase(unbuilt, "finetune", "mixed9")
+    mdl.compile_for(unbuilt, PhaseConfig(optimizer="sgd", learning_rate=0.01, momentum=0.9), top_k=2)
+    with pytest.raises(mdl.RestoreError, match="did not restore completely"):
+        mdl.restore_verified(unbuilt, path, with_optimizer=True)
+    # A model of another shape: refused even when only the model is restored.
+    other = mdl.build_model(4, SIZE, TINY)
+    with pytest.raises(mdl.RestoreError):
+        mdl.restore_verified(other, path, with_optimizer=False)
 
 
 def test_warm_start_keeps_base_and_replaces_head_of_a_different_class_count(tmp_path):

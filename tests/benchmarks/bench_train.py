@@ -27,9 +27,10 @@ interleaved, as prepare does): 128x128 images for the 75x75 model, 256x256 for
         memory (parallel, batched);
     (b) ``make_dataset`` from local shards, augmentation on (and, for reference,
         off): parse, decode, augment + resize, shuffle, batch;
-    (c) the same from S3 on moto (its own process on 127.0.0.1): the shards are
-        staged as workers do (``pipeline.train_loop.stage_files``, into a fresh
-        cache folder each round, timed), then read as (b);
+    (c) the same from S3 on moto (its own process on 127.0.0.1), streamed as
+        workers do (``pipeline.shard_stream``: fetched and verified ahead of the
+        reader into a fresh cache folder each round, the downloads overlapping
+        the decoding);
     (d) the tutorial's ``ImageDataGenerator(...).flow_from_directory`` over the
         same JPEG bytes as files, same size and batch. Its transforms need SciPy,
         which the project does not depend on: without it (d) is skipped and said so.
@@ -177,22 +178,23 @@ def measure_pipeline(size: int, data: dict, endpoint: str, moto_pid: int, tmp: s
     from pipeline import input as inp
     from pipeline import storage as st
     from pipeline.config import load_config
-    from pipeline.train_loop import stage_files
+    from pipeline.shard_stream import ShardCache, ShardRef, ShardStream
+    from pipeline.shards import file_sha256
 
     storage = load_config(None, [], {"storage.endpoint_url": endpoint}).storage
     fs, _ = st.get_fs(f"s3://{BUCKET}", storage)
     if not fs.exists(BUCKET):
         fs.mkdir(BUCKET)
-    uris = []
+    refs = []
     for path in data["shards"]:
         uri = f"s3://{BUCKET}/{size}/{os.path.basename(path)}"
         fs.put_file(path, uri.removeprefix("s3://"))
-        uris.append(uri)
+        refs.append(ShardRef(uri, os.path.getsize(path), file_sha256(path), 0))
     aug = augment_settings()
 
-    def shard_dataset(files: list[str], augment: bool):
-        return inp.make_dataset(files, assignment=inp.assign_shards(len(files), 0, 1), image_size=size,
-                                batch_size=BATCH, training=True, aug=aug if augment else None, repeat=False)
+    def shard_dataset(files, augment: bool):
+        return inp.make_dataset(files, image_size=size, batch_size=BATCH, training=True,
+                                aug=aug if augment else None, repeat=False)
 
     def count(ds) -> int:
         n = 0
@@ -212,11 +214,14 @@ def measure_pipeline(size: int, data: dict, endpoint: str, moto_pid: int, tmp: s
         return timed_pass(ds)
 
     def s3(r: int) -> dict:
-        started = time.perf_counter()
-        local = stage_files(uris, os.path.join(tmp, f"stage-{size}-{r}"), storage)
-        staged = time.perf_counter() - started
-        result = timed_pass(shard_dataset(local, True))
-        return {**result, "s": result["s"] + staged, "stage_s": staged}
+        # Streamed as workers do: fetched (and verified) ahead of the reader
+        # into a fresh cache, so downloads overlap decoding.
+        cache = ShardCache(os.path.join(tmp, f"stream-{size}-{r}"), storage)
+        try:
+            stream = ShardStream(cache, refs, shuffle=True, repeat=False, seed=r)
+            return timed_pass(shard_dataset(stream, True))
+        finally:
+            cache.close()
 
     def idg(r: int) -> dict:
         from tf_keras.applications import inception_v3
@@ -304,7 +309,7 @@ def measure_training(size: int, shards: list[str]) -> list[dict]:
     from pipeline.config import DataConfig
 
     model = new_model(size)
-    real = inp.make_dataset(shards, assignment=inp.assign_shards(len(shards), 0, 1), image_size=size,
+    real = inp.make_dataset(shards, image_size=size,
                             batch_size=BATCH, training=True, aug=augment_settings(),
                             shuffle_buffer=DataConfig().shuffle_buffer, repeat=True)
     images, labels = synthetic_arrays(BATCH, size)
@@ -575,7 +580,6 @@ def summarise(pipeline: dict, training: dict, ray_part: dict, seconds: float) ->
             "images_per_s": {name: round(v, 1) for name, v in rates.items()},
             "cpu_ms_per_image": {name: round(v, 3) for name, v in ms.items()},
             "images_per_s_per_core": {name: round(1000 / v, 1) for name, v in ms.items()},
-            "s3_stage_s": b["s3"]["stage_s"],
             "s3_moto_cpu_ms_per_image": round(min(r["s3"]["moto_cpu_s"] for r in rounds) * 1000 / IMAGES, 3),
             # per core: the CPU each image costs; wall: images/s on this (shared) machine
             "vs_decode": {name: round(ms["decode"] / ms[name], 2) for name in ("local", "local_noaug", "s3")},
@@ -698,12 +702,12 @@ def markdown(results: dict) -> str:
             ("decode", "(a) raw `decode_jpeg`, bytes in memory"),
             ("local", "(b) `make_dataset`, local shards, augmentation on"),
             ("local_noaug", "(b') the same, augmentation off (resize only)"),
-            ("s3", "(c) `make_dataset` after `stage_files` from S3, augmentation on"),
+            ("s3", "(c) `make_dataset` streaming its shards from S3, augmentation on"),
             ("idg", "(d) `ImageDataGenerator.flow_from_directory`, tutorial settings"),
         )
         body = "\n".join(f"| {label} | {r[name]} | {c[name]} | {ms[name]:.3f} |" for name, label in labels if name in r)
         pipe_tables.append(
-            f"{size}x{size} from {p['source_side']}x{p['source_side']} JPEGs of {p['mean_jpeg_kb']} KB on average (S3 staging: {p['s3_stage_s']:.2f} s per pass; "
+            f"{size}x{size} from {p['source_side']}x{p['source_side']} JPEGs of {p['mean_jpeg_kb']} KB on average ("
             f"moto's own CPU {p['s3_moto_cpu_ms_per_image']:.3f} ms per image, not counted):\n\n"
             "| run | images/s | images/s per core | CPU ms per image |\n|---|---:|---:|---:|\n" + body)
     pipe_tables_md = "\n\n".join(pipe_tables)
