@@ -1,7 +1,9 @@
 """The tf.data input pipeline over prepared shards, in three small steps:
 ``assign_shards`` (which records a worker reads), ``decode_example`` (record to
 uint8 image + label) and ``augment`` / ``resize`` (one resample per image), then
-``make_dataset`` batches and prefetches. No Ray imports: testable in plain pytest.
+``make_dataset`` (over local files or a worker's ``ShardStream``) skips and
+counts records that do not decode, batches and prefetches. No Ray imports:
+testable in plain pytest.
 
 Images leave this module as float32 RGB in [0, 255] at the model's size; the
 model itself scales them to [-1, 1] (see pipeline.model), so training and

@@ -77,6 +77,8 @@ def test_worker_killed_with_sigkill_resumes_from_last_checkpoint(learnable_shard
     assert summary["resumed"] and summary["resumed_from"]["epoch"] >= 1
     # every epoch exactly once: the killed epoch was redone, nothing before it
     assert epochs_of(summary) == [("finetune", 1), ("finetune", 2), ("finetune", 3)]
+    # killed inside the phase: weights and optimizer state restored, each variable checked against the file
+    assert summary["resumed_from"]["optimizer_restored"] is True and summary["resumed_from"]["variables_verified"] > 0
     assert json.load(open(out / "metrics.json"))["examples"] > 0
 
 

@@ -49,14 +49,17 @@ def ids_seen(files, assignment, **kw) -> list[int]:
                          ids=["uneven", "five-over-three", "fewer-shards-than-workers", "one-shard", "even"])
 def test_shard_assignment_is_disjoint_and_complete(tmp_path, counts, world):
     files = write_shards(tmp_path, counts)
-    seen = []
+    seen, loads = [], []
     for rank in range(world):
         a = inp.assign_shards(counts, rank, world)
         ids = ids_seen(files, a)
         assert len(ids) == inp.examples_for(a, counts)  # manifest counts predict what is read
         assert ids, f"rank {rank} got no data"
         seen.extend(ids)
+        loads.append(len(ids))
     assert sorted(seen) == list(range(sum(counts)))
+    # balanced by examples: no worker reads more than the lightest plus one shard
+    assert max(loads) - min(loads) <= max(counts)
 
 
 def test_steps_per_epoch_never_zero():

@@ -182,3 +182,46 @@ def test_a_cache_too_small_for_the_shards_read_at_once_is_refused_before_any_wor
     assert code == 2
     assert "data.cache_max_gb=10.0 is too small" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_prepare_overwrite_with_new_labels_is_what_the_next_run_reads_on_the_same_node(
+        ray_session, s3_endpoint, s3_bucket, tmp_path):
+    """prepare, read as a worker does, prepare --overwrite with other labels,
+    read again with the same cache folder: the new labels, never the old."""
+    from jobs import prepare as prepare_job
+    from jobs._cli import run
+    from pipeline import demo_data
+    from pipeline.config import load_config
+    from pipeline.shard_stream import shard_refs
+    from pipeline.shards import read_manifest
+    from pipeline.train_loop import shard_stream, worker_cache
+
+    fs, bucket = s3_bucket
+    src, dst = f"s3://{bucket}/raw", f"s3://{bucket}/shards"
+    demo_data.generate(str(tmp_path / "raw"), per_class=6, size=40, classes=["circle", "square"])
+    fs.put(str(tmp_path / "raw") + "/", f"{bucket}/raw/", recursive=True)
+    cfg = load_config(overrides=[f"data.cache_dir={tmp_path / 'cache'}", "data.download_concurrency=2"])
+
+    def labels_read() -> dict:
+        manifest = read_manifest(dst, cfg.storage)
+        refs = shard_refs(manifest, dst, "train")
+        cache = worker_cache(cfg, "rank-0")
+        try:
+            stream = shard_stream(cache, refs, inp.assign_shards([r.examples for r in refs], 0, 1), cfg,
+                                  training=False, seed=None)
+            ds = inp.make_dataset(stream, image_size=SIZE, batch_size=64, training=False, repeat=False)
+            seen = [manifest["classes"][int(y)] for _, labels in ds for y in labels]
+        finally:
+            cache.close()
+        return {c: seen.count(c) for c in manifest["classes"]}, manifest["splits"]["train"]["class_counts"]
+
+    args = ["--src", src, "--dst", dst, "--set", "prepare.min_examples_per_shard=2"]
+    assert run(prepare_job.main, args) == 0
+    first, expected = labels_read()
+    assert first == expected
+    # Half the circles become squares: same shard names by position, other contents.
+    for i in range(3):
+        fs.mv(f"{bucket}/raw/circle/circle_{i:04d}.jpg", f"{bucket}/raw/square/moved_{i:04d}.jpg")
+    assert run(prepare_job.main, args + ["--overwrite"]) == 0
+    second, expected = labels_read()
+    assert second == expected and second != first
