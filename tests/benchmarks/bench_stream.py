@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from tests.benchmarks.bench_prepare import _benchmark_env, environment, moto_server
+from tests.benchmarks.bench_prepare import environment, moto_server
+from tests.benchmarks.bench_train import _bench_env
 
 BUCKET = "bench-stream"
 SHARDS = 8  # the 1x dataset; 10x has 80
@@ -36,7 +37,7 @@ TRAIN_IMAGES = 48  # jobs.train runs: a multiple of 8, 16 and 24
 
 def run() -> dict:
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp, environment(_benchmark_env()):
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp, environment(_bench_env()):
         with moto_server() as (endpoint, _):
             first = {n: time_to_first_batch(endpoint, tmp, n) for n in (SHARDS, 10 * SHARDS)}
             fetched = bytes_per_worker(endpoint, tmp)
@@ -178,7 +179,10 @@ def train_run(tmp: str, workers: int) -> dict:
 
 
 def markdown(results: dict) -> str:
-    first = results["first_batch"]
+    from pipeline.config import DataConfig
+
+    d = DataConfig()
+    first = {int(k): v for k, v in results["first_batch"].items()}  # keys are strings once saved as JSON
     small, large = first[SHARDS], first[10 * SHARDS]
     ratio = large["s"] / small["s"]
     fetched = results["fetched"]
@@ -191,8 +195,8 @@ def markdown(results: dict) -> str:
     return f"""## Distributed training input
 
 `python -m tests.benchmarks.run stream` ({results['seconds']:.0f} s). Shards on S3 (moto on
-127.0.0.1) read through a byte-counting proxy; default `data` settings (shuffle buffer,
-{'4'} shards read and {'4'} downloaded at once).
+127.0.0.1) read through a byte-counting proxy; default `data` settings (shuffle buffer
+{d.shuffle_buffer}, {d.read_parallelism} shards read and {d.download_concurrency} downloaded at once).
 
 | measure | value | target | |
 |---|---:|---:|---|
