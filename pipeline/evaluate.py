@@ -27,12 +27,14 @@ def eval_split(manifest: dict) -> str:
     return "validation" if manifest["splits"]["validation"]["num_examples"] else "train"
 
 
-def predict_split(model, files, image_size: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def predict_split(model, files, image_size: int, batch_size: int = 32, recipe=None) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities) over every decodable record of ``files`` (local
-    paths or a ShardStream), once, in order."""
+    paths or a ShardStream), once, in order, decoded and resized as ``recipe``
+    (a ``pipeline.preprocess.Recipe``; default today's) says."""
     from pipeline import input as inp
 
-    ds = inp.make_dataset(files, image_size=image_size, batch_size=batch_size, training=False, repeat=False)
+    ds = inp.make_dataset(files, image_size=image_size, batch_size=batch_size, training=False, repeat=False,
+                          recipe=recipe)
     labels, probs = [], []
     for images, y in ds:
         probs.append(model(images, training=False).numpy())
@@ -44,18 +46,21 @@ def predict_split(model, files, image_size: int, batch_size: int = 32) -> tuple[
 
 
 def evaluate(model, cfg: Config, manifest: dict, data: str, *, labels: Optional[list[str]] = None,
-             split: Optional[str] = None) -> dict:
+             split: Optional[str] = None, recipe=None) -> dict:
     """Metrics of ``model`` on the manifest's evaluation split. ``labels`` are the
     model's own class names when they may differ from the manifest's (a
     production model trained on another class set): predictions are mapped by
-    name, and images of classes the model does not know count as errors."""
+    name, and images of classes the model does not know count as errors.
+    ``recipe`` is the model's own ``preprocessing.json`` recipe: the records
+    are decoded and resized the way that model was trained (an older model
+    may use another JPEG IDCT or resize)."""
     from pipeline.reports import classification_metrics
 
     split = split or eval_split(manifest)
     size = int(model.input_shape[1])
     stream = split_stream(cfg, manifest, data, split)
     try:
-        y, probs = predict_split(model, stream, size, max(cfg.data.batch_size, 32))
+        y, probs = predict_split(model, stream, size, max(cfg.data.batch_size, 32), recipe)
     finally:
         stream.cache.close()
     classes = manifest["classes"]

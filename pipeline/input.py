@@ -69,24 +69,25 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return max(1, math.ceil(num_examples / global_batch))
 
 
-def decode_example(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def decode_example(serialized: tf.Tensor, dct_method: str = preprocess.ACCURATE) -> tuple[tf.Tensor, tf.Tensor]:
     """A shard record -> (uint8 HxWx3 image, int32 label), with the recipe's
     decoder (``pipeline.preprocess.decode_image``: JPEG with the accurate IDCT,
-    else PNG): the pixels scoring gets from the original file."""
+    else PNG): the pixels scoring gets from the original file. An older
+    model's recipe may name another IDCT (``dct_method``)."""
     features = tf.io.parse_single_example(
         serialized,
         {ENCODED: tf.io.FixedLenFeature([], tf.string), LABEL: tf.io.FixedLenFeature([], tf.int64)},
     )
-    image = preprocess.decode_image(features[ENCODED])
+    image = preprocess.decode_image(features[ENCODED], dct_method)
     return image, tf.cast(features[LABEL], tf.int32)
 
 
-def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+def resize(image: tf.Tensor, size: int, method: str = preprocess.AREA_THEN_BILINEAR) -> tf.Tensor:
     """uint8 HxWx3 -> float32 size x size x 3 in [0, 255]: the one resize
     (``pipeline.preprocess.resize_image``: area average where it shrinks,
     bilinear where it enlarges), used for validation, evaluation and, through
     ``preprocess.resize_arrays``, bit for bit by scoring and predict."""
-    return preprocess.resize_image(image, size)
+    return preprocess.resize_image(image, size, method)
 
 
 # A source side more than this many times the model size is first shrunk to
@@ -168,6 +169,7 @@ def make_dataset(
     read_parallelism: int = 8,
     counted: bool = False,
     class_weights: Optional[Sequence[float]] = None,
+    recipe: Optional[preprocess.Recipe] = None,
 ) -> tf.data.Dataset:
     """Batches of float32 images in [0, 255] and int32 labels for one worker.
 
@@ -182,7 +184,11 @@ def make_dataset(
     each element is ``(images, labels, weights, skipped)``: ``weights`` from
     ``class_weights`` (indexed by label; 1 when None) and ``skipped`` the number
     of undecodable records dropped just before each image, so a train step can
-    count both. Without it, ``(images, labels)``."""
+    count both. Without it, ``(images, labels)``.
+
+    ``recipe`` (validation only) decodes and resizes as that recipe says: the
+    promotion gate judges an older production model with the IDCT and resize
+    it was trained with. Default: today's recipe."""
     from pipeline.shard_stream import ShardStream
 
     assignment = assignment or Assignment(tuple(range(0 if isinstance(files, ShardStream) else len(files))))
@@ -211,10 +217,14 @@ def make_dataset(
     if training:
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     use_aug = training and aug is not None and aug.get("enabled", False)
+    if recipe is not None and training:
+        raise ValueError("a recipe other than today's is for evaluation only")
+    dct_method = recipe.jpeg_dct_method if recipe else preprocess.ACCURATE
+    resize_method = recipe.resize_method if recipe else preprocess.AREA_THEN_BILINEAR
 
     def _load(index, serialized):
-        image, label = decode_example(serialized)
-        image = augment(image, image_size, aug) if use_aug else resize(image, image_size)
+        image, label = decode_example(serialized, dct_method)
+        image = augment(image, image_size, aug) if use_aug else resize(image, image_size, resize_method)
         return image, label, index
 
     def _count_skipped(last_index, element):

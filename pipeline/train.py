@@ -306,14 +306,15 @@ def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool
 
 
 def evaluate_models(cfg: Config, manifest: dict, data: str, model_uris: list[str]) -> list[dict]:
-    """Ray task: metrics of each model (in inference mode) on the same split."""
+    """Ray task: metrics of each model (in inference mode) on the same split,
+    each read with its own recipe (``preprocessing.json``)."""
     from pipeline.artifact import load_artifact
     from pipeline.evaluate import evaluate
 
     out = []
     for uri in model_uris:
         artifact = load_artifact(uri, cfg.storage)
-        out.append(evaluate(artifact.model, cfg, manifest, data, labels=artifact.labels))
+        out.append(evaluate(artifact.model, cfg, manifest, data, labels=artifact.labels, recipe=artifact.recipe))
     return out
 
 

@@ -96,10 +96,10 @@ def prepare_shard(tmp_path, files: dict[str, bytes], max_side) -> tuple[str, lis
     return shard, uris, prepared
 
 
-def evaluation_inputs(shard: str, count: int) -> np.ndarray:
+def evaluation_inputs(shard: str, count: int, recipe=None) -> np.ndarray:
     """What evaluation (and the gate) feed the model: make_dataset, validation mode."""
     ds = inp.make_dataset([shard], assignment=inp.Assignment((0,)), image_size=SIZE, batch_size=count,
-                          training=False, repeat=False)
+                          training=False, repeat=False, recipe=recipe)
     images, labels = next(iter(ds))
     assert labels.numpy().tolist() == list(range(count))  # every record decoded, in order
     return images.numpy()
@@ -201,6 +201,23 @@ def test_old_recipe_decodes_jpeg_with_tensorflows_default_idct():
     accurate = file_pixels(raw, current_recipe(SIZE), LIMIT)
     np.testing.assert_array_equal(accurate, tf.io.decode_jpeg(raw, channels=3, dct_method=ACCURATE).numpy())
     assert not np.array_equal(accurate, expected)
+
+
+def test_the_gate_reads_an_old_model_the_way_it_is_scored(tmp_path):
+    """The promotion gate evaluates the production model on today's shards with
+    that model's own recipe: for a JPEG kept byte for byte, the tensor it gets
+    is the tensor scoring gives that model from the file (TensorFlow's default
+    IDCT, bilinear resize), not today's."""
+    files = {"kept.jpg": fx.encode(detailed(300, 200, seed=3), "JPEG", quality=90)}
+    shard, uris, prepared = prepare_shard(tmp_path, files, None)
+    assert not prepared[0].reencoded
+    legacy = Recipe.from_dict({"image_size": SIZE})
+
+    gate = evaluation_inputs(shard, 1, recipe=legacy)
+    np.testing.assert_array_equal(gate[0], score_inputs(uris, legacy)[0])
+    assert np.abs(gate[0] - evaluation_inputs(shard, 1)[0]).max() > 1  # today's recipe would differ
+    with pytest.raises(ValueError, match="evaluation only"):
+        inp.make_dataset([shard], image_size=SIZE, batch_size=1, training=True, recipe=legacy)
 
 
 def test_every_record_decodes_and_says_its_format(tmp_path):
