@@ -222,29 +222,31 @@ def make_dataset(
     dct_method = recipe.jpeg_dct_method if recipe else preprocess.ACCURATE
     resize_method = recipe.resize_method if recipe else preprocess.AREA_THEN_BILINEAR
 
-    def _load(index, serialized):
+    def _load(serialized):
         image, label = decode_example(serialized, dct_method)
         image = augment(image, image_size, aug) if use_aug else resize(image, image_size, resize_method)
-        return image, label, index
+        return image, label
 
-    def _count_skipped(last_index, element):
-        image, label, index = element
-        return index, (image, label, index - last_index - 1)
-
-    # Records are numbered before decoding and decoded in order, so a gap in
-    # the numbers after ignore_errors is exactly the records that failed.
-    ds = records.enumerate().map(_load, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors().scan(tf.constant(-1, tf.int64), _count_skipped)
     if counted:
         table = tf.constant(list(class_weights) if class_weights else [1.0], tf.float32)
 
-        def _weighted(image, label, skipped):
-            weight = tf.gather(table, label) if class_weights else tf.constant(1.0)
-            return image, label, weight, skipped
+        def _load_numbered(index, serialized):
+            image, label = _load(serialized)
+            return image, label, index
 
-        ds = ds.map(_weighted, num_parallel_calls=AUTOTUNE)
+        def _count_skipped(last_index, element):
+            image, label, index = element
+            weight = tf.gather(table, label) if class_weights else tf.constant(1.0)
+            return index, (image, label, weight, index - last_index - 1)
+
+        # Records are numbered before decoding and decoded in order, so a gap in
+        # the numbers after ignore_errors is exactly the records that failed.
+        ds = records.enumerate().map(_load_numbered, num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.ignore_errors().scan(tf.constant(-1, tf.int64), _count_skipped)
     else:
-        ds = ds.map(lambda image, label, skipped: (image, label))
+        # Callers that need the number of skipped records take it from the
+        # split's size (evaluation reads a split once).
+        ds = records.map(_load, num_parallel_calls=AUTOTUNE, deterministic=not training).ignore_errors()
     ds = ds.batch(batch_size, drop_remainder=training)
     options = tf.data.Options()
     # Each worker reads its own shards (assign_shards); tf.distribute must not

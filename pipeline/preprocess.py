@@ -237,8 +237,8 @@ def resize_images(images, height, width, method: str = AREA_THEN_BILINEAR):
     in [0, 255]. ``AREA_THEN_BILINEAR`` (today's recipe): sides longer than
     the target are shrunk by area averaging (``ResizeArea``, antialiased),
     then sides shorter than it are enlarged bilinearly (``ResizeBilinear``,
-    half-pixel centres); the bilinear step is skipped when no side grows,
-    where it would be an exact identity anyway. ``BILINEAR``: bilinear both ways,
+    half-pixel centres); on a side it does not change each step is an exact
+    identity. ``BILINEAR``: bilinear both ways,
     without antialiasing, the recipe of models recorded before the full one."""
     import tensorflow as tf
 
@@ -246,17 +246,10 @@ def resize_images(images, height, width, method: str = AREA_THEN_BILINEAR):
     if method == BILINEAR:
         out = tf.raw_ops.ResizeBilinear(images=images, size=size, half_pixel_centers=True)
     elif method == AREA_THEN_BILINEAR:
-        shape = tf.shape(images)[1:3]
-        smaller = tf.minimum(shape, size)
-
-        def area_then_bilinear():
-            shrunk = tf.raw_ops.ResizeArea(images=images, size=smaller)  # exact copy where nothing shrinks
-            return tf.raw_ops.ResizeBilinear(images=shrunk, size=size, half_pixel_centers=True)
-
-        # Usually every side shrinks (or stays): then the area step alone is the resize.
-        out = tf.cond(tf.reduce_all(smaller == size),
-                      lambda: tf.raw_ops.ResizeArea(images=images, size=size),
-                      area_then_bilinear)
+        # Both steps always run: each is an exact identity on the sides it does
+        # not change, and that costs less than choosing per image (tf.cond).
+        shrunk = tf.raw_ops.ResizeArea(images=images, size=tf.minimum(tf.shape(images)[1:3], size))
+        out = tf.raw_ops.ResizeBilinear(images=shrunk, size=size, half_pixel_centers=True)
     else:
         raise ValueError(f"unknown resize method {method!r}")
     return tf.clip_by_value(out, 0.0, 255.0)
