@@ -61,6 +61,7 @@ def evaluate(model, cfg: Config, manifest: dict, data: str, *, labels: Optional[
     stream = split_stream(cfg, manifest, data, split)
     try:
         y, probs = predict_split(model, stream, size, max(cfg.data.batch_size, 32), recipe)
+        stream.check()  # a shard that could not be read is an error, never a short split
     finally:
         stream.cache.close()
     classes = manifest["classes"]

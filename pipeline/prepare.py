@@ -252,6 +252,7 @@ class PreparePlan:
 
 def plan_prepare(cfg: Config, src: str, dst: str, *, overwrite: bool = False) -> PreparePlan:
     """Everything that can fail on user input, checked before any cluster work."""
+    src, dst = st.absolute(src), st.absolute(dst)  # Ray tasks do not run in this folder
     manifest_uri = st.join(dst, MANIFEST_NAME)
     old_manifest = None
     try:

@@ -272,11 +272,17 @@ class ShardStream:
     ``paths()`` yields local paths: endlessly, one shuffled pass after another,
     when ``repeat``; otherwise one pass in manifest order. A yielded shard stays
     pinned in the cache for the next ``keep_open`` yields (tf.data's interleave
-    may open it a little after it is yielded)."""
+    may open it a little after it is yielded).
+
+    A shard that cannot be had (missing, changed, unreadable) ends the stream
+    and is kept in ``error``: the input pipeline skips undecodable records, and
+    would otherwise drop the error with them. ``check()`` raises it; readers
+    call it after each step and when the data runs out."""
 
     def __init__(self, cache: ShardCache, refs: Sequence[ShardRef], *, shuffle: bool, repeat: bool,
                  seed: Optional[int] = None, lookahead: int = 4, keep_open: int = 8):
         self.cache, self.refs = cache, list(refs)
+        self.error: Optional[BaseException] = None
         self.shuffle, self.repeat, self.seed = shuffle, repeat, seed
         self.lookahead, self.keep_open = max(1, lookahead), max(1, keep_open)
 
@@ -294,6 +300,11 @@ class ShardStream:
             pass_index += 1
             if not self.repeat:
                 return
+
+    def check(self) -> None:
+        """Raise the error that ended the stream, if one did."""
+        if self.error is not None:
+            raise self.error
 
     def paths(self) -> Iterator[str]:
         if not self.refs:
@@ -313,7 +324,13 @@ class ShardStream:
                 if not ahead:
                     return
                 ref = ahead.pop(0)
-                path = self.cache.local_path(ref)
+                try:
+                    path = self.cache.local_path(ref)
+                except Exception as exc:  # noqa: BLE001 - kept for check(), see the class docstring
+                    log.error("%s", exc)
+                    self.error = exc
+                    self.cache.unpin(ref)
+                    return
                 yield path
                 opened.append(ref)
                 if len(opened) > self.keep_open:

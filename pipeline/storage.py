@@ -34,6 +34,14 @@ def is_local(uri: str) -> bool:
     return protocol(uri) in ("file", "local")
 
 
+def absolute(uri: Optional[str]) -> Optional[str]:
+    """``uri`` as every process of a job reads it: a local path made absolute
+    (Ray workers do not run in the driver's folder), URIs unchanged."""
+    if not uri or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def storage_options(uri: str, storage: StorageConfig) -> dict:
     """fsspec keyword arguments for ``uri`` built from the config, falling back to
     the standard AWS environment for the endpoint (credentials are left to

@@ -41,6 +41,12 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
     """Everything that can fail on user input, checked before any cluster work."""
     from pipeline.artifact import resolve_model_file
 
+    # Workers and tasks run elsewhere: local paths are made absolute here.
+    data, output = st.absolute(data), st.absolute(output)
+    cfg.registry.uri = st.absolute(cfg.registry.uri)
+    cfg.model.init_from = st.absolute(cfg.model.init_from)
+    if cfg.model.weights not in ("imagenet", "none"):
+        cfg.model.weights = st.absolute(cfg.model.weights)
     manifest = read_manifest(data, cfg.storage)
     if len(manifest["classes"]) < 2:
         raise UsageError(f"{data}: the manifest lists {len(manifest['classes'])} class; need at least 2")
@@ -351,6 +357,7 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
             batches = (images for images, _ in ds.take(cfg.train.bn_stats_batches))
             try:
                 bn_batches = mdl.recompute_bn_statistics(model, batches)
+                stream.check()
             finally:
                 stream.cache.close()
             log.info("recomputed BatchNorm statistics over %d training batches", bn_batches)

@@ -144,10 +144,13 @@ def train_loop_per_worker(config: dict) -> None:
                     "of records; prepare more shards (prepare.min_shards) to split the downloads",
                     len(refs["train"]), world)
 
+    streams: list[ShardStream] = []  # checked after every step (ShardStream.check)
+
     def train_input(context: tf.distribute.InputContext) -> tf.data.Dataset:
         # One dataset per worker, batched per replica: the global step takes
         # data.batch_size images on every replica.
         stream = shard_stream(cache, refs["train"], assign["train"], cfg, training=True, seed=seed)
+        streams.append(stream)
         return inp.make_dataset(
             stream, assignment=assign["train"], image_size=cfg.data.image_size,
             batch_size=context.get_per_replica_batch_size(global_batch), training=True,
@@ -161,6 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
         # One pass over this worker's validation shards per epoch; Keras spreads
         # each batch over the replicas and lets workers with fewer images idle.
         stream = shard_stream(cache, refs["validation"], assign["validation"], cfg, training=False, seed=None)
+        streams.append(stream)
         val_ds = inp.make_dataset(stream, assignment=assign["validation"], image_size=cfg.data.image_size,
                                   batch_size=global_batch, training=False, repeat=False,
                                   read_parallelism=cfg.data.read_parallelism, counted=True)
@@ -239,9 +243,11 @@ def train_loop_per_worker(config: dict) -> None:
             initial_epoch=state.epoch,
             steps_per_epoch=steps,
             validation_data=val_ds,
-            callbacks=[reporter],
+            callbacks=[StreamCheck(streams), reporter],
             verbose=0,
         )
+        for stream in streams:  # the data may have run out because a shard could not be had
+            stream.check()
     cache.close()
 
 
@@ -269,6 +275,21 @@ def find_bad_records(cache: ShardCache, refs: dict, assign: dict, cfg: Config, o
                                 "error": str(exc).strip().splitlines()[0][:200]})
     st.write_json(st.join(output, BAD_RECORDS, f"rank-{rank}.json"), bad, cfg.storage)
     return bad
+
+
+class StreamCheck(keras.callbacks.Callback):
+    """Fails the step after a shard could not be had (missing, changed,
+    unreadable), with that error: never a shorter epoch or split in silence."""
+
+    def __init__(self, streams: list[ShardStream]):
+        super().__init__()
+        self.streams = streams
+
+    def _check(self, *_args) -> None:
+        for stream in self.streams:
+            stream.check()
+
+    on_train_batch_end = on_test_batch_end = on_epoch_end = _check
 
 
 class Reporter(keras.callbacks.Callback):

@@ -119,9 +119,16 @@ def counted(out: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def one_worker_full_batch(split_shards, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("w1") / "run")
-    assert train(split_shards, out, 1, 16, "--set", "train.transfer.epochs=3") == 0
-    return out
+    """Run with paths relative to the current folder, as users type them (Ray
+    Train workers run in another folder)."""
+    out = tmp_path_factory.mktemp("w1") / "run"
+    here = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        assert train(os.path.relpath(split_shards), "run", 1, 16, "--set", "train.transfer.epochs=3") == 0
+    finally:
+        os.chdir(here)
+    return str(out)
 
 
 def test_one_worker_counts(one_worker_full_batch):

@@ -155,6 +155,48 @@ def test_local_shard_that_differs_from_the_manifest_is_refused(tmp_path):
     cache.close()
 
 
+def local_shards(tmp_path, counts: list[int]) -> list[ShardRef]:
+    refs, rid = [], 0
+    for i, n in enumerate(counts):
+        path = tmp_path / f"train-{i:05d}-of-{len(counts):05d}.tfrecord"
+        with tf.io.TFRecordWriter(str(path)) as w:
+            for _ in range(n):
+                w.write(make_example(jpeg(rid), rid % 2, "c", f"id{rid}", SIZE, SIZE))
+                rid += 1
+        data = path.read_bytes()
+        refs.append(ShardRef(str(path), len(data), hashlib.sha256(data).hexdigest(), n))
+    return refs
+
+
+def test_a_shard_gone_during_training_fails_the_step_instead_of_shortening_the_epoch(tmp_path):
+    """The input skips undecodable records; a shard that cannot be had must not
+    be skipped with them: the stream keeps the error and the train step raises it."""
+    import numpy as np
+    import tf_keras as keras
+
+    from pipeline.train_loop import StreamCheck
+
+    refs = local_shards(tmp_path, [4, 4, 4])
+    os.remove(refs[1].uri)
+    cache = ShardCache(str(tmp_path / "cache"), StorageConfig())
+    stream = ShardStream(cache, refs, shuffle=False, repeat=False)
+    ds = inp.make_dataset(stream, image_size=SIZE, batch_size=2, training=False, repeat=False, counted=True)
+    assert sum(int(b[0].shape[0]) for b in ds) == 4  # the first shard, then the stream ended
+    with pytest.raises(ShardError, match="named by manifest.json is missing"):
+        stream.check()
+
+    stream = ShardStream(cache, refs, shuffle=False, repeat=True)
+    ds = inp.make_dataset(stream, image_size=SIZE, batch_size=2, training=True, shuffle_buffer=1, counted=True)
+    model = keras.Sequential([keras.layers.GlobalAveragePooling2D(input_shape=(SIZE, SIZE, 3)),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    with pytest.raises(ShardError, match="missing"):
+        model.fit(ds.map(lambda x, y, w, skipped: (x, y)), epochs=3, steps_per_epoch=4, verbose=0,
+                  callbacks=[StreamCheck([stream])])
+    cache.close()
+    assert np.isfinite(model.get_weights()[0]).all()
+
+
 def test_second_process_on_the_same_cache_folder_gets_its_own(tmp_path):
     first = ShardCache(str(tmp_path / "rank-0"), StorageConfig())
     second = ShardCache(str(tmp_path / "rank-0"), StorageConfig())
