@@ -9,6 +9,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from pipeline import native_logs
 from pipeline import storage as st
 from pipeline.config import Config, load_config
 from pipeline.errors import JobFailed, QualityGateFailed, UsageError
@@ -37,6 +38,8 @@ def make_parser(prog: str, description: str, *, config: bool = True) -> argparse
         )
         parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also the start-up notices of TensorFlow and Ray that are hidden by default")
     return parser
 
 
@@ -52,7 +55,10 @@ def resolve_config(args: argparse.Namespace, flags: dict) -> Config:
     return cfg
 
 
-def setup_logging(quiet: bool = False) -> None:
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    if verbose:
+        os.environ[native_logs.VERBOSE_ENV] = "1"  # inherited by a local Ray's processes
+        native_logs.uninstall()
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -77,10 +83,15 @@ def start_ray(cfg: Config) -> None:
     kwargs: dict = {"address": address, "logging_level": logging.WARNING}
     if address is None:
         kwargs.update(runtime_env={"env_vars": env}, include_dashboard=False)
+        if not native_logs.verbose():
+            # A private Ray on this machine: Ray's notice about its default
+            # authentication mode says nothing to act on.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
         raise UsageError(f"cannot connect to Ray at {address}: {exc}") from None
+    native_logs.filter_ray_worker_logs()
     log.info("ray: %s", ray.get_runtime_context().gcs_address)
 
 

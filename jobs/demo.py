@@ -24,7 +24,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--workdir", default="demo_output", help="where images, shards and outputs go")
     parser.add_argument("--per-class", type=int, default=60, help="demo images per class")
     args = parser.parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.verbose)
     workdir = os.path.abspath(args.workdir)
     images = os.path.join(workdir, "images")
     shards = os.path.join(workdir, "shards")

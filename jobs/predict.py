@@ -24,7 +24,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--allow-unsafe-model", action="store_true",
                         help="load models that carry code (Lambda layers); only for models you trust")
     args = parser.parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(args, {})
     results = predict_files(cfg, args.model, args.images, args.top_k, args.allow_unsafe_model)
     for uri, labels, scores, error in results:

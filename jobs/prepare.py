@@ -25,7 +25,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--max-side", type=int, help="downsize images whose longer side is larger (default: keep)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already prepared at DST")
     args = parser.parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(
         args,
         {

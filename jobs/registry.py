@@ -24,7 +24,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--name", required=True, help="model name")
     parser.add_argument("--version", help="version for show (default: production) and promote")
     args = parser.parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(args, {})
     storage, uri, name = cfg.storage, args.registry, args.name
 

@@ -35,7 +35,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--allow-unsafe-model", action="store_true",
                         help="load models that carry code (Lambda layers); only for models you trust")
     args = parser.parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(
         args,
         {

@@ -22,7 +22,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--registry", help="register the run in this model registry (any fsspec URI)")
     parser.add_argument("--name", help="model name in the registry")
     args = parser.parse_args(argv)
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(args, {"registry.uri": args.registry, "registry.name": args.name})
     plan = plan_training(cfg, args.data, args.output)
     start_ray(cfg)

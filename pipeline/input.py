@@ -69,6 +69,15 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return max(1, math.ceil(num_examples / global_batch))
 
 
+# TFRecordDataset's own default (256 KiB), said explicitly: left unset, it logs
+# a notice per file opened.
+READ_BUFFER_BYTES = 256 * 1024
+
+
+def read_records(path) -> tf.data.Dataset:
+    return tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES)
+
+
 def decode_example(serialized: tf.Tensor, dct_method: str = preprocess.ACCURATE) -> tuple[tf.Tensor, tf.Tensor]:
     """A shard record -> (uint8 HxWx3 image, int32 label), with the recipe's
     decoder (``pipeline.preprocess.decode_image``: JPEG with the accurate IDCT,
@@ -206,10 +215,10 @@ def make_dataset(
             paths = paths.repeat()
     if assignment.record_stride > 1:
         # A fixed order, so that the workers' stripes stay disjoint.
-        records = paths.flat_map(tf.data.TFRecordDataset).shard(assignment.record_stride, assignment.record_offset)
+        records = paths.flat_map(read_records).shard(assignment.record_stride, assignment.record_offset)
     else:
         records = paths.interleave(
-            tf.data.TFRecordDataset,
+            read_records,
             cycle_length=max(1, min(num_paths, read_parallelism)),
             num_parallel_calls=AUTOTUNE,
             deterministic=not training,

@@ -262,7 +262,7 @@ def find_bad_records(cache: ShardCache, refs: dict, assign: dict, cfg: Config, o
     for split in ("train", "validation"):
         for i in assign[split].shards:
             ref = refs[split][i]
-            for position, record in enumerate(tf.data.TFRecordDataset(cache.local_path(ref))):
+            for position, record in enumerate(inp.read_records(cache.local_path(ref))):
                 if assign[split].record_stride > 1 and position % assign[split].record_stride != assign[split].record_offset:
                     continue
                 try:

@@ -133,6 +133,12 @@ def test_training_driver_killed_mid_run_resumes_on_rerun(learnable_shards, tmp_p
     code, log = finish(train_cli(data, out))
     assert code == 0, log[-3000:]
     assert "(resuming)" in log
+    # A run that worked looks like one: no native start-up notices or Ray
+    # notices from the driver or any worker, and it ends with the summary.
+    for notice in ("E0000", "cuInit", "absl::InitializeLog", "I0000", "oneDNN", "cudart_stub",
+                   "Failed to query Ray Train Controller", "PreemptionWatcher", "Token authentication"):
+        assert notice not in log, (notice, log[-3000:])
+    assert "trained in" in log
     summary = json.load(open(out / "summary.json"))
     assert summary["resumed"] and epochs_of(summary) == [("finetune", i) for i in (1, 2, 3)]
 

@@ -1,0 +1,50 @@
+"""Start-up notices are hidden; everything else written to stderr is kept."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from pipeline import native_logs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTICES = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1796257811.950480   15433 port.cc:153] oneDNN custom operations are on.",
+    "To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the appropriate "
+    "compiler flags.",
+]
+CUINIT = "E0000 00:00:1796257821.649468   15433 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error"
+REAL = ["E0000 00:00:1.0 1 op_kernel.cc:1] a real error", "W0000 00:00:1.0 1 x.cc:1] a warning",
+        "Traceback (most recent call last):"]
+
+
+def test_notices_are_dropped_and_everything_else_kept(capfd):
+    with native_logs.filtered_stderr():
+        os.write(2, ("\n".join(NOTICES + REAL + [CUINIT]) + "\n").encode())
+    err = capfd.readouterr().err
+    assert err.splitlines() == REAL + ([CUINIT] if native_logs.has_nvidia_driver() else [])
+
+
+def test_ray_worker_output_is_filtered_line_by_line():
+    got = []
+    handler = native_logs._FilteredWorkerLogs(got.append)
+    handler({"pid": 1, "is_err": True, "lines": NOTICES + ["Failed to query Ray Train Controller actor state. "
+                                                            "State API may be temporarily unavailable."]})
+    assert got == []
+    handler({"pid": 1, "is_err": True, "lines": [NOTICES[0], REAL[0]]})
+    assert got == [{"pid": 1, "is_err": True, "lines": [REAL[0]]}]
+
+
+def run_python(code: str, **env) -> str:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env}).stderr
+
+
+def test_importing_tensorflow_through_the_package_is_quiet_and_verbose_brings_it_back():
+    code = "import pipeline, tensorflow as tf, sys; tf.constant(1) + 1; print('after', file=sys.stderr)"
+    quiet = run_python(code, INCEPTION_RAY_VERBOSE="0")
+    assert quiet.strip().splitlines() == ["after"], quiet
+    loud = run_python(code, INCEPTION_RAY_VERBOSE="1")
+    assert "absl::InitializeLog" in loud and loud.strip().endswith("after")
