@@ -1,5 +1,11 @@
 # `make test` and `make demo` each build or refresh .venv from scratch, then run.
-PYTHON ?= python3
+# The first interpreter in the range TensorFlow 2.21 and Ray 2.60 publish wheels
+# for (3.11-3.13); `make PYTHON=python3.12 test` picks one yourself.
+SUPPORTED := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))
+ifeq ($(origin PYTHON), undefined)
+PYTHON := $(shell for p in python3.11 python3.12 python3.13 python3 python; do \
+	$$p -c '$(SUPPORTED)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,6 +17,8 @@ venv: $(STAMP)
 
 # Re-installs whenever pyproject.toml changes; a broken or half-built .venv is rebuilt.
 $(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "no Python 3.11-3.13 found: install one and run e.g. make PYTHON=python3.12 $(MAKECMDGOALS)" >&2; exit 2; }
+	@$(PYTHON) -c '$(SUPPORTED)' || { echo "$(PYTHON) is not Python 3.11-3.13: run e.g. make PYTHON=python3.12 $(MAKECMDGOALS)" >&2; exit 2; }
 	@test -x $(PY) && $(PY) -c "import sys" 2>/dev/null || (rm -rf $(VENV) && $(PYTHON) -m venv $(VENV))
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
