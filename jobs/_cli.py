@@ -92,6 +92,7 @@ def start_ray(cfg: Config) -> None:
     except ConnectionError as exc:
         raise UsageError(f"cannot connect to Ray at {address}: {exc}") from None
     native_logs.filter_ray_worker_logs()
+    native_logs.quiet_ray_data()
     log.info("ray: %s", ray.get_runtime_context().gcs_address)
 
 

@@ -16,7 +16,8 @@ done the captured lines are written back, less the known notices:
 - the cuInit failure, only where there is no NVIDIA driver at all.
 
 ``filter_ray_worker_logs()`` drops, from the worker output Ray forwards to the
-driver, the same lines plus two notices of Ray Train's own.
+driver, the same lines plus two notices of Ray Train's own; ``quiet_ray_data()``
+leaves progress to the jobs' own lines.
 Everything else, warnings and errors included, is shown as it was. Setting
 ``INCEPTION_RAY_VERBOSE=1`` (the jobs' ``-v``) turns all filtering off.
 """
@@ -134,6 +135,22 @@ class _FilteredWorkerLogs:
         lines = [line for line in data.get("lines", []) if not is_notice(line, ray=True)]
         if lines:
             self.handler({**data, "lines": lines})
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress (a block of lines every few seconds when the
+    output is not a terminal) and start/finish notices off: the jobs log their
+    own progress, one line per unit of work."""
+    if verbose():
+        return
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ... which it then warns about.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def filter_ray_worker_logs() -> None:

@@ -82,9 +82,11 @@ def test_worker_killed_with_sigkill_resumes_from_last_checkpoint(learnable_shard
     assert json.load(open(out / "metrics.json"))["examples"] > 0
 
 
-def train_cli(data, out, *extra, env=None) -> subprocess.Popen:
+def train_cli(data, out, *extra, env=None, log=None) -> subprocess.Popen:
+    """``python -m jobs.train``; its output to a pipe (``finish``) or to the file ``log``."""
     return subprocess.Popen([sys.executable, "-m", "jobs.train", "--data", data, "--output", str(out), *QUICK, *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, stdout=open(log, "w") if log else subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
 
 
@@ -100,10 +102,13 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_training_driver_killed_before_the_first_checkpoint_starts_clean_on_rerun(learnable_shards, tmp_path):
+def test_training_driver_killed_before_and_after_the_first_checkpoint_then_resumes(learnable_shards, tmp_path):
+    """Killed before any checkpoint, a re-run starts clean; killed after one,
+    the next re-run resumes from it and every epoch runs exactly once. The
+    last, successful run looks like one: quiet, ending with the summary."""
     data, _ = learnable_shards
     out = tmp_path / "run"
-    proc = train_cli(data, out, "--set", "train.finetune.epochs=1")
+    proc = train_cli(data, out)
     deadline = time.time() + 300
     while not (out / "config.yaml").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -111,70 +116,66 @@ def test_training_driver_killed_before_the_first_checkpoint_starts_clean_on_reru
     kill_group(proc)
     assert not checkpoints(out) and not (out / "model.keras").exists() and not (out / "summary.json").exists()
 
-    code, log = finish(train_cli(data, out, "--set", "train.finetune.epochs=1"))
-    assert code == 0, log[-3000:]
-    summary = json.load(open(out / "summary.json"))
-    assert epochs_of(summary) == [("finetune", 1)] and not summary["resumed"]
-
-
-@pytest.mark.slow
-def test_training_driver_killed_mid_run_resumes_on_rerun(learnable_shards, tmp_path):
-    data, _ = learnable_shards
-    out = tmp_path / "run"
-    proc = train_cli(data, out)
+    second = tmp_path / "second.log"
+    proc = train_cli(data, out, log=second)  # starts clean, then is killed after its first checkpoint
     deadline = time.time() + 600
     while not checkpoints(out) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert checkpoints(out)
     kill_group(proc)
+    log = second.read_text()
+    assert "train: 3 classes" in log and "(resuming)" not in log, log[-3000:]  # started clean
     assert not (out / "summary.json").exists() and not (out / "model.keras").exists()
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
 
     code, log = finish(train_cli(data, out))
     assert code == 0, log[-3000:]
     assert "(resuming)" in log
+    summary = json.load(open(out / "summary.json"))
+    assert summary["resumed"] and summary["resumed_from"]["epoch"] >= 1
+    assert epochs_of(summary) == [("finetune", i) for i in (1, 2, 3)]
     # A run that worked looks like one: no native start-up notices or Ray
     # notices from the driver or any worker, and it ends with the summary.
     for notice in ("E0000", "cuInit", "absl::InitializeLog", "I0000", "oneDNN", "cudart_stub",
                    "Failed to query Ray Train Controller", "PreemptionWatcher", "Token authentication"):
         assert notice not in log, (notice, log[-3000:])
     assert "trained in" in log
-    summary = json.load(open(out / "summary.json"))
-    assert summary["resumed"] and epochs_of(summary) == [("finetune", i) for i in (1, 2, 3)]
-
-
-@pytest.mark.slow
-def test_training_driver_killed_while_publishing_finishes_on_rerun(learnable_shards, tmp_path):
-    data, _ = learnable_shards
-    out = tmp_path / "run"
-    marker = tmp_path / "killed"
-    code, log = finish(train_cli(data, out, env={FAULT_ENV: f"published:sigkill:{marker}"}))
-    assert code == -signal.SIGKILL and marker.exists(), log[-2000:]
-    assert (out / "model.keras").exists() and not (out / "summary.json").exists()  # not complete-looking
-
-    code, log = finish(train_cli(data, out))
-    assert code == 0, log[-3000:]
-    summary = json.load(open(out / "summary.json"))
-    assert epochs_of(summary) == [("finetune", i) for i in (1, 2, 3)]  # nothing retrained
-    # and a completed run is never overwritten
-    code, log = finish(train_cli(data, out))
-    assert code == 2 and "completed run" in log
 
 
 SENTINEL = "SENTINEL-9f2c4e-SECRET"
 
 
 @pytest.mark.slow
-def test_secrets_never_reach_logs_configs_or_artifacts(learnable_shards, tmp_path):
+def test_driver_killed_while_publishing_finishes_on_rerun_and_secrets_never_reach_logs_or_files(
+        learnable_shards, tmp_path):
+    """Killed after the model was written but before summary.json, a re-run
+    publishes without training again, and a completed run is never overwritten.
+    All three runs carry credentials (config and environment): none of them
+    reaches the output, the run directory or Ray's own session files."""
     data, _ = learnable_shards
     out = tmp_path / "run"
+    marker = tmp_path / "killed"
     ray_tmp = tempfile.mkdtemp(prefix="ir-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    proc = train_cli(data, out, "--set", "train.finetune.epochs=1",
-                     "--set", f"storage.secret_access_key={SENTINEL}", "--set", "storage.access_key_id=AKIDSENTINEL00",
-                     env={"AWS_SECRET_ACCESS_KEY": SENTINEL, "RAY_TMPDIR": ray_tmp})
-    code, log = finish(proc)
+    secret = ["--set", f"storage.secret_access_key={SENTINEL}", "--set", "storage.access_key_id=AKIDSENTINEL00"]
+    env = {"AWS_SECRET_ACCESS_KEY": SENTINEL, "RAY_TMPDIR": ray_tmp}
+    logs = []
+    code, log = finish(train_cli(data, out, *secret, env={**env, FAULT_ENV: f"published:sigkill:{marker}"}))
+    logs.append(log)
+    assert code == -signal.SIGKILL and marker.exists(), log[-2000:]
+    assert (out / "model.keras").exists() and not (out / "summary.json").exists()  # not complete-looking
+
+    code, log = finish(train_cli(data, out, *secret, env=env))
+    logs.append(log)
     assert code == 0, log[-3000:]
-    assert SENTINEL not in log and "AKIDSENTINEL00" not in log
+    summary = json.load(open(out / "summary.json"))
+    assert epochs_of(summary) == [("finetune", i) for i in (1, 2, 3)]  # nothing retrained
+    # and a completed run is never overwritten
+    code, log = finish(train_cli(data, out, *secret, env=env))
+    logs.append(log)
+    assert code == 2 and "completed run" in log
+
+    for log in logs:
+        assert SENTINEL not in log and "AKIDSENTINEL00" not in log
     assert "**********" in (out / "config.yaml").read_text()
     scanned = 0
     for folder in (out, ray_tmp):
