@@ -711,9 +711,111 @@ def test_workflow_submits_with_the_runtime_env_and_reports_the_gate():
         assert '--address "$RAY_ADDRESS"' in run
     (train,) = [s for s in submits if "jobs.train" in s["run"]]
     assert "${{ github.run_id }}" in workflow()["jobs"]["retrain"]["env"]["RUN_OUTPUT"]
-    report = [s for s in steps if "GITHUB_STEP_SUMMARY" in s.get("run", "")]
-    assert report and report[0]["if"].startswith("always()")
-    assert "summary.json" in report[0]["run"] and "code == 3" in report[0]["run"]
+    (report,) = [s for s in steps if "infra/ci/report_gate.py" in s.get("run", "")]
+    assert report["if"].startswith("always()")
+    assert '--job-id "$SUBMISSION_ID-train" --run-output "$RUN_OUTPUT"' in report["run"]
+
+
+# --- the retrain report: infra/ci/report_gate.py ---------------------------------------------
+
+REPORT = INFRA / "ci" / "report_gate.py"
+
+
+def sample_summary(promoted: bool | None) -> dict:
+    """A train summary.json as pipeline.train writes it; promoted None: no registry."""
+    summary = {"job": "train", "output": "s3://b/runs/7", "min_val_accuracy": None,
+               "metrics": {"examples": 120, "accuracy": 0.81, "top_k": 3, "top_k_accuracy": 0.97, "macro_f1": 0.8},
+               "history": [{"phase": "finetune", "epoch": 1, "loss": 0.5}], "registry": None}
+    if promoted is not None:
+        summary["registry"] = {
+            "registry": "s3://b/registry", "name": "flowers", "version": "20261201-031700-abc123",
+            "accuracy": 0.81, "production_before": "20261124-031700-def456", "production_accuracy": 0.84,
+            "tolerance": 0.0, "promoted": promoted,
+            "reason": "no production version yet" if promoted else "accuracy 0.8100 below production's 0.8400 - 0.0",
+            "production": "20261201-031700-abc123" if promoted else "20261124-031700-def456"}
+    return summary
+
+
+def run_report(tmp_path: Path, code: int, summary: dict | None, *flags: str) -> tuple[int, str, str]:
+    """(exit status, stdout with the annotations, the run summary written)."""
+    step_summary = tmp_path / "step_summary.md"
+    step_summary.write_text("")
+    args = [sys.executable, str(REPORT), "--exit-code", str(code), "--run-output", "s3://b/runs/7", *flags]
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+        args += ["--summary", str(tmp_path / "summary.json")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**OFFLINE_ENV, "GITHUB_STEP_SUMMARY": str(step_summary)})
+    assert not done.stderr, done.stderr
+    return done.returncode, done.stdout, step_summary.read_text()
+
+
+def annotations(stdout: str) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^::(error|warning|notice) title=([^:]*)::", stdout, re.M)]
+
+
+def test_report_promoted_is_green_with_a_notice(tmp_path):
+    code, out, md = run_report(tmp_path, 0, sample_summary(True), "--fail-if-not-promoted")
+    assert code == 0 and annotations(out) == [("notice", "Promoted")]
+    assert md.startswith("## Retrain: trained, promoted to production (exit code 0)")
+    assert "version 20261201-031700-abc123" in md and '"history"' not in md
+
+
+def test_report_not_promoted_is_a_warning_with_the_reason(tmp_path):
+    summary = sample_summary(False)
+    reason = summary["registry"]["reason"]
+    code, out, md = run_report(tmp_path, 0, summary)
+    assert code == 0, "without --fail-if-not-promoted the run stays green"
+    assert annotations(out) == [("warning", "Not promoted")]
+    assert reason in out and "production stays 20261124-031700-def456" in out
+    assert md.startswith("## Retrain: trained, NOT promoted (exit code 0)")
+    assert f"**not promoted**: {reason}" in md.split("\n\n")[1], "the reason sits at the top of the summary"
+    # The input fail_on_not_promoted: the same report, as an error, and the step fails.
+    code, out, md = run_report(tmp_path, 0, summary, "--fail-if-not-promoted")
+    assert code == 1 and annotations(out) == [("error", "Not promoted")] and reason in out
+
+
+def test_report_failed_job_keeps_its_exit_code(tmp_path):
+    code, out, md = run_report(tmp_path, 1, None, "--verdict", "failed: training failed: OOM")
+    assert code == 1 and annotations(out) == [("error", "Training failed (exit 1)")]
+    assert "failed: training failed: OOM" in out and "no summary.json" in md
+    gate = sample_summary(False)
+    gate["min_val_accuracy"] = 0.9
+    code, out, md = run_report(tmp_path, 3, gate, "--verdict", "quality gate: validation accuracy 0.8100 is below")
+    assert code == 3 and annotations(out) == [("error", "Quality gate not met")]
+    assert md.startswith("## Retrain: quality gate not met (exit code 3)")
+    code, out, _ = run_report(tmp_path, 0, sample_summary(None))
+    assert code == 0 and annotations(out) == []
+
+
+def test_report_annotation_messages_are_escaped():
+    sys.path.insert(0, str(REPORT.parent))
+    try:
+        import report_gate
+    finally:
+        sys.path.remove(str(REPORT.parent))
+    line = report_gate.annotation("warning", "Not promoted: a, b", "100% sure\nsecond line")
+    assert line == "::warning title=Not promoted%3A a%2C b::100%25 sure%0Asecond line"
+
+
+def test_workflow_wires_the_fail_on_not_promoted_input(tmp_path):
+    wf = workflow()
+    fail_input = workflow_on(wf)["workflow_dispatch"]["inputs"]["fail_on_not_promoted"]
+    assert fail_input["type"] == "boolean" and fail_input["default"] is False
+    (report,) = [s for s in workflow_steps(wf) if "infra/ci/report_gate.py" in s.get("run", "")]
+    assert "inputs.fail_on_not_promoted" in report["env"]["FAIL_ON_NOT_PROMOTED"]
+    assert "vars.RETRAIN_FAIL_ON_NOT_PROMOTED" in report["env"]["FAIL_ON_NOT_PROMOTED"]
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text('#!/bin/sh\necho "$*"\n')
+    (shim / "python").chmod(0o755)
+    for setting, expected in (("true", True), ("false", False)):
+        env = {"PATH": f"{shim}{os.pathsep}/usr/bin{os.pathsep}/bin", "FAIL_ON_NOT_PROMOTED": setting,
+               "SUBMISSION_ID": "retrain-1-1", "RUN_OUTPUT": "s3://b/runs/1"}
+        ran = subprocess.run(["bash", "-e", "-c", report["run"]], capture_output=True, text=True, env=env, timeout=30)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.startswith("infra/ci/report_gate.py --job-id retrain-1-1-train --run-output s3://b/runs/1")
+        assert ("--fail-if-not-promoted" in ran.stdout) is expected
 
 
 # --- entrypoints ------------------------------------------------------------------------------
