@@ -896,3 +896,34 @@ def test_no_credentials_in_runtime_envs():
                                        for doc in yaml.safe_load_all(path.read_text())]
     for env in envs:
         assert not [k for k in env.get("env_vars", {}) if AWS_SECRET_NAMES.match(k) or k.startswith("AWS_")]
+
+
+# --- the image carries the ImageNet weights ------------------------------------------------------
+
+def test_dockerfile_bakes_the_imagenet_weights_into_the_keras_cache():
+    from pipeline.model import IMAGENET_NO_TOP_FILE
+
+    instructions = dockerfile_instructions()
+    words = [word for word, _ in instructions]
+    env = {}
+    for word, args in instructions:
+        if word == "ENV":
+            env.update(item.partition("=")[::2] for item in shlex.split(args))
+    user = [args for word, args in instructions if word == "USER"][-1]
+    home = dockerfile_workdir().rsplit("/", 1)[0]
+    assert home == f"/home/{user}", "the WORKDIR is under the image user's home"
+    keras_home = env.get("KERAS_HOME")
+    assert keras_home == f"{home}/.keras", "KERAS_HOME: the image user's Keras cache"
+    cached = f"{keras_home}/models/{IMAGENET_NO_TOP_FILE}"
+    (at,) = [i for i, (word, args) in enumerate(instructions) if word == "RUN" and IMAGENET_NO_TOP_FILE in args]
+    run = instructions[at][1]
+    steps = [s.strip() for s in run.split("&&")]
+    assert steps[0] == f"mkdir -p {keras_home}/models", "tf_keras falls back to /tmp/.keras without ~/.keras"
+    fetch = re.fullmatch(r"python -c \"(.*)\"", steps[1])
+    assert fetch, steps[1]
+    assert "InceptionV3(include_top=False, weights='imagenet')" in fetch.group(1)
+    assert steps[2] == f"test -s {cached}"
+    # Fetched as the image's user (into its home), after TensorFlow is installed,
+    # before the code layers (a code change does not fetch them again).
+    assert words.index("USER") < at and any("tf-keras==" in a for w, a in instructions[:at] if w == "RUN")
+    assert at < words.index("COPY")
