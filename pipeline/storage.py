@@ -377,15 +377,16 @@ def check_writable(uri: str, storage: StorageConfig) -> None:
 
 
 def _check_writable_without_writing(uri: str, storage: StorageConfig) -> None:
-    try:
-        fs, path = get_fs(uri, storage)
-        if not is_local(uri):
-            fs.exists(path)  # reachable, credentials accepted
-            return
-    except StorageCheckFailed:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"cannot reach {uri}: {describe_error(exc)}") from None
+    fs, path = get_fs(uri, storage)  # an object store's first use probes it (StorageCheckFailed)
+    if not is_local(uri):
+        bucket = path.split("/", 1)[0]
+        try:
+            found = fs.exists(bucket)
+        except Exception:  # noqa: BLE001 - not visible to these credentials: the real run's probe write decides
+            found = True
+        if not found:
+            raise UsageError(f"cannot write to {uri}: bucket {bucket} does not exist")
+        return
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"cannot write to {uri}: it is a file, not a folder")
     parent = path

@@ -144,6 +144,19 @@ def test_prepare_dry_run_writes_nothing(images, tmp_path, capsys):
     assert code == 2 and "error:" in out and not dst.exists()
 
 
+@pytest.mark.s3
+def test_prepare_dry_run_to_s3_writes_nothing(s3_bucket, images, capsys):
+    fs, bucket = s3_bucket
+    fs.put(str(images), f"{bucket}/raw", recursive=True)
+    before = sorted(fs.find(bucket))
+    code, out = call("prepare", ["--src", f"s3://{bucket}/raw", "--dst", f"s3://{bucket}/shards", "--dry-run"], capsys)
+    assert code == 0, out
+    assert sorted(fs.find(bucket)) == before and f"12 files under s3://{bucket}/raw" in out
+    code, out = call("prepare", ["--src", f"s3://{bucket}/raw", "--dst", "s3://no-such-bucket-here/shards",
+                                 "--dry-run"], capsys)
+    assert code == 2 and "bucket no-such-bucket-here does not exist" in out, out
+
+
 def test_prepare_skip_existing_leaves_prepared_shards_alone(shards, images, capsys):
     before = snapshot(shards)
     code, out = call("prepare", ["--src", str(images), "--dst", str(shards), "--skip-existing"], capsys)
