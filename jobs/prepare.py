@@ -11,9 +11,8 @@ The source is laid out like Keras ``flow_from_directory``: ``SRC/<class>/...`` o
 from __future__ import annotations
 
 import sys
-from typing import Sequence
-
 from collections import Counter
+from typing import Sequence
 
 from jobs._cli import dry_run_report, make_parser, ray_target, resolve_config, run, setup_logging, start_ray
 from pipeline import storage as st
