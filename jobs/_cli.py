@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
+import tomllib
 import traceback
+from pathlib import Path
 from typing import Callable, Sequence
 
 from pipeline import native_logs
@@ -24,8 +27,39 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def make_parser(prog: str, description: str, *, config: bool = True) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description)
+PACKAGE = "inception-ray"
+
+EPILOG = """\
+--dry-run checks the inputs as a real run does, prints what would run and
+exits 0 (2 on a usage or input error); it starts no Ray and writes nothing.
+Exit codes: 0 success, 1 failed while running, 2 usage, configuration or input
+error, 3 quality gate not met (jobs.train), 130 interrupted."""
+
+
+def package_version() -> str:
+    """The installed package's version; from pyproject.toml beside jobs/ when the
+    code runs uninstalled (e.g. a Ray job's uploaded working dir)."""
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+        if project["name"] == PACKAGE:
+            return project["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        pass
+    return "unknown"
+
+
+def make_parser(prog: str, doc: str, *, config: bool = True,
+                version_flags: Sequence[str] = ("-V", "--version")) -> argparse.ArgumentParser:
+    """The job's parser: ``doc`` (the module docstring: a summary line and usage
+    examples) is the help text, kept as written."""
+    parser = _Parser(prog=prog, description=doc.strip("\n"), epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(*version_flags, action="version", version=f"{PACKAGE} {package_version()}",
+                        help="print the package version and exit")
     if config:
         parser.add_argument("--config", metavar="FILE.yaml", help="experiment config (YAML, any fsspec URI)")
         parser.add_argument(
@@ -37,10 +71,26 @@ def make_parser(prog: str, description: str, *, config: bool = True) -> argparse
             help="override a config value by dotted key (repeatable), e.g. --set train.transfer.epochs=3",
         )
         parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the inputs, print what would run and exit; start nothing, write nothing")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also the start-up notices of TensorFlow and Ray that are hidden by default")
     return parser
+
+
+def dry_run_report(job: str, lines: Sequence[str]) -> int:
+    """Print a dry run's plan (after planning inside ``storage.read_only()``)."""
+    print(f"dry run: {job} would")
+    for line in lines:
+        print(f"  {line}")
+    print("nothing was started or written")
+    return 0
+
+
+def ray_target(cfg: Config) -> str:
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    return f"the Ray cluster at {address}" if address else "a local Ray started by this process"
 
 
 def resolve_config(args: argparse.Namespace, flags: dict) -> Config:

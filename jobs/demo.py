@@ -1,6 +1,7 @@
 """The embedded demo: no cloud, no GPU, local paths, a local Ray.
 
     python -m jobs.demo --workdir demo_output
+    python -m jobs.demo --workdir /tmp/demo --per-class 30 --dry-run
 
 Generates the built-in image tree, then runs the jobs on it exactly as a user
 would (same entry points, same flags) and prints where the outputs are.
@@ -14,13 +15,13 @@ import time
 from typing import Sequence
 
 from jobs import predict, prepare, score, train
-from jobs._cli import make_parser, resolve_config, run, setup_logging, start_ray
+from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging, start_ray
 from pipeline import demo_data
 from pipeline.prepare import split_by_hash
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = make_parser("jobs.demo", __doc__.splitlines()[0], config=False)
+    parser = make_parser("jobs.demo", __doc__, config=False)
     parser.add_argument("--workdir", default="demo_output", help="where images, shards and outputs go")
     parser.add_argument("--per-class", type=int, default=60, help="demo images per class")
     args = parser.parse_args(argv)
@@ -30,6 +31,20 @@ def main(argv: Sequence[str]) -> int:
     shards = os.path.join(workdir, "shards")
     run_dir = os.path.join(workdir, "runs", time.strftime("run-%Y%m%d-%H%M%S"))
     config = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+    if args.dry_run:
+        # The later steps plan on what the earlier ones write: only the steps.
+        have = os.path.isdir(images)
+        return dry_run_report("jobs.demo", [
+            f"reuse the images under {images}" if have else
+            f"write {args.per_class} images per class ({len(demo_data.CLASSES)} classes) under {images}",
+            "start a local Ray, then run:",
+            f"  python -m jobs.prepare --src {images} --dst {shards} --overwrite",
+            f"  python -m jobs.train --data {shards} --output {run_dir} --config {config}",
+            f"  python -m jobs.predict --model {run_dir} <3 validation images> --top-k 3 "
+            f"--plot {os.path.join(run_dir, 'predict.png')}",
+            f"  python -m jobs.score --model {run_dir} --images {os.path.join(workdir, 'validation.txt')} "
+            f"--output {os.path.join(run_dir, 'scores')}",
+        ])
 
     if not os.path.isdir(images):
         count = demo_data.generate(images, per_class=args.per_class)

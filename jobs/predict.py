@@ -1,6 +1,11 @@
 """Top-k predictions for a few images, optionally drawn as bar charts.
 
     python -m jobs.predict --model RUN_URI IMAGE... [--plot out.png] [--top-k 5]
+    python -m jobs.predict --model 's3://bucket/registry#flowers' photo1.jpg s3://bucket/photo2.png
+    python -m jobs.predict --model demo_output/runs/RUN a.png b.png --plot predict.png --dry-run
+
+Runs in this process (no Ray); --model is a run directory, a model file, or
+REGISTRY#name (its production version).
 """
 
 from __future__ import annotations
@@ -10,13 +15,13 @@ from typing import Sequence
 
 import numpy as np
 
-from jobs._cli import make_parser, resolve_config, run, setup_logging
+from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging
 from pipeline import storage as st
 from pipeline.errors import UsageError
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = make_parser("jobs.predict", __doc__.splitlines()[0])
+    parser = make_parser("jobs.predict", __doc__)
     parser.add_argument("--model", required=True, help="run directory, model file, or REGISTRY#name")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or URIs)")
     parser.add_argument("--top-k", type=int, default=5)
@@ -26,6 +31,10 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(args, {})
+    if args.dry_run:
+        with st.read_only():
+            lines = plan_predict(cfg, args.model, args.images, args.top_k, args.plot)
+        return dry_run_report("jobs.predict", lines)
     results = predict_files(cfg, args.model, args.images, args.top_k, args.allow_unsafe_model)
     for uri, labels, scores, error in results:
         if error:
@@ -37,6 +46,26 @@ def main(argv: Sequence[str]) -> int:
         draw(cfg, results, args.plot)
         print(f"plot: {args.plot}")
     return 0 if any(r[3] is None for r in results) else 1
+
+
+def plan_predict(cfg, model_uri: str, images: Sequence[str], top_k: int, plot) -> list[str]:
+    """What a real run would do, after checking that the model and every image exist."""
+    from pipeline.artifact import check_model_uri
+    from pipeline.registry import resolve_model
+
+    location, shown = resolve_model(model_uri, cfg.storage)
+    model_file = check_model_uri(location, cfg.storage)
+    for uri in images:
+        try:
+            found = st.exists(uri, cfg.storage)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"cannot read {uri}: {st.describe_error(exc)}") from None
+        if not found:
+            raise UsageError(f"image not found: {uri}")
+    lines = [f"load {shown} ({model_file})", f"print the top {top_k} classes of {len(images)} images"]
+    if plot:
+        lines.append(f"draw them with bar charts into {plot}")
+    return lines
 
 
 def predict_files(cfg, model_uri: str, images: Sequence[str], top_k: int, allow_unsafe: bool = False):

@@ -4,6 +4,10 @@
     python -m jobs.registry show     --registry URI --name NAME [--version V]
     python -m jobs.registry promote  --registry URI --name NAME --version V
     python -m jobs.registry rollback --registry URI --name NAME
+    python -m jobs.registry promote  --registry URI --name NAME --version V --dry-run
+
+Here --version names a model version; `python -m jobs.registry --version` (or -V)
+alone prints the package version.
 """
 
 from __future__ import annotations
@@ -12,21 +16,28 @@ import json
 import sys
 from typing import Sequence
 
-from jobs._cli import make_parser, resolve_config, run, setup_logging
+from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging
 from pipeline import registry as reg
+from pipeline import storage as st
 from pipeline.errors import UsageError
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = make_parser("jobs.registry", __doc__.splitlines()[0])
+    if list(argv) == ["--version"]:
+        argv = ["-V"]  # alone, --version is the package's
+    parser = make_parser("jobs.registry", __doc__, version_flags=("-V",))
     parser.add_argument("action", choices=["list", "show", "promote", "rollback"])
     parser.add_argument("--registry", required=True, help="registry URI")
     parser.add_argument("--name", required=True, help="model name")
-    parser.add_argument("--version", help="version for show (default: production) and promote")
+    parser.add_argument("--version", help="model version for show (default: production) and promote")
     args = parser.parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(args, {})
     storage, uri, name = cfg.storage, args.registry, args.name
+    if args.dry_run:
+        with st.read_only():
+            lines = plan_action(args.action, uri, name, args.version, storage)
+        return dry_run_report("jobs.registry", lines)
 
     if args.action == "list":
         print_table(reg.list_versions(uri, name, storage), reg.read_production(uri, name, storage))
@@ -48,6 +59,30 @@ def main(argv: Sequence[str]) -> int:
         pointer = reg.rollback(uri, name, storage)
         print(f"production of '{name}' rolled back to {pointer['version']}")
     return 0
+
+
+def plan_action(action: str, uri: str, name: str, version, storage) -> list[str]:
+    """What ``action`` would do, checked against the registry as it is now."""
+    pointer = reg.read_production(uri, name, storage)
+    current = (pointer or {}).get("version")
+    if action == "list":
+        return [f"list the {len(reg.list_versions(uri, name, storage))} versions of '{name}' in {uri}"]
+    if action == "show":
+        version = version or current
+        if not version:
+            raise UsageError(f"'{name}' has no production version; pass --version")
+        reg.get_version(uri, name, version, storage)
+        return [f"show version {version} of '{name}'"]
+    if action == "promote":
+        if not version:
+            raise UsageError("promote needs --version")
+        reg.get_version(uri, name, version, storage)
+        return [f"make version {version} the production version of '{name}' (now: {current or 'none'})"]
+    if not pointer or not pointer.get("history"):
+        raise UsageError(f"'{name}' has no earlier production version to roll back to")
+    previous = pointer["history"][-1]
+    reg.get_version(uri, name, previous, storage)
+    return [f"roll '{name}' back from version {current} to {previous}"]
 
 
 def print_table(versions: list[dict], pointer) -> None:

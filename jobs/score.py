@@ -2,6 +2,10 @@
 
     python -m jobs.score --model RUN_URI|REGISTRY#name --images s3://bucket/images --output s3://bucket/scores
                          [--batch-size 64] [--top-k 5] [--concurrency N] [--rows-per-file 100000]
+    python -m jobs.score --model 's3://bucket/registry#flowers' --images s3://bucket/incoming/ \
+                         --output s3://bucket/scores/2026-12-01
+    python -m jobs.score --model demo_output/runs/RUN --images demo_output/validation.txt \
+                         --output demo_output/scores --dry-run
 
 One row per input file (uri, label, score, top_k_labels, top_k_scores, error,
 model); files that cannot be read or decoded get a row with ``error`` set.
@@ -13,13 +17,13 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from jobs._cli import make_parser, resolve_config, run, setup_logging, start_ray
+from jobs._cli import dry_run_report, make_parser, ray_target, resolve_config, run, setup_logging, start_ray
 from pipeline.score import SUMMARY_NAME, plan_score, run_score
 from pipeline import storage as st
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = make_parser("jobs.score", __doc__.splitlines()[0])
+    parser = make_parser("jobs.score", __doc__)
     parser.add_argument("--model", required=True, help="run directory, model file, or REGISTRY#name (its production version)")
     parser.add_argument("--images", required=True,
                         help="folder/prefix scanned recursively for image files, or a list of URIs "
@@ -45,6 +49,16 @@ def main(argv: Sequence[str]) -> int:
             "score.rows_per_file": args.rows_per_file,
         },
     )
+    if args.dry_run:
+        with st.read_only():
+            plan = plan_score(cfg, args.model, args.images, args.output,
+                              overwrite=args.overwrite, allow_unsafe=args.allow_unsafe_model)
+        return dry_run_report("jobs.score", [
+            f"score {plan.images} images from {plan.source} with {plan.model} (top {plan.top_k})",
+            f"write {len(plan.chunks)} Parquet files and {SUMMARY_NAME} to {plan.output}"
+            + (f", keeping {len(plan.committed)} committed before" if plan.committed else ""),
+            f"run on {ray_target(cfg)}",
+        ])
     plan = plan_score(cfg, args.model, args.images, args.output,
                       overwrite=args.overwrite, allow_unsafe=args.allow_unsafe_model)
     start_ray(cfg)

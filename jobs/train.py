@@ -1,8 +1,13 @@
 """Fine-tune InceptionV3 on prepared shards with Ray Train + MultiWorkerMirroredStrategy.
 
     python -m jobs.train --data s3://bucket/shards --output s3://bucket/runs/run-1 [--config FILE] [--set k=v ...]
+    python -m jobs.train --data s3://bucket/shards --output s3://bucket/runs/run-2 \
+        --config jobs/configs/inceptionv3_imagenet.yaml --registry s3://bucket/registry --name flowers
+    python -m jobs.train --data demo_output/shards --output demo_output/runs/try --config jobs/configs/demo.yaml --dry-run
 
 Re-running the same command with the same --output resumes an interrupted run.
+With --registry and --name the run is registered and promoted to production
+when it passes the gate (registry.tolerance, train.min_val_accuracy).
 """
 
 from __future__ import annotations
@@ -10,13 +15,14 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from jobs._cli import make_parser, resolve_config, run, setup_logging, start_ray
+from jobs._cli import dry_run_report, make_parser, ray_target, resolve_config, run, setup_logging, start_ray
+from pipeline import storage as st
 from pipeline.errors import QualityGateFailed
 from pipeline.train import check_quality_gate, plan_training, run_training
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = make_parser("jobs.train", __doc__.splitlines()[0])
+    parser = make_parser("jobs.train", __doc__)
     parser.add_argument("--data", required=True, help="prepared shards (folder holding manifest.json)")
     parser.add_argument("--output", required=True, help="run directory (local path or fsspec URI)")
     parser.add_argument("--registry", help="register the run in this model registry (any fsspec URI)")
@@ -24,6 +30,10 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(args, {"registry.uri": args.registry, "registry.name": args.name})
+    if args.dry_run:
+        with st.read_only():
+            plan = plan_training(cfg, args.data, args.output)
+        return dry_run_report("jobs.train", describe_plan(cfg, plan))
     plan = plan_training(cfg, args.data, args.output)
     start_ray(cfg)
     summary = run_training(cfg, plan)
@@ -32,6 +42,27 @@ def main(argv: Sequence[str]) -> int:
     if gate:
         raise QualityGateFailed(gate)
     return 0
+
+
+def describe_plan(cfg, plan) -> list[str]:
+    splits = plan.manifest["splits"]
+    phases = ", ".join(f"{name} {phase.epochs} epochs" for name, phase in cfg.train.phases())
+    workers = cfg.scaling.num_workers or "one per GPU (one on a cluster without GPUs)"
+    lines = [
+        f"train on {plan.data}: {len(plan.manifest['classes'])} classes, {splits['train']['num_examples']} "
+        f"training and {splits['validation']['num_examples']} validation images",
+        f"{'resume the run' if plan.resuming else 'start a new run'} in {plan.output} "
+        f"({'from its last checkpoint' if plan.resuming else 'model, metrics, plots, summary.json'})",
+        f"phases: {phases}; base weights: {cfg.model.weights}"
+        + (f", warm start from {cfg.model.init_from}" if cfg.model.init_from else ""),
+        f"Ray Train workers: {workers}, on {ray_target(cfg)}",
+    ]
+    if cfg.train.min_val_accuracy is not None:
+        lines.append(f"exit 3 if validation accuracy < train.min_val_accuracy {cfg.train.min_val_accuracy}")
+    if cfg.registry.uri:
+        lines.append(f"register the run in {cfg.registry.uri}#{cfg.registry.name} and promote it if its accuracy "
+                     f">= production's - {cfg.registry.tolerance}")
+    return lines
 
 
 def print_summary(summary: dict) -> None:

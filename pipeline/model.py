@@ -8,6 +8,7 @@ own preprocessing: scoring only decodes and resizes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Optional, Union
@@ -21,6 +22,61 @@ log = logging.getLogger(__name__)
 BASE_NAME = "inception_v3"
 HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "predictions")
 
+# tf_keras's InceptionV3 no-top ImageNet weights: the file name and MD5 that
+# its get_file() uses, under <Keras cache>/models/. The Docker image carries
+# this file (infra/docker/Dockerfile), so that workers never download it.
+IMAGENET_NO_TOP_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_NO_TOP_MD5 = "bcbd6486424b2319ff4ef7d526e38f63"
+
+
+def keras_cache_dirs() -> list[str]:
+    """Where a cached Keras download may be: $KERAS_HOME (when set), ~/.keras,
+    and /tmp/.keras (where tf_keras's get_file() writes when ~/.keras is not
+    writable)."""
+    dirs = [os.environ["KERAS_HOME"]] if os.environ.get("KERAS_HOME") else []
+    dirs += [os.path.join(os.path.expanduser("~"), ".keras"), os.path.join("/tmp", ".keras")]
+    return list(dict.fromkeys(dirs))
+
+
+def _md5(path: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_imagenet_weights() -> Optional[str]:
+    """The cached no-top ImageNet weights file, if one is present and intact."""
+    for folder in keras_cache_dirs():
+        path = os.path.join(folder, "models", IMAGENET_NO_TOP_FILE)
+        if not os.path.isfile(path):
+            continue
+        if _md5(path) == IMAGENET_NO_TOP_MD5:
+            return path
+        log.warning("ignoring %s: not the expected file (MD5 differs)", path)
+    return None
+
+
+def _imagenet_base(input_shape: tuple[int, int, int]) -> keras.Model:
+    """InceptionV3 without top, ImageNet weights from the Keras cache when present
+    (no network), else downloaded by Keras."""
+    cached = cached_imagenet_weights()
+    if cached:
+        log.info("ImageNet weights: %s", cached)
+        return keras.applications.InceptionV3(include_top=False, weights=cached, input_shape=input_shape)
+    try:
+        return keras.applications.InceptionV3(include_top=False, weights="imagenet", input_shape=input_shape)
+    except ValueError:
+        raise  # arguments (e.g. an input below 75x75), not the download
+    except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception on a failed download
+        places = ", ".join(os.path.join(d, "models") for d in keras_cache_dirs())
+        raise RuntimeError(
+            f"model.weights: imagenet: {IMAGENET_NO_TOP_FILE} is in no Keras cache ({places}) and the download "
+            f"failed ({exc}); use the image built from infra/docker/Dockerfile, which carries it, or set "
+            "model.weights to a copy of the file (local path or URI)"
+        ) from None
+
 
 def build_model(
     num_classes: int,
@@ -30,7 +86,8 @@ def build_model(
     weights_file: Optional[str] = None,
 ) -> keras.Model:
     """``weights_file`` is a local copy of no-top weights when ``cfg.weights`` is a
-    file or URI (the caller fetches it); "imagenet" downloads through Keras."""
+    file or URI (the caller fetches it); "imagenet" uses the copy in the Keras
+    cache when there is one, else downloads through Keras."""
     weights: Optional[str]
     if cfg.weights == "none":
         weights = None
@@ -40,9 +97,12 @@ def build_model(
         weights = None  # loaded below, with a clear error on mismatch
     inputs = keras.Input((image_size, image_size, 3), name="image")
     scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="inception_preprocess")(inputs)
-    base = keras.applications.InceptionV3(
-        include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
-    )
+    if weights == "imagenet":
+        base = _imagenet_base((image_size, image_size, 3))
+    else:
+        base = keras.applications.InceptionV3(
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
+        )
     base._name = BASE_NAME
     if weights_file:
         try:

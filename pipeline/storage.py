@@ -232,6 +232,34 @@ def read_json(uri: str, storage: StorageConfig):
     return json.loads(read_text(uri, storage))
 
 
+# ---------------------------------------------------------------- dry runs
+#
+# ``--dry-run`` plans exactly as a real run does, inside ``read_only()``: every
+# write through this module is refused (a bug, never a silent write), and
+# ``check_writable`` checks what it can without writing.
+
+_read_only = False
+
+
+class ReadOnlyViolation(RuntimeError):
+    """A write attempted during a dry run."""
+
+
+@contextmanager
+def read_only() -> Iterator[None]:
+    global _read_only
+    previous, _read_only = _read_only, True
+    try:
+        yield
+    finally:
+        _read_only = previous
+
+
+def _refuse_in_dry_run(uri: str) -> None:
+    if _read_only:
+        raise ReadOnlyViolation(f"dry run: refusing to write {uri}")
+
+
 def _local_tmp_name(path: str) -> str:
     head, tail = os.path.split(path)
     return os.path.join(head, f"{TMP_MARK}{uuid.uuid4().hex[:12]}-{tail}")
@@ -239,6 +267,7 @@ def _local_tmp_name(path: str) -> str:
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
     """Publish ``data`` at ``uri`` atomically."""
+    _refuse_in_dry_run(uri)
     fs, path = get_fs(uri, storage)
     if is_local(uri):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -266,6 +295,7 @@ def write_json(uri: str, obj, storage: StorageConfig) -> None:
 
 def publish_file(local_path: str, uri: str, storage: StorageConfig) -> None:
     """Move a finished local file to ``uri`` atomically (the local file is consumed)."""
+    _refuse_in_dry_run(uri)
     fs, path = get_fs(uri, storage)
     if is_local(uri):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -283,6 +313,7 @@ def publish_file(local_path: str, uri: str, storage: StorageConfig) -> None:
 
 def copy_file(src: str, dst: str, storage: StorageConfig) -> None:
     """Copy one file between any two URIs (through a local temporary file), publishing atomically."""
+    _refuse_in_dry_run(dst)
     with local_scratch() as scratch:
         local = os.path.join(scratch, "copy")
         fs, path = get_fs(src, storage)
@@ -291,6 +322,7 @@ def copy_file(src: str, dst: str, storage: StorageConfig) -> None:
 
 
 def remove(uri: str, storage: StorageConfig) -> None:
+    _refuse_in_dry_run(uri)
     fs, path = get_fs(uri, storage)
     try:
         fs.rm_file(path)
@@ -337,13 +369,41 @@ def check_source(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileS
 
 
 def check_writable(uri: str, storage: StorageConfig) -> None:
-    """Fail early, with one line, when an output location cannot be written."""
+    """Fail early, with one line, when an output location cannot be written.
+    In a dry run (``read_only``) nothing is written: a local location must be a
+    folder (or not exist yet) under a writable folder, a remote one must be
+    reachable; permission to write there is then not proven."""
+    if _read_only:
+        _check_writable_without_writing(uri, storage)
+        return
     probe = join(uri, f"{TMP_MARK}probe-{uuid.uuid4().hex[:8]}")
     try:
         write_bytes(probe, b"", storage)
         remove(probe, storage)
     except Exception as exc:  # noqa: BLE001
         raise UsageError(f"cannot write to {uri}: {describe_error(exc)}") from None
+
+
+def _check_writable_without_writing(uri: str, storage: StorageConfig) -> None:
+    fs, path = get_fs(uri, storage)  # an object store's first use probes it (StorageCheckFailed)
+    if not is_local(uri):
+        bucket = path.split("/", 1)[0]
+        try:
+            found = fs.exists(bucket)
+        except Exception:  # noqa: BLE001 - not visible to these credentials: the real run's probe write decides
+            found = True
+        if not found:
+            raise UsageError(f"cannot write to {uri}: bucket {bucket} does not exist")
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"cannot write to {uri}: it is a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent.rstrip("/")) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write to {uri}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {uri}: {parent} is not writable")
 
 
 def list_files(

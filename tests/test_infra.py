@@ -25,7 +25,9 @@ RUNTIME_ENV = INFRA / "runtime_env.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 CLUSTER = INFRA / "ray" / "cluster.yaml"
 WORKFLOW = INFRA / "ci" / "retrain.yml"
-RAYJOBS = sorted((INFRA / "k8s").glob("*.yaml"))
+RAYJOBS = sorted((INFRA / "k8s").glob("*.yaml"))  # RayJobs and the RayCronJob
+CRONJOB = INFRA / "k8s" / "retrain-raycronjob.yaml"
+KUBERAY_CRDS = ROOT / "tests" / "data" / "kuberay"
 
 # DESIGN.md "Commands (contract)": the jobs and the flags each one documents.
 # A flag used in infra/ must be in this contract and in the module's argparse source.
@@ -105,9 +107,21 @@ def workflow_steps(wf: dict) -> list[dict]:
     return [step for job in wf["jobs"].values() for step in job.get("steps", [])]
 
 
+def rayjob_spec(doc: dict) -> dict:
+    """The RayJob spec of a RayJob, or of the RayJobs a RayCronJob creates."""
+    return doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+
+
+def entrypoint_script(spec: dict) -> str:
+    """The shell text of an entrypoint: a `bash -c "..."` entrypoint's script
+    (as the submitter's shell hands it on), else the entrypoint itself."""
+    words = shlex.split(spec["entrypoint"])
+    return words[2] if words[:2] == ["bash", "-c"] and len(words) == 3 else spec["entrypoint"]
+
+
 def rayjob_containers(doc: dict) -> list[tuple[str, dict, dict]]:
     """(group, group spec, container) for the head and every worker group."""
-    spec = doc["spec"]["rayClusterSpec"]
+    spec = rayjob_spec(doc)["rayClusterSpec"]
     groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
     return [(name, group, c) for name, group in groups for c in group["template"]["spec"]["containers"]]
 
@@ -166,7 +180,7 @@ def all_entrypoints() -> list[tuple[str, str, list[str]]]:
     found = []
     for path in RAYJOBS:
         for doc in yaml.safe_load_all(path.read_text()):
-            for job, tokens in commands_in(doc["spec"]["entrypoint"]):
+            for job, tokens in commands_in(entrypoint_script(rayjob_spec(doc))):
                 found.append((f"{path.name}:entrypoint", job, tokens))
     for i, step in enumerate(workflow_steps(workflow())):
         for job, tokens in commands_in(step.get("run", "")):
@@ -217,7 +231,7 @@ def test_every_infra_yaml_parses(path):
 def test_the_infra_files_exist():
     for path in (RUNTIME_ENV, DOCKERFILE, CLUSTER, WORKFLOW):
         assert path.is_file(), path
-    assert {p.name for p in RAYJOBS} >= {"train-rayjob.yaml", "score-rayjob.yaml"}
+    assert {p.name for p in RAYJOBS} >= {"train-rayjob.yaml", "score-rayjob.yaml", CRONJOB.name}
 
 
 # --- runtime_env -----------------------------------------------------------------
@@ -240,7 +254,8 @@ def test_runtime_env_upload_excludes_heavy_folders_but_not_code():
     from ray._private.runtime_env.packaging import _get_excludes  # what `ray job submit` applies
 
     excluded = _get_excludes(ROOT, load_yaml(RUNTIME_ENV)["excludes"])
-    for heavy in (".venv", ".git", "demo_output", "jobs/__pycache__", ".pytest_cache", "x.egg-info"):
+    for heavy in (".venv", ".git", "demo_output", "jobs/__pycache__", ".pytest_cache", "x.egg-info",
+                  "tests/data/kuberay/ray.io_rayjobs.yaml"):
         assert excluded(ROOT / heavy), heavy
     for needed in ("jobs/train.py", "jobs/_cli.py", "pipeline/config.py", "jobs/configs/demo.yaml",
                    "jobs/configs/inceptionv3_imagenet.yaml", "pyproject.toml", "infra/runtime_env.yaml"):
@@ -361,20 +376,31 @@ def test_cluster_yaml_start_commands_and_auth():
     assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
 
 
-# --- KubeRay RayJobs ------------------------------------------------------------------------
+# --- KubeRay RayJobs and the RayCronJob ------------------------------------------------------
+
+# The RayJob a RayCronJob creates is named "<RayCronJob>-<minutes since 1970>".
+CRON_SUFFIX = "-29412345"
+TTL_MAX_S = 600  # minutes, not hours: idle GPU workers cost money
+
 
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
 def test_rayjob_manifest(path):
     (doc,) = list(yaml.safe_load_all(path.read_text()))
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayJob", "RayCronJob")
     # KubeRay's own checks (ValidateRayJobMetadata/Spec), with RUN_ID filled in
     # the way the header comment says.
     name = doc["metadata"]["name"].replace("RUN_ID", "20261130-120000")
+    if doc["kind"] == "RayCronJob":
+        name += CRON_SUFFIX
     assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
-    spec = doc["spec"]
+    spec = rayjob_spec(doc)
     assert spec["shutdownAfterJobFinishes"] is True
-    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
-    assert spec.get("activeDeadlineSeconds", 1) > 0 and spec.get("backoffLimit", 0) >= 0
+    # With shutdownAfterJobFinishes, the delay before KubeRay deletes the cluster.
+    ttl = spec["ttlSecondsAfterFinished"]
+    assert isinstance(ttl, int) and 0 <= ttl <= TTL_MAX_S, f"ttlSecondsAfterFinished {ttl}: GPUs idle that long"
+    assert spec.get("activeDeadlineSeconds", 1) > 0
+    assert spec.get("backoffLimit", 0) > 0, "a failed attempt is retried (and resumes)"
+    assert not spec.get("clusterSelector") and spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == pyproject_pins()["ray"]
     assert cluster.get("authOptions", {}).get("mode") == "token"
@@ -398,6 +424,223 @@ def test_rayjob_manifest(path):
             assert gpus >= 1, f"worker group {group} requests no GPU"
         assert any(src.get("secretRef") for src in container.get("envFrom", [])), f"{group}: no AWS Secret"
     assert gpu_groups, "no GPU worker group"
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_ttl_comment_says_what_it_does(path):
+    """The comment above ttlSecondsAfterFinished: KubeRay deletes the cluster that
+    long after the job finishes (with shutdownAfterJobFinishes)."""
+    lines = path.read_text().splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.strip().startswith("ttlSecondsAfterFinished:")]
+    above = []
+    for line in reversed(lines[:at]):
+        if not line.strip().startswith(("#", "shutdownAfterJobFinishes")):
+            break
+        above.insert(0, line.strip().lstrip("# "))
+    comment = " ".join(above)
+    assert re.search(r"deletes the Ray cluster .*ttlSecondsAfterFinished seconds after the\s+job finishes", comment), comment
+    assert "day" not in comment
+
+
+def test_run_directory_is_stable_across_retries():
+    """A retry re-runs the same entrypoint: its --output must not depend on the
+    attempt (a fixed RUN_ID, or the RayJob's own name)."""
+    for path in RAYJOBS:
+        (doc,) = list(yaml.safe_load_all(path.read_text()))
+        script = entrypoint_script(rayjob_spec(doc))
+        outputs = [value_of(tokens, "--output") for job, tokens in commands_in(script) if job in ("train", "score")]
+        assert outputs, path.name
+        for output in outputs:
+            assert "$(" not in output and "`" not in output and "RANDOM" not in output, f"{path.name}: {output}"
+            if doc["kind"] == "RayJob":
+                assert "RUN_ID" in output, f"{path.name}: {output}"
+            else:
+                assert output.endswith("/$RETRAIN_RUN"), f"{path.name}: {output}"
+
+
+# KubeRay copies a RayCronJob's jobTemplate into each RayJob and labels the
+# submitter pod with the RayJob's name; the submitter runs
+#   bash -ce -- '... ray job submit --address ... --no-wait ... -- <entrypoint> ; fi ; ...'
+# (ray-operator/controllers/ray/common/job.go), and `ray job submit` hands the
+# words after `--` to the head's shell as shlex.join(words).
+SUBMITTER_LABEL = "ray.io/originated-from-cr-name"
+FAKE_RAY = """#!{python}
+import shlex, sys
+args = sys.argv[1:]
+print(shlex.join(args[args.index("--") + 1:]))
+"""
+FAKE_PYTHON = """#!/bin/sh
+echo "$*" >> "$CALLS"
+"""
+
+
+def cron_doc() -> dict:
+    return load_yaml(CRONJOB)
+
+
+def submitter_env(doc: dict) -> dict:
+    (container,) = rayjob_spec(doc)["submitterPodTemplate"]["spec"]["containers"]
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def run_cron_tick(tmp_path: Path, rayjob_name: str, prepare: str) -> list[str]:
+    """The commands the head runs for one RayJob of the RayCronJob."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "ray").write_text(FAKE_RAY.format(python=sys.executable))
+    (bin_dir / "python").write_text(FAKE_PYTHON)
+    for exe in bin_dir.iterdir():
+        exe.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "CALLS": str(tmp_path / "calls"),
+           "RETRAIN_RUN": rayjob_name, "RETRAIN_PREPARE": prepare}
+    entrypoint = rayjob_spec(cron_doc())["entrypoint"].strip()
+    submitter = f"ray job submit --address http://head:8265 --no-wait -- {entrypoint} ;"
+    handed = subprocess.run(["bash", "-ce", "--", submitter], capture_output=True, text=True, env=env, timeout=30)
+    assert handed.returncode == 0, handed.stderr
+    calls = tmp_path / "calls"
+    calls.unlink(missing_ok=True)
+    # On the head: the job's shell, without the submitter's variables.
+    head_env = {"PATH": env["PATH"], "CALLS": env["CALLS"]}
+    ran = subprocess.run(["bash", "-c", handed.stdout.strip()], capture_output=True, text=True, env=head_env,
+                         timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    return calls.read_text().splitlines()
+
+
+def test_raycronjob_prepares_when_asked_then_trains_and_registers(tmp_path):
+    doc = cron_doc()
+    assert doc["kind"] == "RayCronJob" and len(doc["spec"]["schedule"].split()) == 5
+    assert doc["spec"].get("suspend") is not True
+    env = submitter_env(doc)
+    assert env["RETRAIN_RUN"]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.labels['{SUBMITTER_LABEL}']"
+    assert env["RETRAIN_PREPARE"]["value"] in ("true", "false")
+    run_name = "inception-retrain" + CRON_SUFFIX
+
+    trained = run_cron_tick(tmp_path, run_name, "false")
+    assert len(trained) == 1 and trained[0].startswith("-m jobs.train ")
+    tokens = shlex.split(trained[0])
+    assert value_of(tokens, "--output").endswith(f"/runs/{run_name}")
+    assert value_of(tokens, "--registry") and value_of(tokens, "--name")
+    default_data = value_of(tokens, "--data")
+
+    prepared = run_cron_tick(tmp_path, run_name, "true")
+    assert [c.split()[1] for c in prepared] == ["jobs.prepare", "jobs.train"]
+    prepare, train = (shlex.split(c) for c in prepared)
+    assert value_of(prepare, "--dst").endswith(f"/{run_name}") and "--skip-existing" in prepare
+    assert value_of(train, "--data") == value_of(prepare, "--dst") != default_data
+    assert value_of(train, "--output") == value_of(tokens, "--output")
+
+
+# Strict validation against KubeRay's own CRDs (tests/data/kuberay, copied
+# unchanged from the KubeRay repository; see SOURCE.md there).
+
+# ObjectMeta fields a manifest may set (the CRDs leave top-level metadata to
+# the API server).
+OBJECT_META = {"name", "generateName", "namespace", "labels", "annotations"}
+
+
+def strict_schema(node):
+    """KubeRay's structural schema as JSON Schema that refuses what it does not
+    define: every object schema with properties gets additionalProperties
+    false unless it sets additionalProperties or x-kubernetes-preserve-unknown-
+    fields; int-or-string and nullable become JSON Schema types."""
+    if isinstance(node, list):
+        return [strict_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in ("properties", "patternProperties"):
+            out[key] = {name: strict_schema(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "not", "allOf", "anyOf", "oneOf"):
+            out[key] = strict_schema(value)
+        elif key == "x-kubernetes-validations":
+            continue  # CEL rules: KubeRay's webhook/controller checks, not JSON Schema
+        else:
+            out[key] = value
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if out.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_validator(kind: str):
+    import jsonschema
+
+    files = {"RayJob": "ray.io_rayjobs.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
+    assert kind in files, f"no CRD for {kind} in {KUBERAY_CRDS}"
+    crd = yaml.load((KUBERAY_CRDS / files[kind]).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert crd["spec"]["names"]["kind"] == kind and crd["spec"]["group"] == "ray.io"
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = strict_schema(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+_VALIDATORS: dict = {}
+
+
+def crd_errors(doc: dict) -> list[str]:
+    kind = doc["kind"]
+    if kind not in _VALIDATORS:
+        _VALIDATORS[kind] = crd_validator(kind)
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+              for e in _VALIDATORS[kind].iter_errors(doc)]
+    errors += [f"metadata.{key}: not an ObjectMeta field a manifest sets" for key in set(doc["metadata"]) - OBJECT_META]
+    return errors
+
+
+def test_crds_are_kuberays_with_their_source_noted():
+    source = (KUBERAY_CRDS / "SOURCE.md").read_text()
+    assert "github.com/ray-project/kuberay" in source and re.search(r"\b[0-9a-f]{40}\b", source)
+    assert "Apache" in (KUBERAY_CRDS / "LICENSE").read_text()
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_manifest_passes_kuberays_crd_strictly(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    ray_docs = [d for d in docs if d.get("apiVersion") == "ray.io/v1"]
+    assert ray_docs, f"{path.name}: no ray.io/v1 resource"
+    for doc in ray_docs:
+        errors = crd_errors(doc)
+        assert not errors, f"{path.name}: " + "; ".join(errors)
+
+
+@pytest.mark.parametrize("where,value", [
+    (("spec", "ttlSecondAfterFinished"), 300),  # a typo of a real field
+    (("spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "containers", 0, "resource"), {}),
+    (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "replica"), 2),
+    (("spec", "rayClusterSpec", "headGroupSpec", "template", "metadata", "labelz"), {}),
+    (("metadata", "labelz"), {}),
+])
+def test_strict_validation_refuses_an_unknown_field(where, value):
+    doc = load_yaml(INFRA / "k8s" / "train-rayjob.yaml")
+    assert not crd_errors(doc)
+    node = doc
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    errors = crd_errors(doc)
+    assert errors and any(str(where[-1]) in e for e in errors), errors
+
+
+def test_strict_validation_refuses_wrong_types_and_unknown_fields_in_the_cronjob():
+    doc = cron_doc()
+    assert not crd_errors(doc)
+    doc["spec"]["jobTemplate"]["backoffLimit"] = "2"
+    doc["spec"]["concurrencyPolicy"] = "Forbid"  # a CronJob field RayCronJob does not have
+    errors = crd_errors(doc)
+    assert any("backoffLimit" in e for e in errors) and any("concurrencyPolicy" in e for e in errors), errors
+    # Quantities are int-or-string: both pass.
+    doc = cron_doc()
+    doc["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "resources"]["limits"]["cpu"] = 4
+    assert not crd_errors(doc)
 
 
 # --- GitHub workflow ------------------------------------------------------------------------
@@ -468,9 +711,111 @@ def test_workflow_submits_with_the_runtime_env_and_reports_the_gate():
         assert '--address "$RAY_ADDRESS"' in run
     (train,) = [s for s in submits if "jobs.train" in s["run"]]
     assert "${{ github.run_id }}" in workflow()["jobs"]["retrain"]["env"]["RUN_OUTPUT"]
-    report = [s for s in steps if "GITHUB_STEP_SUMMARY" in s.get("run", "")]
-    assert report and report[0]["if"].startswith("always()")
-    assert "summary.json" in report[0]["run"] and "code == 3" in report[0]["run"]
+    (report,) = [s for s in steps if "infra/ci/report_gate.py" in s.get("run", "")]
+    assert report["if"].startswith("always()")
+    assert '--job-id "$SUBMISSION_ID-train" --run-output "$RUN_OUTPUT"' in report["run"]
+
+
+# --- the retrain report: infra/ci/report_gate.py ---------------------------------------------
+
+REPORT = INFRA / "ci" / "report_gate.py"
+
+
+def sample_summary(promoted: bool | None) -> dict:
+    """A train summary.json as pipeline.train writes it; promoted None: no registry."""
+    summary = {"job": "train", "output": "s3://b/runs/7", "min_val_accuracy": None,
+               "metrics": {"examples": 120, "accuracy": 0.81, "top_k": 3, "top_k_accuracy": 0.97, "macro_f1": 0.8},
+               "history": [{"phase": "finetune", "epoch": 1, "loss": 0.5}], "registry": None}
+    if promoted is not None:
+        summary["registry"] = {
+            "registry": "s3://b/registry", "name": "flowers", "version": "20261201-031700-abc123",
+            "accuracy": 0.81, "production_before": "20261124-031700-def456", "production_accuracy": 0.84,
+            "tolerance": 0.0, "promoted": promoted,
+            "reason": "no production version yet" if promoted else "accuracy 0.8100 below production's 0.8400 - 0.0",
+            "production": "20261201-031700-abc123" if promoted else "20261124-031700-def456"}
+    return summary
+
+
+def run_report(tmp_path: Path, code: int, summary: dict | None, *flags: str) -> tuple[int, str, str]:
+    """(exit status, stdout with the annotations, the run summary written)."""
+    step_summary = tmp_path / "step_summary.md"
+    step_summary.write_text("")
+    args = [sys.executable, str(REPORT), "--exit-code", str(code), "--run-output", "s3://b/runs/7", *flags]
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+        args += ["--summary", str(tmp_path / "summary.json")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**OFFLINE_ENV, "GITHUB_STEP_SUMMARY": str(step_summary)})
+    assert not done.stderr, done.stderr
+    return done.returncode, done.stdout, step_summary.read_text()
+
+
+def annotations(stdout: str) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^::(error|warning|notice) title=([^:]*)::", stdout, re.M)]
+
+
+def test_report_promoted_is_green_with_a_notice(tmp_path):
+    code, out, md = run_report(tmp_path, 0, sample_summary(True), "--fail-if-not-promoted")
+    assert code == 0 and annotations(out) == [("notice", "Promoted")]
+    assert md.startswith("## Retrain: trained, promoted to production (exit code 0)")
+    assert "version 20261201-031700-abc123" in md and '"history"' not in md
+
+
+def test_report_not_promoted_is_a_warning_with_the_reason(tmp_path):
+    summary = sample_summary(False)
+    reason = summary["registry"]["reason"]
+    code, out, md = run_report(tmp_path, 0, summary)
+    assert code == 0, "without --fail-if-not-promoted the run stays green"
+    assert annotations(out) == [("warning", "Not promoted")]
+    assert reason in out and "production stays 20261124-031700-def456" in out
+    assert md.startswith("## Retrain: trained, NOT promoted (exit code 0)")
+    assert f"**not promoted**: {reason}" in md.split("\n\n")[1], "the reason sits at the top of the summary"
+    # The input fail_on_not_promoted: the same report, as an error, and the step fails.
+    code, out, md = run_report(tmp_path, 0, summary, "--fail-if-not-promoted")
+    assert code == 1 and annotations(out) == [("error", "Not promoted")] and reason in out
+
+
+def test_report_failed_job_keeps_its_exit_code(tmp_path):
+    code, out, md = run_report(tmp_path, 1, None, "--verdict", "failed: training failed: OOM")
+    assert code == 1 and annotations(out) == [("error", "Training failed (exit 1)")]
+    assert "failed: training failed: OOM" in out and "no summary.json" in md
+    gate = sample_summary(False)
+    gate["min_val_accuracy"] = 0.9
+    code, out, md = run_report(tmp_path, 3, gate, "--verdict", "quality gate: validation accuracy 0.8100 is below")
+    assert code == 3 and annotations(out) == [("error", "Quality gate not met")]
+    assert md.startswith("## Retrain: quality gate not met (exit code 3)")
+    code, out, _ = run_report(tmp_path, 0, sample_summary(None))
+    assert code == 0 and annotations(out) == []
+
+
+def test_report_annotation_messages_are_escaped():
+    sys.path.insert(0, str(REPORT.parent))
+    try:
+        import report_gate
+    finally:
+        sys.path.remove(str(REPORT.parent))
+    line = report_gate.annotation("warning", "Not promoted: a, b", "100% sure\nsecond line")
+    assert line == "::warning title=Not promoted%3A a%2C b::100%25 sure%0Asecond line"
+
+
+def test_workflow_wires_the_fail_on_not_promoted_input(tmp_path):
+    wf = workflow()
+    fail_input = workflow_on(wf)["workflow_dispatch"]["inputs"]["fail_on_not_promoted"]
+    assert fail_input["type"] == "boolean" and fail_input["default"] is False
+    (report,) = [s for s in workflow_steps(wf) if "infra/ci/report_gate.py" in s.get("run", "")]
+    assert "inputs.fail_on_not_promoted" in report["env"]["FAIL_ON_NOT_PROMOTED"]
+    assert "vars.RETRAIN_FAIL_ON_NOT_PROMOTED" in report["env"]["FAIL_ON_NOT_PROMOTED"]
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text('#!/bin/sh\necho "$*"\n')
+    (shim / "python").chmod(0o755)
+    for setting, expected in (("true", True), ("false", False)):
+        env = {"PATH": f"{shim}{os.pathsep}/usr/bin{os.pathsep}/bin", "FAIL_ON_NOT_PROMOTED": setting,
+               "SUBMISSION_ID": "retrain-1-1", "RUN_OUTPUT": "s3://b/runs/1"}
+        ran = subprocess.run(["bash", "-e", "-c", report["run"]], capture_output=True, text=True, env=env, timeout=30)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.startswith("infra/ci/report_gate.py --job-id retrain-1-1-train --run-output s3://b/runs/1")
+        assert ("--fail-if-not-promoted" in ran.stdout) is expected
 
 
 # --- entrypoints ------------------------------------------------------------------------------
@@ -547,7 +892,38 @@ def test_no_literal_credentials(path):
 
 def test_no_credentials_in_runtime_envs():
     """env_vars show in the dashboard and job metadata: credentials never go there."""
-    envs = [load_yaml(RUNTIME_ENV)] + [yaml.safe_load(doc["spec"]["runtimeEnvYAML"]) for path in RAYJOBS
+    envs = [load_yaml(RUNTIME_ENV)] + [yaml.safe_load(rayjob_spec(doc)["runtimeEnvYAML"]) for path in RAYJOBS
                                        for doc in yaml.safe_load_all(path.read_text())]
     for env in envs:
         assert not [k for k in env.get("env_vars", {}) if AWS_SECRET_NAMES.match(k) or k.startswith("AWS_")]
+
+
+# --- the image carries the ImageNet weights ------------------------------------------------------
+
+def test_dockerfile_bakes_the_imagenet_weights_into_the_keras_cache():
+    from pipeline.model import IMAGENET_NO_TOP_FILE
+
+    instructions = dockerfile_instructions()
+    words = [word for word, _ in instructions]
+    env = {}
+    for word, args in instructions:
+        if word == "ENV":
+            env.update(item.partition("=")[::2] for item in shlex.split(args))
+    user = [args for word, args in instructions if word == "USER"][-1]
+    home = dockerfile_workdir().rsplit("/", 1)[0]
+    assert home == f"/home/{user}", "the WORKDIR is under the image user's home"
+    keras_home = env.get("KERAS_HOME")
+    assert keras_home == f"{home}/.keras", "KERAS_HOME: the image user's Keras cache"
+    cached = f"{keras_home}/models/{IMAGENET_NO_TOP_FILE}"
+    (at,) = [i for i, (word, args) in enumerate(instructions) if word == "RUN" and IMAGENET_NO_TOP_FILE in args]
+    run = instructions[at][1]
+    steps = [s.strip() for s in run.split("&&")]
+    assert steps[0] == f"mkdir -p {keras_home}/models", "tf_keras falls back to /tmp/.keras without ~/.keras"
+    fetch = re.fullmatch(r"python -c \"(.*)\"", steps[1])
+    assert fetch, steps[1]
+    assert "InceptionV3(include_top=False, weights='imagenet')" in fetch.group(1)
+    assert steps[2] == f"test -s {cached}"
+    # Fetched as the image's user (into its home), after TensorFlow is installed,
+    # before the code layers (a code change does not fetch them again).
+    assert words.index("USER") < at and any("tf-keras==" in a for w, a in instructions[:at] if w == "RUN")
+    assert at < words.index("COPY")

@@ -3,6 +3,8 @@ switches on CPU, BatchNorm statistics re-estimation."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tf_keras as keras
@@ -182,3 +184,79 @@ def test_bn_statistics_are_re_estimated_from_batches():
     np.testing.assert_allclose(bn.moving_mean.numpy(), expected, rtol=1e-3, atol=1e-4)
     # flags and momentum are restored
     assert not mdl.base_of(model).trainable and bn.momentum == 0.99
+
+
+# --- model.weights: imagenet from the Keras cache (the Docker image carries it) ----------
+
+def _md5_of(path) -> str:
+    import hashlib
+
+    return hashlib.md5(open(path, "rb").read(), usedforsecurity=False).hexdigest()
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any attempt of Keras to fetch the ImageNet weights fails the test."""
+    from tf_keras.src.applications import inception_v3
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- network is unreachable")
+
+    monkeypatch.setattr(inception_v3.data_utils, "get_file", refuse)
+    return calls
+
+
+def test_imagenet_weights_come_from_the_keras_cache_without_network(tmp_path, monkeypatch, no_download):
+    keras_home = tmp_path / "keras"
+    (keras_home / "models").mkdir(parents=True)
+    monkeypatch.setenv("KERAS_HOME", str(keras_home))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    keras.utils.set_random_seed(7)
+    source = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    cached = keras_home / "models" / mdl.IMAGENET_NO_TOP_FILE
+    source.save_weights(str(cached))
+    # Stand-in weights: the real file's MD5 is what a real cache must match.
+    monkeypatch.setattr(mdl, "IMAGENET_NO_TOP_MD5", _md5_of(cached))
+    assert mdl.cached_imagenet_weights() == str(cached)
+    model = mdl.build_model(3, SIZE, ModelConfig(weights="imagenet", head_units=16))
+    assert no_download == []
+    for a, b in zip(mdl.base_of(model).get_weights(), source.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_damaged_cached_file_is_not_used(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / mdl.IMAGENET_NO_TOP_FILE).write_bytes(b"truncated download")
+    if os.path.isfile(os.path.join("/tmp", ".keras", "models", mdl.IMAGENET_NO_TOP_FILE)):
+        pytest.skip("this machine keeps real ImageNet weights in /tmp/.keras")
+    assert mdl.cached_imagenet_weights() is None
+    assert "MD5 differs" in caplog.text
+
+
+def test_imagenet_without_cache_or_network_is_a_clear_error(tmp_path, monkeypatch, no_download):
+    monkeypatch.setattr(mdl, "keras_cache_dirs", lambda: [str(tmp_path / ".keras")])
+    with pytest.raises(RuntimeError, match="infra/docker/Dockerfile") as failed:
+        mdl.build_model(3, SIZE, ModelConfig(weights="imagenet", head_units=16))
+    assert str(tmp_path / ".keras" / "models") in str(failed.value) and len(no_download) == 1
+
+
+def test_imagenet_cache_dirs_follow_keras():
+    """KERAS_HOME first (Keras 3 and this project), then where tf_keras's
+    get_file() keeps downloads: ~/.keras, or /tmp/.keras when that is read-only."""
+    import inspect
+
+    from tf_keras.src.applications import inception_v3
+    from tf_keras.src.utils import data_utils
+
+    source = inspect.getsource(inception_v3)
+    assert f'"{mdl.IMAGENET_NO_TOP_FILE}"' in source and f'file_hash="{mdl.IMAGENET_NO_TOP_MD5}"' in source
+    get_file = inspect.getsource(data_utils.get_file)
+    assert 'os.path.join(os.path.expanduser("~"), ".keras")' in get_file
+    assert 'os.path.join("/tmp", ".keras")' in get_file
+    dirs = mdl.keras_cache_dirs()
+    assert dirs[-2:] == [os.path.join(os.path.expanduser("~"), ".keras"), "/tmp/.keras"]
