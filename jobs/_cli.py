@@ -147,7 +147,7 @@ def start_ray(cfg: Config) -> None:
 
 
 def run(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main`` and map exceptions to DESIGN.md exit codes with one clear line."""
+    """Call ``main`` and map exceptions to the exit codes (README, "Exit codes") with one clear line."""
     # A dead endpoint or rejected credentials: one line within seconds, not
     # minutes of retries (the first request to each object store is a quick probe).
     st.probe_on_first_use()

@@ -1,4 +1,4 @@
-"""Exceptions that map to the exit codes of DESIGN.md.
+"""Exceptions that map to the jobs' exit codes (README, "Exit codes").
 
 Entry points catch these and turn them into one clear line and an exit code, so
 library code can raise them from anywhere without knowing about `sys.exit`.

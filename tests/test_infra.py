@@ -29,7 +29,7 @@ RAYJOBS = sorted((INFRA / "k8s").glob("*.yaml"))  # RayJobs and the RayCronJob
 CRONJOB = INFRA / "k8s" / "retrain-raycronjob.yaml"
 KUBERAY_CRDS = ROOT / "tests" / "data" / "kuberay"
 
-# DESIGN.md "Commands (contract)": the jobs and the flags each one documents.
+# The jobs and the flags each one documents (the README's command reference).
 # A flag used in infra/ must be in this contract and in the module's argparse source.
 JOBS = {"prepare", "train", "score", "predict", "registry"}
 CONTRACT_FLAGS = {
