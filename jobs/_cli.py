@@ -148,6 +148,8 @@ def start_ray(cfg: Config) -> None:
 
 def run(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
     """Call ``main`` and map exceptions to the exit codes (README, "Exit codes") with one clear line."""
+    if argv is None and not {"-v", "--verbose"} & set(sys.argv[1:]):
+        native_logs.filter_process_stderr()  # from the command line: notices filtered (pipeline.native_logs)
     # A dead endpoint or rejected credentials: one line within seconds, not
     # minutes of retries (the first request to each object store is a quick probe).
     st.probe_on_first_use()

@@ -70,6 +70,7 @@ def main(argv: Sequence[str]) -> int:
 
     table = pq.read_table(scores).select(["uri", "label", "score", "error"]).slice(0, 8).to_pandas()
     table["uri"] = table["uri"].map(lambda u: os.path.relpath(u, images))
+    table["error"] = table["error"].fillna("")
     print("\nfirst rows of the scores:")
     print(table.to_string(index=False))
 

@@ -25,6 +25,7 @@ Everything else, warnings and errors included, is shown as it was. Setting
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.abc
 import importlib.machinery
 import os
@@ -41,11 +42,17 @@ _NOTICES = [
     re.compile(r"^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags"),
 ]
 _NO_DRIVER_NOTICES = [re.compile(r"^E\d{4} .*\] failed call to cuInit: ")]
-# Ray Train, on a local Ray without the dashboard (no state API), and an
-# internal notice about its preemption watcher actor.
+# Ray's own: Ray Train on a local Ray without the dashboard (no state API), its
+# per-report bookkeeping (the job logs each epoch and checkpoint itself), and a
+# core-worker note about Ray's internal actors (Ray Train's preemption watcher,
+# Ray Data's map workers) that is logged at error level.
 _RAY_NOTICES = [
     re.compile(r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable"),
-    re.compile(r"Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the object store"),
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: '.*' and ID: '[0-9a-f]+' has constructor arguments "
+               r"in the object store and max_restarts > 0"),
+    re.compile(r"^Sharding callback duration: \d+ microseconds"),
+    re.compile(r"^Checkpoint successfully created at: Checkpoint\("),
+    re.compile(r"^Reporting training result \d+: TrainingReport\("),
 ]
 
 
@@ -53,6 +60,7 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=1)
 def has_nvidia_driver() -> bool:
     return os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")
 
@@ -153,6 +161,50 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
+def filter_process_stderr() -> None:
+    """For a job run from the command line: this process's stderr (and that of
+    the local Ray it starts, which inherits it) goes through a small filter
+    process that drops the notices (``is_notice(ray=True)``) and passes
+    everything else on at once. Being a separate process, it still writes out
+    whatever this one wrote before dying, a crash report included."""
+    if verbose():
+        return
+    import subprocess
+
+    import atexit
+    import subprocess
+
+    try:
+        sys.stderr.flush()
+        original = os.dup(2)
+        child = subprocess.Popen([sys.executable, "-u", "-c", "from pipeline.native_logs import filter_main; filter_main()"],
+                                 stdin=subprocess.PIPE, stdout=original, stderr=original, close_fds=True,
+                                 start_new_session=True)
+    except (OSError, ValueError):
+        return
+    os.dup2(child.stdin.fileno(), 2)
+    child.stdin.close()
+
+    def drain() -> None:
+        # Straight to the terminal again, and the filter's last lines out
+        # before the shell prompt (Ray's own processes, stopped before this
+        # runs, held the pipe too).
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os.dup2(original, 2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+
+    atexit.register(drain)
+
+
+def _filter_stream(src, dst) -> None:
+    for line in iter(src.readline, b""):
+        if not is_notice(line.decode("utf-8", "replace"), ray=True):
+            dst.write(line)
+            dst.flush()
+
+
 def filter_ray_worker_logs() -> None:
     """Drop the notices from the worker output Ray prints on this driver."""
     if verbose():
@@ -166,3 +218,11 @@ def filter_ray_worker_logs() -> None:
             (name, _FilteredWorkerLogs(h) if name == "ray_print_logs" and not isinstance(h, _FilteredWorkerLogs) else h)
             for name, h in dispatcher.handlers
         ]
+
+
+def filter_main() -> None:
+    """The filter process of ``filter_process_stderr``: stdin to stdout."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the job; this ends when its input does
+    _filter_stream(sys.stdin.buffer, sys.stdout.buffer)

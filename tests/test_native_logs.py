@@ -48,3 +48,19 @@ def test_importing_tensorflow_through_the_package_is_quiet_and_verbose_brings_it
     assert quiet.strip().splitlines() == ["after"], quiet
     loud = run_python(code, INCEPTION_RAY_VERBOSE="1")
     assert "absl::InitializeLog" in loud and loud.strip().endswith("after")
+
+
+def test_a_job_processes_stderr_is_filtered_by_another_process_that_outlives_a_crash():
+    """What the job wrote before it died, a crash report included, still comes
+    out (the filter is a separate process); the notices do not."""
+    payload = ("\n".join(NOTICES + REAL + [CUINIT]) + "\n").encode()
+    code = ("import os, sys\n"
+            "from pipeline import native_logs\n"
+            "native_logs.filter_process_stderr()\n"
+            f"os.write(2, {payload!r})\n"
+            "print('from python', file=sys.stderr)\n"
+            "os._exit(7)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "INCEPTION_RAY_VERBOSE": "0"})
+    assert proc.returncode == 7
+    assert proc.stderr.splitlines() == REAL + ([CUINIT] if native_logs.has_nvidia_driver() else []) + ["from python"]
