@@ -218,7 +218,9 @@ def warm_start(model: keras.Model, source_file: str) -> dict:
     shapes differ (a new class set re-initialises the head only). Head layers
     match by name; base layers by their position in InceptionV3, because Keras
     numbers auto-generated names per process ("conv2d_94")."""
-    donor = keras.models.load_model(source_file, compile=False, safe_mode=True)
+    from pipeline.artifact import load_keras_file
+
+    donor = load_keras_file(source_file, safe_mode=True)
     donor_layers = dict(_keyed_layers(donor))
     copied, skipped = [], []
     for key, layer in _keyed_layers(model):

@@ -20,13 +20,13 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-import tf_keras as keras
 
 from jobs import predict as predict_job
 from jobs import prepare as prepare_job
 from jobs import train as train_job
 from jobs._cli import run
 from pipeline import demo_data
+from pipeline.artifact import load_keras_file
 from pipeline.shards import file_sha256, make_example
 
 pytestmark = pytest.mark.slow
@@ -174,7 +174,7 @@ def test_two_workers_train_on_the_whole_split_at_the_true_global_batch_and_match
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard", "train")))
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["examples"] == VAL == int(np.sum(metrics["confusion_matrix"]))
-    model = keras.models.load_model(os.path.join(out, "model.keras"))
+    model = load_keras_file(os.path.join(out, "model.keras"))
     assert model.input_shape == (None, 75, 75, 3)
     labels = json.load(open(os.path.join(out, "labels.json")))
     assert labels == summary["classes"] == CLASSES

@@ -8,12 +8,12 @@ import json
 import os
 
 import pytest
-import tf_keras as keras
 
 from jobs import prepare as prepare_job
 from jobs import train as train_job
 from jobs._cli import run
 from pipeline import demo_data
+from pipeline.artifact import load_keras_file
 from pipeline.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def test_worker_failure_resumes_from_checkpoint_and_gate_exits_3(shards, tmp_pat
     # came back, each variable compared with the checkpoint file.
     resumed = summary["resumed_from"]
     assert resumed["optimizer_restored"] is True
-    model = keras.models.load_model(os.path.join(out, "model.keras"))
+    model = load_keras_file(os.path.join(out, "model.keras"))
     # every model variable, plus the optimizer's step count and momentum slots
     assert resumed["variables_verified"] > len(model.variables) + 1
     assert os.path.exists(os.path.join(out, "model.keras"))
