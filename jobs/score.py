@@ -32,8 +32,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default 100000)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace scores that OUTPUT holds from a different model, image source or top-k")
-    parser.add_argument("--allow-unsafe-model", action="store_true",
-                        help="load models that carry code (Lambda layers); only for models you trust")
+    parser.add_argument("--allow-unsafe", "--allow-unsafe-model", dest="allow_unsafe", action="store_true",
+                        help="also load .h5 models and models that carry code (Lambda layers); "
+                             "only for models you trust")
     args = parser.parse_args(argv)
     setup_logging(args.quiet)
     cfg = resolve_config(
@@ -46,9 +47,9 @@ def main(argv: Sequence[str]) -> int:
         },
     )
     plan = plan_score(cfg, args.model, args.images, args.output,
-                      overwrite=args.overwrite, allow_unsafe=args.allow_unsafe_model)
+                      overwrite=args.overwrite, allow_unsafe=args.allow_unsafe)
     start_ray(cfg)
-    summary = run_score(cfg, plan, allow_unsafe=args.allow_unsafe_model)
+    summary = run_score(cfg, plan, allow_unsafe=args.allow_unsafe)
     print_summary(summary)
     return 0
 
