@@ -289,3 +289,93 @@ def test_processes_promoting_and_rolling_back_at_once_lose_nothing(registry_uri,
     print(f"\n{registry_uri.split(':')[0] if '://' in registry_uri else 'local'}: {len(calls)} calls, "
           f"{len(ok)} succeeded ({sum(c['action'] == 'rollback' for c in ok)} rollbacks), "
           f"{len(failed)} refused, {len(reads)} reads")
+
+
+# ---------------------------------------------------------------- the gate under a race
+
+
+@pytest.mark.parametrize("meanwhile, promoted", [(0.9, False), (0.6, True)])
+def test_gate_does_not_apply_a_decision_made_against_an_old_production(tmp_path, meanwhile, promoted):
+    """While the gate evaluates candidate C (0.8) against production A (0.7),
+    someone promotes B. The decision "C beats A" is not applied to B: the gate
+    compares C with B and promotes C only if it beats B too."""
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    a, b, c = (reg.register_run(registry, "gate", fake_run(tmp_path / n), storage, metrics={}, data="d")["version"]
+               for n in ("a", "b", "c"))
+    reg.promote(registry, "gate", a, storage, reason="start")
+    accuracy = {a: 0.7, b: meanwhile, c: 0.8}
+    evaluated = []
+
+    def evaluate(folders):
+        evaluated.append([f.rsplit("/", 1)[-1] for f in folders])
+        if len(evaluated) == 1:  # another promoter, between the gate's read and its promotion
+            reg.promote(registry, "gate", b, storage, reason="promoted meanwhile")
+        return [accuracy[f.rsplit("/", 1)[-1]] for f in folders]
+
+    outcome = reg.gate(registry, "gate", c, storage, evaluate=evaluate, tolerance=0.0, min_val_accuracy=None)
+    assert evaluated == [[c, a], [b]]  # compared again, with the new production only
+    assert outcome["production_before"] == b and outcome["production_accuracy"] == meanwhile
+    assert outcome["comparisons"] == 2 and outcome["promoted"] is promoted
+    pointer = reg.read_production(registry, "gate", storage)
+    assert pointer["version"] == (c if promoted else b)
+    assert [ch["version"] for ch in pointer["changes"]] == [a, b] + ([c] if promoted else [])
+
+
+def test_a_promotion_expecting_another_production_changes_nothing(tmp_path):
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    a, b = (reg.register_run(registry, "m", fake_run(tmp_path / n), storage, metrics={}, data="d")["version"]
+            for n in ("a", "b"))
+    with pytest.raises(reg.ProductionChanged):
+        reg.promote(registry, "m", b, storage, reason="x", expected=a)
+    assert reg.read_production(registry, "m", storage) is None
+    reg.promote(registry, "m", a, storage, reason="x", expected=None)
+    before = open(os.path.join(registry, "m", "production.json")).read()
+    with pytest.raises(reg.ProductionChanged):
+        reg.promote(registry, "m", b, storage, reason="x", expected=None)
+    assert open(os.path.join(registry, "m", "production.json")).read() == before
+
+
+REGISTER_AND_PROMOTE = """
+import sys
+from pipeline import registry as reg
+from pipeline.config import StorageConfig
+registry, run_dir = sys.argv[1], sys.argv[2]
+v = reg.register_run(registry, "race", run_dir, StorageConfig(), metrics={"accuracy": 0.5}, data="d")
+for _ in range(10):
+    reg.promote(registry, "race", v["version"], StorageConfig(), reason="race")
+print(v["version"])
+"""
+
+
+def test_two_processes_registering_at_once_leave_a_valid_registry(tmp_path):
+    registry = str(tmp_path / "registry")
+    runs = []
+    for i in range(2):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        (run_dir / "model.keras").write_bytes(os.urandom(200_000))
+        (run_dir / "labels.json").write_text('["a", "b"]')
+        (run_dir / "metrics.json").write_text('{"accuracy": 0.5}')
+        runs.append(str(run_dir))
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER_AND_PROMOTE, registry, r], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for r in runs]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    versions = [out.strip() for out, _ in results]
+    storage = StorageConfig()
+    listed = reg.list_versions(registry, "race", storage)
+    assert sorted(v["version"] for v in listed) == sorted(versions)
+    assert {v["run"] for v in listed} == set(runs)
+    for v in versions:  # each version is complete, byte for byte
+        folder = reg.version_uri(registry, "race", v)
+        source = runs[versions.index(v)]
+        assert open(os.path.join(folder, "model.keras"), "rb").read() == open(os.path.join(source, "model.keras"), "rb").read()
+    pointer = reg.read_production(registry, "race", storage)
+    assert pointer["version"] in versions and len(pointer["changes"]) == 20
+    # the index as the racing writers left it (not rebuilt here) lists both versions and the pointer
+    index = json.load(open(os.path.join(registry, "race", reg.INDEX_FILE)))
+    assert sorted(v["version"] for v in index["versions"]) == sorted(versions)
+    assert index["production"] == pointer["version"]
+    assert not [f for f in os.listdir(os.path.join(registry, "race")) if f.startswith(".tmp-")]
