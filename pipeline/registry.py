@@ -4,6 +4,7 @@
                                         version.json   written last: a version without it is incomplete
     REGISTRY/<name>/production.json     {"version", "promoted_at", "reason", "history": [...]}
     REGISTRY/<name>/index.json          the versions with their metrics (rebuilt from the folders)
+    REGISTRY/<name>/runs/<hash>.json    which version a run becomes (created once, conditionally)
 
 The version folders are the source of truth. ``production.json`` and
 ``index.json`` are changed by compare-and-swap (``storage.write_if_unchanged``:
@@ -22,7 +23,10 @@ model URI is accepted.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import os
+import socket
 import logging
 import random
 import re
@@ -38,12 +42,14 @@ from pipeline.shards import now_utc
 log = logging.getLogger(__name__)
 
 VERSIONS = "versions"
+RUNS = "runs"
 VERSION_FILE = "version.json"
 PRODUCTION_FILE = "production.json"
 INDEX_FILE = "index.json"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 VERSION_PATTERN = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")  # what register_run makes
 HISTORY_LIMIT = 50  # versions that rollback can walk back through
+CLAIM_STALE_S = 900.0  # a registration that has not finished after this long is taken over
 CHANGES_LIMIT = 1000  # entries of production.json's change list
 UPDATE_ATTEMPTS = 25  # tries of a pointer update that keeps losing races
 GATE_ATTEMPTS = 3  # comparisons of the gate when production keeps changing
@@ -157,12 +163,34 @@ def production_model_uri(reference: str, storage: StorageConfig) -> tuple[str, s
 def register_run(registry: str, name: str, run_uri: str, storage: StorageConfig, *,
                  metrics: dict, data: str) -> dict:
     """Copy a finished run's artifacts into a new immutable version. Registering
-    the same run again returns the version it already has."""
+    the same run again, or from two processes at once, gives one version: the
+    first to create the run's claim (``runs/<hash>.json``, a conditional
+    create) makes it, the others wait for it to be complete."""
     for existing in list_versions(registry, name, storage):
         if existing.get("run") == run_uri:
             return existing
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    version = f"{stamp}-{uuid.uuid4().hex[:6]}"
+    claim_uri = st.join(name_root(registry, name), RUNS, hashlib.sha256(run_uri.encode()).hexdigest()[:32] + ".json")
+    deadline = time.time() + CLAIM_STALE_S + 60
+    while True:
+        raw, token = st.read_for_update(claim_uri, storage)
+        if raw is not None:
+            claim = json.loads(raw)
+            try:
+                return get_version(registry, name, check_version(claim.get("version"), claim_uri), storage)
+            except UsageError:
+                pass  # not complete (yet)
+            if not _abandoned(claim):
+                if time.time() > deadline:
+                    raise JobFailed(f"{run_uri} is being registered as version {claim['version']} by "
+                                    f"{claim.get('host')} (pid {claim.get('pid')}), which has not finished; try again")
+                time.sleep(0.5)
+                continue
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        version = f"{stamp}-{uuid.uuid4().hex[:6]}"
+        claim = {"run": run_uri, "version": version, "host": socket.gethostname(), "pid": os.getpid(),
+                 "claimed": time.time()}
+        if st.write_if_unchanged(claim_uri, _dump(claim), token, storage):
+            break
     target = version_uri(registry, name, version)
     for artifact in ARTIFACTS:
         src = st.join(run_uri, artifact)
@@ -180,6 +208,21 @@ def register_run(registry: str, name: str, run_uri: str, storage: StorageConfig,
     st.write_json(st.join(target, VERSION_FILE), record, storage)  # last: marks the version complete
     write_index(registry, name, storage)
     return record
+
+
+def _abandoned(claim: dict) -> bool:
+    """A claim whose registration will not finish: older than CLAIM_STALE_S,
+    or made on this host by a process that is gone."""
+    if time.time() - float(claim.get("claimed", 0)) > CLAIM_STALE_S:
+        return True
+    if claim.get("host") == socket.gethostname() and isinstance(claim.get("pid"), int):
+        try:
+            os.kill(claim["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # alive, someone else's
+    return False
 
 
 def write_index(registry: str, name: str, storage: StorageConfig) -> list[dict]:

@@ -379,3 +379,50 @@ def test_two_processes_registering_at_once_leave_a_valid_registry(tmp_path):
     assert sorted(v["version"] for v in index["versions"]) == sorted(versions)
     assert index["production"] == pointer["version"]
     assert not [f for f in os.listdir(os.path.join(registry, "race")) if f.startswith(".tmp-")]
+
+
+REGISTER_ONLY = """
+import os, sys, time
+from pipeline import registry as reg
+from pipeline.config import StorageConfig
+registry, run_dir, ready, go = sys.argv[1:]
+storage = StorageConfig()
+reg.list_versions(registry, "once", storage)  # connected and imported before the start
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+print(reg.register_run(registry, "once", run_dir, storage, metrics={}, data="d")["version"])
+"""
+
+
+def test_one_run_registered_by_three_processes_at_once_is_one_version(registry_uri, tmp_path):
+    run_dir = fake_run(tmp_path / "run")
+    ready, go = [tmp_path / f"ready{i}" for i in range(3)], tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER_ONLY, registry_uri, run_dir, str(r), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for r in ready]
+    deadline = time.time() + 120
+    while not all(r.exists() for r in ready) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    returned = {out.strip() for out, _ in results}
+    listed = reg.list_versions(registry_uri, "once", StorageConfig())
+    assert len(returned) == 1 and [v["version"] for v in listed] == list(returned)
+
+
+def test_a_registration_abandoned_by_a_dead_process_is_taken_over(tmp_path):
+    import hashlib
+    import socket
+
+    storage = StorageConfig()
+    registry, run_dir = str(tmp_path / "registry"), fake_run(tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim = {"run": run_dir, "version": "20260101-000000-abcdef", "host": socket.gethostname(),
+             "pid": int(dead.stdout), "claimed": time.time()}
+    claims = tmp_path / "registry" / "m" / reg.RUNS
+    claims.mkdir(parents=True)
+    (claims / (hashlib.sha256(run_dir.encode()).hexdigest()[:32] + ".json")).write_text(json.dumps(claim))
+    record = reg.register_run(registry, "m", run_dir, storage, metrics={}, data="d")
+    assert record["version"] != claim["version"] and record["run"] == run_dir
+    assert reg.get_version(registry, "m", record["version"], storage)["run"] == run_dir
