@@ -2,7 +2,7 @@
 
     REGISTRY/<name>/versions/<YYYYmmdd-HHMMSS>-<id>/   immutable copy of a run's artifacts
                                         version.json   written last: a version without it is incomplete
-    REGISTRY/<name>/production.json     {"version", "promoted_at", "reason", "history": [...]}
+    REGISTRY/<name>/production.json     {"version", "promoted_at", "reason", "id", "history": [...], "changes": [...]}
     REGISTRY/<name>/index.json          the versions with their metrics (rebuilt from the folders)
     REGISTRY/<name>/runs/<hash>.json    which version a run becomes (created once, conditionally)
 
@@ -25,11 +25,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import socket
 import logging
+import os
 import random
 import re
+import socket
 import time
 import uuid
 from typing import Callable, Optional
@@ -173,10 +173,10 @@ def register_run(registry: str, name: str, run_uri: str, storage: StorageConfig,
     deadline = time.time() + CLAIM_STALE_S + 60
     while True:
         raw, token = st.read_for_update(claim_uri, storage)
-        if raw is not None:
-            claim = json.loads(raw)
+        claim = _parse_claim(raw)
+        if claim is not None:
             try:
-                return get_version(registry, name, check_version(claim.get("version"), claim_uri), storage)
+                return get_version(registry, name, claim["version"], storage)
             except UsageError:
                 pass  # not complete (yet)
             if not _abandoned(claim):
@@ -208,6 +208,18 @@ def register_run(registry: str, name: str, run_uri: str, storage: StorageConfig,
     st.write_json(st.join(target, VERSION_FILE), record, storage)  # last: marks the version complete
     write_index(registry, name, storage)
     return record
+
+
+def _parse_claim(raw: Optional[bytes]) -> Optional[dict]:
+    """A run's claim, or None when there is none or it is unreadable (then it
+    is replaced, conditionally, like an abandoned one)."""
+    try:
+        claim = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    if not isinstance(claim, dict) or not VERSION_PATTERN.fullmatch(str(claim.get("version"))):
+        return None
+    return claim
 
 
 def _abandoned(claim: dict) -> bool:
@@ -304,8 +316,7 @@ def _update_pointer(registry: str, name: str, storage: StorageConfig,
         if st.write_if_unchanged(uri, _dump(pointer), token, storage):
             break
         # Lost the race, or won it and lost the answer (a retried request): the id says which.
-        raw, _ = st.read_for_update(uri, storage)
-        if raw is not None and json.loads(raw).get("id") == pointer["id"]:
+        if _applied(uri, pointer["id"], storage):
             break
         log.info("registry: %s changed during this %s; trying again from the new state", uri, action)
         _backoff(attempt)
@@ -314,6 +325,17 @@ def _update_pointer(registry: str, name: str, storage: StorageConfig,
                         f"{action} was being applied; nothing was changed, try again")
     write_index(registry, name, storage)
     return pointer
+
+
+def _applied(uri: str, change_id: str, storage: StorageConfig) -> bool:
+    """Whether the change ``change_id`` is in the pointer at ``uri``, even if
+    other changes followed it."""
+    raw, _ = st.read_for_update(uri, storage)
+    try:
+        changes = json.loads(raw).get("changes", []) if raw is not None else []
+    except (ValueError, AttributeError):
+        return False
+    return any(isinstance(c, dict) and c.get("id") == change_id for c in changes)
 
 
 def _dump(obj) -> bytes:

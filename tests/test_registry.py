@@ -426,3 +426,30 @@ def test_a_registration_abandoned_by_a_dead_process_is_taken_over(tmp_path):
     record = reg.register_run(registry, "m", run_dir, storage, metrics={}, data="d")
     assert record["version"] != claim["version"] and record["run"] == run_dir
     assert reg.get_version(registry, "m", record["version"], storage)["run"] == run_dir
+
+
+def test_a_change_whose_answer_was_lost_is_not_applied_twice(tmp_path, monkeypatch):
+    """A conditional write that succeeded but whose answer was lost (the retried
+    request is refused, since the object changed: by this very write), and
+    another writer's change right after it: the promotion is in the chain once."""
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    a, b = (reg.register_run(registry, "m", fake_run(tmp_path / n), storage, metrics={}, data="d")["version"]
+            for n in ("a", "b"))
+    real = st.write_if_unchanged
+    lost = []
+
+    def answer_lost(uri, data, token, storage):
+        written = real(uri, data, token, storage)
+        if uri.endswith(reg.PRODUCTION_FILE) and not lost:
+            lost.append(uri)
+            monkeypatch.setattr(st, "write_if_unchanged", real)
+            reg.promote(registry, "m", b, storage, reason="someone else, right after")
+            return False
+        return written
+
+    monkeypatch.setattr(st, "write_if_unchanged", answer_lost)
+    mine = reg.promote(registry, "m", a, storage, reason="mine")
+    pointer = reg.read_production(registry, "m", storage)
+    assert lost and [(c["id"], c["version"]) for c in pointer["changes"]][0] == (mine["id"], a)
+    assert [c["version"] for c in pointer["changes"]] == [a, b] and pointer["version"] == b
