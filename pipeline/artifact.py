@@ -111,7 +111,10 @@ def code_in_model(model_uri: str, storage: StorageConfig) -> Optional[str]:
     archive's directory and ``config.json``."""
     try:
         fs, path = st.get_fs(model_uri, storage)
-        with fs.open(path, "rb") as f:
+        # Small blocks: the archive's directory is at its end and config.json near
+        # its start; the weights in between are never fetched.
+        options = {} if st.is_local(model_uri) else {"block_size": 2**20, "cache_type": "readahead"}
+        with fs.open(path, "rb", **options) as f:
             if not zipfile.is_zipfile(f):
                 raise UsageError(f"{model_uri} is not a Keras archive (.keras is a zip file)")
             with zipfile.ZipFile(f) as zf:
