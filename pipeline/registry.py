@@ -353,7 +353,7 @@ def gate(registry: str, name: str, version: str, storage: StorageConfig, *,
     production version (``evaluate`` gives the accuracy of each version
     folder, on the same data) and promote it only if production is still the
     version it was compared against; if production changed meanwhile, compare
-    again with the new one (up to GATE_ATTEMPTS times)."""
+    again with the new one (up to GATE_ATTEMPTS times, then not promoted)."""
     new_acc = None
     before = read_production(registry, name, storage)
     for attempt in range(GATE_ATTEMPTS):
@@ -379,8 +379,10 @@ def gate(registry: str, name: str, version: str, storage: StorageConfig, *,
                      name, prod, changed.found)
             before = read_production(registry, name, storage)
     else:
-        raise JobFailed(f"production of '{name}' changed during each of {GATE_ATTEMPTS} comparisons; "
-                        f"version {version} is registered but not promoted")
+        after = before
+        decision = {"promote": False, "reason": f"production changed during each of {GATE_ATTEMPTS} comparisons "
+                                                f"(now {after['version'] if after else 'unset'}); promote by hand"}
+        log.warning("registry: %s#%s version %s not promoted: %s", registry, name, version, decision["reason"])
     return {
         "registry": registry,
         "name": name,

@@ -322,6 +322,24 @@ def test_gate_does_not_apply_a_decision_made_against_an_old_production(tmp_path,
     assert [ch["version"] for ch in pointer["changes"]] == [a, b] + ([c] if promoted else [])
 
 
+def test_a_gate_whose_production_keeps_changing_gives_up_without_promoting(tmp_path):
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    a, b, c = (reg.register_run(registry, "gate", fake_run(tmp_path / n), storage, metrics={}, data="d")["version"]
+               for n in ("a", "b", "c"))
+    reg.promote(registry, "gate", a, storage, reason="start")
+    others = iter([b, a, b])
+
+    def evaluate(folders):  # a better candidate, but someone promotes during every comparison
+        reg.promote(registry, "gate", next(others), storage, reason="meanwhile")
+        return [0.9 if f.endswith(c) else 0.1 for f in folders]
+
+    outcome = reg.gate(registry, "gate", c, storage, evaluate=evaluate, tolerance=0.0, min_val_accuracy=None)
+    assert outcome["comparisons"] == reg.GATE_ATTEMPTS and not outcome["promoted"]
+    assert "changed during each of 3 comparisons (now " + b in outcome["reason"] and outcome["production"] == b
+    assert reg.read_production(registry, "gate", storage)["version"] == b
+
+
 def test_a_promotion_expecting_another_production_changes_nothing(tmp_path):
     storage = StorageConfig()
     registry = str(tmp_path / "registry")
