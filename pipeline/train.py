@@ -53,8 +53,11 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
     if cfg.model.init_from:
         # Resolved once, here: every worker warm-starts from the same version,
         # a completed run or registry version in the .keras format without code.
-        location, _ = check_model_reference(cfg.model.init_from, cfg.storage,
-                                            hint="model.init_from takes safe .keras models only")
+        try:
+            location, _ = check_model_reference(cfg.model.init_from, cfg.storage,
+                                                hint="a warm start takes safe .keras models only")
+        except UsageError as exc:
+            raise UsageError(f"model.init_from: {exc}") from None
         cfg.model.init_from = model_file_uri(location)
         if not _exists(cfg.model.init_from, cfg):
             raise UsageError(f"model.init_from: no model at {cfg.model.init_from}")

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,9 @@ def models(tmp_path_factory) -> dict:
     lambda_keras = folder("lambda-keras")
     build(True).save(lambda_keras / "model.keras")
     lambda_h5 = folder("lambda-h5")
-    build(True).save(lambda_h5 / "model.h5")
+    with warnings.catch_warnings():  # "HDF5 is a legacy format": the point of this one
+        warnings.simplefilter("ignore", UserWarning)
+        build(True).save(lambda_h5 / "model.h5")
     return {"root": root, "safe": str(safe), "unfinished": str(unfinished),
             "lambda_keras": str(lambda_keras), "lambda_h5": str(lambda_h5 / "model.h5")}
 
@@ -160,8 +163,8 @@ def test_unsafe_models_load_only_when_allowed(models, tmp_path):
     with pytest.raises(UsageError, match="refused in safe mode"):
         load_artifact(models["lambda_keras"], storage)
     # a warm start says what it takes
-    with pytest.raises(UsageError, match="model.init_from takes safe .keras models only"):
-        check_model_reference(models["lambda_keras"], storage, hint="model.init_from takes safe .keras models only")
+    with pytest.raises(UsageError, match="a warm start takes safe .keras models only"):
+        check_model_reference(models["lambda_keras"], storage, hint="a warm start takes safe .keras models only")
     with pytest.raises(UsageError, match="not a completed training run"):
         check_model_reference(models["unfinished"], storage, allow_unsafe=True)  # never, even when allowed
 
@@ -177,3 +180,26 @@ def test_completed_runs_and_registry_versions_are_accepted(models, tmp_path):
     location, shown = check_model_reference(f"{registry}#m", storage)
     assert location == reg.version_uri(registry, "m", version) and shown == f"{registry}#m@{version}"
     assert load_artifact(location, storage).labels == ["a", "b"]
+
+
+def test_a_warm_start_from_an_unfinished_run_or_a_model_with_code_is_refused(models, tmp_path, capsys):
+    from jobs import train as train_job
+    from pipeline.shards import FORMAT_VERSION, MANIFEST_NAME, SPLITS
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    (data / MANIFEST_NAME).write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "classes": ["a", "b"],
+        "splits": {split: {"num_examples": 1, "shards": []} for split in SPLITS}}))
+    cases = {
+        "model.init_from: " + models["unfinished"] + " is not a completed training run": models["unfinished"],
+        "a Lambda layer 'lambda') and is refused in safe mode; a warm start takes": models["lambda_keras"],
+        "only .keras models are loaded in safe mode": models["lambda_h5"],
+    }
+    for expected, donor in cases.items():
+        capsys.readouterr()
+        code = run(train_job.main, ["--data", str(data), "--output", str(tmp_path / "run"),
+                                    "--set", f"model.init_from={donor}", "--set", "model.weights=none"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expected in err[0], (code, err)
+    assert not (tmp_path / "run").exists()
