@@ -177,6 +177,7 @@ from pipeline import registry as reg
 from pipeline.config import StorageConfig
 registry, name, versions, seed, ready, go, seconds, min_calls, max_calls = sys.argv[1:]
 versions, rng, storage = json.loads(versions), random.Random(int(seed)), StorageConfig()
+reg.read_production(registry, name, storage)  # imported and connected before the start
 open(ready, "w").close()
 while not os.path.exists(go):
     time.sleep(0.01)
@@ -229,6 +230,7 @@ def test_processes_promoting_and_rolling_back_at_once_lose_nothing(registry_uri,
                 assert pointer["version"] in versions, pointer
                 assert pointer["changes"][-1]["id"] == pointer["id"]
                 reads.append(pointer["id"])
+                time.sleep(0.005)  # leave the moto server in this process time to answer the writers
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test below
             errors.append(exc)
 
