@@ -9,6 +9,7 @@ completes, so a killed writer never leaves a complete-looking partial file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -267,7 +268,8 @@ def write_json(uri: str, obj, storage: StorageConfig) -> None:
 #     to create), which S3 applies atomically.
 #   - local disk: an exclusive ``fcntl`` lock on a lock file beside the object,
 #     held while the current content is compared and the new one renamed in.
-#   - any other store: a lease (see ``_lease``), safe only where the store shows
+#   - any other store (and an S3-compatible one that ignores the conditions,
+#     see ``conditional_writes``): a lease (see ``_lease``), safe only where the store shows
 #     a write to every reader within ``LEASE_SETTLE_S`` and holders finish within
 #     ``LEASE_TERM_S``.
 
@@ -286,10 +288,66 @@ def _is_s3(uri: str) -> bool:
     return protocol(uri) in ("s3", "s3a")
 
 
+_conditional: dict = {}  # (endpoint, bucket) -> whether the store honours If-Match / If-None-Match
+_conditional_lock = threading.Lock()
+
+
+def conditional_writes(uri: str, storage: StorageConfig) -> bool:
+    """Whether ``uri``'s S3 store honours conditional PutObject. Some
+    S3-compatible stores ignore the headers and write anyway; found out once per
+    process and bucket (a probe object written twice with ``If-None-Match: *``
+    beside ``uri``, then removed). Such stores get the lease instead."""
+    fs, path = get_fs(uri, storage)
+    bucket, key, _ = fs.split_path(path)
+    where = (storage_options(uri, storage).get("client_kwargs", {}).get("endpoint_url"), bucket)
+    with _conditional_lock:
+        if where in _conditional:
+            return _conditional[where]
+    probe = f"{bucket}/{key.rsplit('/', 1)[0] + '/' if '/' in key else ''}{TMP_MARK}cas-probe-{uuid.uuid4().hex[:12]}"
+    _, probe_key, _ = fs.split_path(probe)
+    honoured = False
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=probe_key, Body=b"1", IfNoneMatch="*")
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=probe_key, Body=b"2", IfNoneMatch="*")
+        except Exception as exc:  # noqa: BLE001
+            if not _is_conflict(exc):
+                raise
+            honoured = True
+    except Exception as exc:  # noqa: BLE001
+        if not _refused_header(exc):
+            raise
+    finally:
+        try:
+            fs.rm_file(probe)
+        except Exception:  # noqa: BLE001 - a probe left behind is a temporary file, ignored by every reader
+            pass
+    if not honoured:
+        logging.getLogger(__name__).warning(
+            "%s does not honour conditional writes (If-None-Match); pointer updates there use a lease",
+            where[0] or "S3")
+    with _conditional_lock:
+        _conditional[where] = honoured
+    return honoured
+
+
+def _refused_header(exc: BaseException) -> bool:
+    """A store that answers a conditional PutObject with "not implemented"."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NotImplemented", "InvalidArgument") or status == 501:
+                return True
+        exc = exc.__cause__
+    return False
+
+
 def read_for_update(uri: str, storage: StorageConfig) -> tuple[Optional[bytes], Optional[str]]:
     """(content, token) of ``uri``; (None, None) when it does not exist."""
     fs, path = get_fs(uri, storage)
-    if _is_s3(uri):
+    if _is_s3(uri) and conditional_writes(uri, storage):
         from fsspec.asyn import sync
 
         bucket, key, _ = fs.split_path(path)
@@ -319,7 +377,7 @@ def write_if_unchanged(uri: str, data: bytes, token: Optional[str], storage: Sto
     ``read_for_update``) describes, or does not exist when ``token`` is None.
     False when another writer came first; nothing is written then."""
     fs, path = get_fs(uri, storage)
-    if _is_s3(uri):
+    if _is_s3(uri) and conditional_writes(uri, storage):
         bucket, key, _ = fs.split_path(path)
         condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
         try:

@@ -147,6 +147,7 @@ def test_a_write_with_a_stale_token_is_refused(where, tmp_path, request):
         request.getfixturevalue("atomic_moto")
         _, bucket = request.getfixturevalue("s3_bucket")
         uri = f"s3://{bucket}/p.json"
+        assert st.conditional_writes(uri, StorageConfig())  # If-Match / If-None-Match, not the lease
     elif where == "local":
         uri = str(tmp_path / "p.json")
     else:  # a store with neither conditional writes nor locks: the lease
@@ -160,6 +161,34 @@ def test_a_write_with_a_stale_token_is_refused(where, tmp_path, request):
     assert st.write_if_unchanged(uri, b"update", token, storage)
     assert not st.write_if_unchanged(uri, b"stale update", token, storage)
     assert st.read_for_update(uri, storage)[0] == b"update"
+
+
+def test_an_s3_store_that_ignores_the_conditions_gets_the_lease(s3_bucket, monkeypatch):
+    """An S3-compatible store that accepts If-Match / If-None-Match and writes
+    anyway (moto with the headers removed) is found out, and pointer updates
+    there go through the lease: a stale write is still refused."""
+    from moto.s3.responses import S3Response
+    from requests.structures import CaseInsensitiveDict
+
+    original = S3Response.put_object
+
+    def ignore_conditions(self, *args, **kwargs):
+        self.headers = CaseInsensitiveDict({k: v for k, v in self.headers.items()
+                                            if k.lower() not in ("if-match", "if-none-match")})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Response, "put_object", ignore_conditions)
+    _, bucket = s3_bucket
+    uri, storage = f"s3://{bucket}/registry/m/production.json", StorageConfig()
+    assert not st.conditional_writes(uri, storage)
+    assert st.write_if_unchanged(uri, b"first", None, storage)
+    assert not st.write_if_unchanged(uri, b"second creator", None, storage)
+    data, token = st.read_for_update(uri, storage)
+    assert st.write_if_unchanged(uri, b"update", token, storage)
+    assert not st.write_if_unchanged(uri, b"stale update", token, storage)
+    assert st.read_for_update(uri, storage)[0] == b"update"
+    fs, _ = s3_bucket
+    assert fs.find(f"{bucket}/registry") == [f"{bucket}/registry/m/production.json"]  # no probe or lease left
 
 
 def fake_run(folder: Path, accuracy: float = 0.5) -> str:
