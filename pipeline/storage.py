@@ -305,17 +305,18 @@ def conditional_writes(uri: str, storage: StorageConfig) -> bool:
             return _conditional[where]
     probe = f"{bucket}/{key.rsplit('/', 1)[0] + '/' if '/' in key else ''}{TMP_MARK}cas-probe-{uuid.uuid4().hex[:12]}"
     _, probe_key, _ = fs.split_path(probe)
-    honoured = False
     try:
         fs.call_s3("put_object", Bucket=bucket, Key=probe_key, Body=b"1", IfNoneMatch="*")
-        try:
-            fs.call_s3("put_object", Bucket=bucket, Key=probe_key, Body=b"2", IfNoneMatch="*")
-        except Exception as exc:  # noqa: BLE001
-            if not _is_conflict(exc):
-                raise
-            honoured = True
+        fs.call_s3("put_object", Bucket=bucket, Key=probe_key, Body=b"2", IfNoneMatch="*")
+        honoured = False  # the second write went through: the header was ignored
     except Exception as exc:  # noqa: BLE001
-        if not _refused_header(exc):
+        # A refusal of either write (the first one's too, when a retried request
+        # finds its own object) is an answer only a store honouring the header gives.
+        if _is_conflict(exc):
+            honoured = True
+        elif _refused_header(exc):
+            honoured = False
+        else:
             raise
     finally:
         try:
@@ -407,19 +408,17 @@ def _replace_if(uri, fs, path, data: bytes, token: Optional[str], storage: Stora
 
 def _is_conflict(exc: BaseException) -> bool:
     """A refused condition (412), a concurrent conditional write (409), or the
-    object deleted under an If-Match, in s3fs's or botocore's words."""
-    seen = 0
+    object deleted under an If-Match (NoSuchKey), in botocore's words (found
+    under s3fs's translation); not a missing bucket or any other error."""
+    first, seen = exc, 0
     while exc is not None and seen < 5:
-        if isinstance(exc, (FileExistsError, FileNotFoundError)):
-            return True
         response = getattr(exc, "response", None)
         if isinstance(response, dict):
-            error = response.get("Error", {})
+            code = response.get("Error", {}).get("Code")
             status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            if error.get("Code") in CONFLICT_CODES or status in ("412", "409"):
-                return True
+            return code in CONFLICT_CODES or code == "NoSuchKey" or status in ("412", "409")
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+    return isinstance(first, FileExistsError)  # s3fs's word for a refused If-None-Match
 
 
 @contextmanager
