@@ -129,7 +129,7 @@ def atomic_moto(s3_endpoint, monkeypatch):
     return s3_endpoint
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def registry_uri(request, tmp_path):
     """A registry folder on local disk, or a prefix in a fresh moto bucket."""
     if request.param == "local":
@@ -139,7 +139,7 @@ def registry_uri(request, tmp_path):
     return f"s3://{bucket}/registry"
 
 
-@pytest.mark.parametrize("where", ["local", "s3", "memory"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3), "memory"])
 def test_a_write_with_a_stale_token_is_refused(where, tmp_path, request):
     """The primitive under every pointer update: a write based on a read that
     another writer has since overtaken changes nothing and says so."""
@@ -163,6 +163,7 @@ def test_a_write_with_a_stale_token_is_refused(where, tmp_path, request):
     assert st.read_for_update(uri, storage)[0] == b"update"
 
 
+@pytest.mark.s3
 def test_an_s3_store_that_ignores_the_conditions_gets_the_lease(s3_bucket, monkeypatch):
     """An S3-compatible store that accepts If-Match / If-None-Match and writes
     anyway (moto with the headers removed) is found out, and pointer updates
