@@ -26,16 +26,17 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or URIs)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--plot", metavar="FILE.png", help="write the images with bar charts of their top-k")
-    parser.add_argument("--allow-unsafe-model", action="store_true",
-                        help="load models that carry code (Lambda layers); only for models you trust")
+    parser.add_argument("--allow-unsafe", "--allow-unsafe-model", dest="allow_unsafe", action="store_true",
+                        help="also load .h5 models and models that carry code (Lambda layers); "
+                             "only for models you trust")
     args = parser.parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(args, {})
     if args.dry_run:
         with st.read_only():
-            lines = plan_predict(cfg, args.model, args.images, args.top_k, args.plot)
+            lines = plan_predict(cfg, args.model, args.images, args.top_k, args.plot, args.allow_unsafe)
         return dry_run_report("jobs.predict", lines)
-    results = predict_files(cfg, args.model, args.images, args.top_k, args.allow_unsafe_model)
+    results = predict_files(cfg, args.model, args.images, args.top_k, args.allow_unsafe)
     for uri, labels, scores, error in results:
         if error:
             print(f"{uri}: error: {error}")
@@ -48,12 +49,12 @@ def main(argv: Sequence[str]) -> int:
     return 0 if any(r[3] is None for r in results) else 1
 
 
-def plan_predict(cfg, model_uri: str, images: Sequence[str], top_k: int, plot) -> list[str]:
-    """What a real run would do, after checking that the model and every image exist."""
-    from pipeline.artifact import check_model_uri
-    from pipeline.registry import resolve_model
+def plan_predict(cfg, model_uri: str, images: Sequence[str], top_k: int, plot, allow_unsafe: bool = False) -> list[str]:
+    """What a real run would do, after checking the model (as a real run does)
+    and that every image exists."""
+    from pipeline.artifact import check_model_reference, check_model_uri
 
-    location, shown = resolve_model(model_uri, cfg.storage)
+    location, shown = check_model_reference(model_uri, cfg.storage, allow_unsafe=allow_unsafe)
     model_file = check_model_uri(location, cfg.storage)
     for uri in images:
         try:
@@ -70,10 +71,9 @@ def plan_predict(cfg, model_uri: str, images: Sequence[str], top_k: int, plot) -
 
 def predict_files(cfg, model_uri: str, images: Sequence[str], top_k: int, allow_unsafe: bool = False):
     """[(uri, top labels, top scores, error)] in input order."""
-    from pipeline.artifact import load_artifact
-    from pipeline.registry import resolve_model
+    from pipeline.artifact import check_model_reference, load_artifact
 
-    location, shown = resolve_model(model_uri, cfg.storage)
+    location, shown = check_model_reference(model_uri, cfg.storage, allow_unsafe=allow_unsafe)
     artifact = load_artifact(location, cfg.storage, allow_unsafe=allow_unsafe, display_uri=shown)
     ok, inputs, results = read_inputs(cfg, images, artifact.recipe)
     probs = artifact.predict(inputs) if len(inputs) else np.zeros((0, len(artifact.labels)))

@@ -36,8 +36,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default 100000)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace scores that OUTPUT holds from a different model, image source or top-k")
-    parser.add_argument("--allow-unsafe-model", action="store_true",
-                        help="load models that carry code (Lambda layers); only for models you trust")
+    parser.add_argument("--allow-unsafe", "--allow-unsafe-model", dest="allow_unsafe", action="store_true",
+                        help="also load .h5 models and models that carry code (Lambda layers); "
+                             "only for models you trust")
     args = parser.parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     cfg = resolve_config(
@@ -52,7 +53,7 @@ def main(argv: Sequence[str]) -> int:
     if args.dry_run:
         with st.read_only():
             plan = plan_score(cfg, args.model, args.images, args.output,
-                              overwrite=args.overwrite, allow_unsafe=args.allow_unsafe_model)
+                              overwrite=args.overwrite, allow_unsafe=args.allow_unsafe)
         return dry_run_report("jobs.score", [
             f"score {plan.images} images from {plan.source} with {plan.model} (top {plan.top_k})",
             f"write {len(plan.chunks)} Parquet files and {SUMMARY_NAME} to {plan.output}"
@@ -60,9 +61,9 @@ def main(argv: Sequence[str]) -> int:
             f"run on {ray_target(cfg)}",
         ])
     plan = plan_score(cfg, args.model, args.images, args.output,
-                      overwrite=args.overwrite, allow_unsafe=args.allow_unsafe_model)
+                      overwrite=args.overwrite, allow_unsafe=args.allow_unsafe)
     start_ray(cfg)
-    summary = run_score(cfg, plan, allow_unsafe=args.allow_unsafe_model)
+    summary = run_score(cfg, plan, allow_unsafe=args.allow_unsafe)
     print_summary(summary)
     return 0
 

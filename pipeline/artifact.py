@@ -3,7 +3,14 @@
 ``preprocessing.json``: the full recipe (``pipeline.preprocess.Recipe``) of the
 decode, normalisation and resize that happen outside the model, which score and
 predict apply as written. Loading is in Keras safe mode unless the caller allows
-unsafe code."""
+unsafe code.
+
+What score, predict and a warm start accept as a model is checked before any
+cluster work (``check_model_reference``): a completed training run (its
+``summary.json`` is written last), a registry version (``version.json``), or
+``REGISTRY#name``; only the ``.keras`` format, and no Lambda layer, unless the
+caller allows unsafe models (the legacy ``.h5`` loader runs code whatever the
+safe mode says)."""
 
 from __future__ import annotations
 
@@ -23,20 +30,15 @@ from pipeline.preprocess import Recipe, current_recipe
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
 PREPROCESSING_FILE = "preprocessing.json"
+RUN_COMPLETE_FILE = "summary.json"  # a training run writes it last
+VERSION_COMPLETE_FILE = "version.json"  # a registry version writes it last
+UNSAFE_HINT = "pass --allow-unsafe only if you trust its author"
 
 
 def preprocessing_spec(image_size: int, max_side: Optional[int] = None) -> dict:
     """``preprocessing.json`` of a model trained today at ``image_size`` on
     shards prepared with ``max_side``: the full recipe."""
     return current_recipe(image_size, max_side).to_dict()
-
-
-def resolve_model_file(uri: str, storage: StorageConfig) -> str:
-    """The model file behind a run directory, a model file, or ``REGISTRY#name``."""
-    from pipeline.registry import resolve_model
-
-    location, _ = resolve_model(uri, storage)
-    return model_file_uri(location)
 
 
 def model_file_uri(uri: str) -> str:
@@ -71,6 +73,79 @@ class ModelArtifact:
         if len(images) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
         return np.asarray(self._call(np.asarray(images, np.float32)), dtype=np.float32)
+
+
+def check_model_reference(model: str, storage: StorageConfig, *, allow_unsafe: bool = False,
+                          hint: str = UNSAFE_HINT) -> tuple[str, str]:
+    """(where to load it from, what outputs record) for a model named by a
+    user, or a UsageError with one line: the model must be a completed run or
+    a registry version, and, unless ``allow_unsafe``, a ``.keras`` archive
+    without Lambda layers. Reads the archive's config only (no TensorFlow)."""
+    from pipeline.registry import resolve_model
+
+    location, shown = resolve_model(model, storage)
+    model_uri = model_file_uri(location)
+    if not allow_unsafe and not model_uri.endswith(".keras"):
+        raise UsageError(f"{model_uri}: only .keras models are loaded in safe mode (the legacy .h5 loader can run "
+                         f"code); {hint}")
+    check_model_uri(location, storage)
+    folder = model_uri.rsplit("/", 1)[0]
+    try:
+        complete = (st.exists(st.join(folder, RUN_COMPLETE_FILE), storage)
+                    or st.exists(st.join(folder, VERSION_COMPLETE_FILE), storage))
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read model {model}: {st.describe_error(exc)}") from None
+    if not complete:
+        raise UsageError(f"{folder} is not a completed training run (no {RUN_COMPLETE_FILE}) or a registry "
+                         f"version (no {VERSION_COMPLETE_FILE}); a run still training or publishing is not a model yet")
+    if not allow_unsafe:
+        code = code_in_model(model_uri, storage)
+        if code:
+            raise UsageError(f"{model_uri} contains code ({code}) and is refused in safe mode; {hint}")
+    return location, shown
+
+
+def code_in_model(model_uri: str, storage: StorageConfig) -> Optional[str]:
+    """What in a ``.keras`` archive's config would run code when loaded (a
+    Lambda layer, a serialized Python lambda), or None. Reads only the
+    archive's directory and ``config.json``."""
+    try:
+        fs, path = st.get_fs(model_uri, storage)
+        # Small blocks: the archive's directory is at its end and config.json near
+        # its start; the weights in between are never fetched.
+        options = {} if st.is_local(model_uri) else {"block_size": 2**20, "cache_type": "readahead"}
+        with fs.open(path, "rb", **options) as f:
+            if not zipfile.is_zipfile(f):
+                raise UsageError(f"{model_uri} is not a Keras archive (.keras is a zip file)")
+            with zipfile.ZipFile(f) as zf:
+                config = json.loads(zf.read("config.json"))
+    except UsageError:
+        raise
+    except (KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{model_uri} is not a readable Keras archive: {st.describe_error(exc)}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read model {model_uri}: {st.describe_error(exc)}") from None
+    return _find_code(config)
+
+
+def _find_code(node) -> Optional[str]:
+    if isinstance(node, dict):
+        kind = node.get("class_name")
+        if kind == "Lambda" or kind == "__lambda__":
+            name = (node.get("config") or {}).get("name") if isinstance(node.get("config"), dict) else None
+            return f"a Lambda layer '{name}'" if name else "a Python lambda"
+        if node.get("function_type") == "lambda":
+            return "a Python lambda"
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _find_code(child)
+        if found:
+            return found
+    return None
 
 
 def check_model_uri(uri: str, storage: StorageConfig) -> str:
@@ -114,6 +189,8 @@ def model_recipe(uri: str, storage: StorageConfig, *, allow_unsafe: bool = False
 def load_artifact(uri: str, storage: StorageConfig, *, allow_unsafe: bool = False,
                   display_uri: Optional[str] = None) -> ModelArtifact:
     model_uri = check_model_uri(uri, storage)
+    if not allow_unsafe and not model_uri.endswith(".keras"):
+        raise UsageError(f"{model_uri}: only .keras models are loaded in safe mode; {UNSAFE_HINT}")
     folder = model_uri.rsplit("/", 1)[0]
     labels = json.loads(st.read_text(st.join(folder, LABELS_FILE), storage))
     with st.local_scratch() as scratch:
@@ -126,7 +203,7 @@ def load_artifact(uri: str, storage: StorageConfig, *, allow_unsafe: bool = Fals
             if "safe_mode" in str(exc) or "unsafe" in str(exc).lower() or "lambda" in str(exc).lower():
                 raise UsageError(
                     f"{model_uri} contains code (e.g. a Lambda layer) and is refused in safe mode; "
-                    "pass --allow-unsafe-model only if you trust its author"
+                    f"{UNSAFE_HINT}"
                 ) from None
             raise
     size = int(model.input_shape[1])

@@ -46,7 +46,6 @@ from pipeline.errors import UsageError
 from pipeline.faults import maybe_fault
 from pipeline.images import IMAGE_EXTENSIONS, ImageRejected, has_image_extension
 from pipeline.preprocess import Recipe, file_pixels, model_inputs
-from pipeline.registry import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +179,9 @@ def _canonical(uri: str) -> str:
 def plan_score(cfg: Config, model: str, images: str, output: str, *,
                overwrite: bool = False, allow_unsafe: bool = False) -> ScorePlan:
     """Everything that can fail on user input, checked before any cluster work."""
-    from pipeline.artifact import LABELS_FILE, check_model_uri, model_recipe
+    from pipeline.artifact import LABELS_FILE, check_model_reference, check_model_uri, model_recipe
 
-    model_uri, shown = resolve_model(model, cfg.storage)
+    model_uri, shown = check_model_reference(model, cfg.storage, allow_unsafe=allow_unsafe)
     labels_uri = st.join(check_model_uri(model_uri, cfg.storage).rsplit("/", 1)[0], LABELS_FILE)
     try:
         labels = st.read_json(labels_uri, cfg.storage)

@@ -39,7 +39,7 @@ class TrainPlan:
 
 def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
     """Everything that can fail on user input, checked before any cluster work."""
-    from pipeline.artifact import resolve_model_file
+    from pipeline.artifact import check_model_reference, model_file_uri
 
     # Workers and tasks run elsewhere: local paths are made absolute here.
     data, output = st.absolute(data), st.absolute(output)
@@ -57,8 +57,14 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
     if cfg.model.weights not in ("imagenet", "none") and not _exists(cfg.model.weights, cfg):
         raise UsageError(f"model.weights: file not found: {cfg.model.weights}")
     if cfg.model.init_from:
-        # Resolved once, here: every worker warm-starts from the same version.
-        cfg.model.init_from = resolve_model_file(cfg.model.init_from, cfg.storage)
+        # Resolved once, here: every worker warm-starts from the same version,
+        # a completed run or registry version in the .keras format without code.
+        try:
+            location, _ = check_model_reference(cfg.model.init_from, cfg.storage,
+                                                hint="a warm start takes safe .keras models only")
+        except UsageError as exc:
+            raise UsageError(f"model.init_from: {exc}") from None
+        cfg.model.init_from = model_file_uri(location)
         if not _exists(cfg.model.init_from, cfg):
             raise UsageError(f"model.init_from: no model at {cfg.model.init_from}")
     if isinstance(cfg.train.class_weights, dict):
@@ -273,42 +279,24 @@ def _list_names(uri: str, cfg: Config) -> list[str]:
 
 def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool) -> dict:
     """Register the run as a new version, score it and the current production
-    version now on the same validation shards, and promote it if the gate passes."""
+    version now on the same validation shards, and promote it if the gate
+    passes and production is still the version it was compared against."""
     import ray
 
     from pipeline import registry as reg
 
     uri, name = cfg.registry.uri, cfg.registry.name
     version = reg.register_run(uri, name, plan.output, cfg.storage, metrics=metrics, data=plan.data)
-    before = reg.read_production(uri, name, cfg.storage)
-    candidates = [reg.version_uri(uri, name, version["version"])]
-    if before and before["version"] != version["version"]:
-        candidates.append(reg.version_uri(uri, name, before["version"]))
     task = ray.remote(evaluate_models).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
-    scored = ray.get(task.remote(cfg, plan.manifest, plan.data, candidates))
-    new_acc = scored[0]["accuracy"]
-    prod_acc = scored[1]["accuracy"] if len(scored) > 1 else None
-    decision = reg.decide(new_acc, prod_acc, tolerance=cfg.registry.tolerance,
-                          min_val_accuracy=cfg.train.min_val_accuracy)
-    if before and before["version"] == version["version"]:
-        decision = {"promote": False, "reason": "this run is already the production version"}
-    after = before
-    if decision["promote"]:
-        after = reg.promote(uri, name, version["version"], cfg.storage, reason=decision["reason"])
+
+    def accuracies(folders: list[str]) -> list[float]:
+        return [m["accuracy"] for m in ray.get(task.remote(cfg, plan.manifest, plan.data, folders))]
+
+    outcome = reg.gate(uri, name, version["version"], cfg.storage, evaluate=accuracies,
+                       tolerance=cfg.registry.tolerance, min_val_accuracy=cfg.train.min_val_accuracy)
     log.info("registry: %s#%s version %s %s (%s)", uri, name, version["version"],
-             "promoted" if decision["promote"] else "not promoted", decision["reason"])
-    return {
-        "registry": uri,
-        "name": name,
-        "version": version["version"],
-        "accuracy": new_acc,
-        "production_before": before["version"] if before else None,
-        "production_accuracy": prod_acc,
-        "tolerance": cfg.registry.tolerance,
-        "promoted": decision["promote"],
-        "reason": decision["reason"],
-        "production": after["version"] if after else None,
-    }
+             "promoted" if outcome["promoted"] else "not promoted", outcome["reason"])
+    return outcome
 
 
 def evaluate_models(cfg: Config, manifest: dict, data: str, model_uris: list[str]) -> list[dict]:

@@ -70,7 +70,7 @@ def test_version_from_the_command_line_and_registry_keeps_its_version_flag(tmp_p
     assert shown.returncode == 0 and shown.stdout.split() == ["inception-ray", version], shown.stderr
     # With an action, --version is still the model version.
     args = job("registry")
-    with pytest.raises(UsageError, match="no version 'v9' of 'flowers'"):
+    with pytest.raises(UsageError, match="registry version 'v9' is not valid"):
         args.main(["show", "--registry", str(tmp_path / "registry"), "--name", "flowers", "--version", "v9"])
 
 
@@ -121,11 +121,17 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def model_dir(tmp_path_factory) -> Path:
-    """A run directory as planning sees it: model file, labels, preprocessing recipe."""
+    """A completed run directory as planning sees it: a model archive (its config
+    only: planning reads that, never the weights), labels, preprocessing recipe,
+    summary.json."""
+    import zipfile
+
     from pipeline.artifact import LABELS_FILE, MODEL_FILE, PREPROCESSING_FILE, preprocessing_spec
 
     root = tmp_path_factory.mktemp("run")
-    (root / MODEL_FILE).write_bytes(b"planning never loads the model when its recipe is known")
+    with zipfile.ZipFile(root / MODEL_FILE, "w") as archive:
+        archive.writestr("config.json", json.dumps({"class_name": "Functional", "config": {"layers": []}}))
+    (root / "summary.json").write_text(json.dumps({"classes": CLASSES}))
     (root / LABELS_FILE).write_text(json.dumps(CLASSES))
     (root / PREPROCESSING_FILE).write_text(json.dumps(preprocessing_spec(75)))
     return root

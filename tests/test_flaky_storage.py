@@ -289,6 +289,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     model.save(str(folder / "model.keras"))
     (folder / "labels.json").write_text(json.dumps(CLASSES))
     (folder / "preprocessing.json").write_text(json.dumps(preprocessing_spec(75)))
+    (folder / "summary.json").write_text(json.dumps({"job": "train"}))  # a completed run
     return str(folder)
 
 

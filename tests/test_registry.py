@@ -1,11 +1,17 @@
 """The registry and the promotion gate: two real trainings into one registry,
-the worse one is not promoted, rollback, concurrent writers."""
+the worse one is not promoted, rollback; concurrent writers (processes on local
+disk and on S3) and a gate whose production changes under it; hostile
+registry names and versions."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +19,10 @@ from jobs import registry as registry_job
 from jobs import train as train_job
 from jobs._cli import run
 from pipeline import registry as reg
+from pipeline import storage as st
 from pipeline.config import StorageConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LEARN = ["--set", "data.image_size=75", "--set", "data.batch_size=8", "--set", "data.seed=0",
          "--set", "model.weights=none", "--set", "model.head_units=32", "--set", "model.bn_momentum=0.9",
@@ -81,36 +90,6 @@ def test_promote_rollback_and_cli(trained, capsys):
     assert run(registry_job.main, ["promote", *base, "--version", "nope"]) == 2
 
 
-@pytest.mark.slow
-def test_concurrent_writers_never_break_the_pointer(trained):
-    registry, _, _, _ = trained
-    storage = StorageConfig()
-    versions = [v["version"] for v in reg.list_versions(registry, "shapes", storage)]
-    errors, seen = [], []
-
-    def writer(i):
-        try:
-            for j in range(15):
-                reg.promote(registry, "shapes", versions[(i + j) % 2], storage, reason=f"writer {i}")
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    def reader():
-        for _ in range(60):
-            pointer = reg.read_production(registry, "shapes", storage)
-            seen.append(pointer["version"])
-
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)] + [threading.Thread(target=reader)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert set(seen) <= set(versions)
-    assert reg.read_production(registry, "shapes", storage)["version"] in versions
-    assert not [f for f in os.listdir(os.path.join(registry, "shapes")) if f.startswith(".tmp-")]
-
-
 def test_gate_decisions():
     assert reg.decide(0.8, None, tolerance=0.0, min_val_accuracy=None)["promote"]
     assert reg.decide(0.8, 0.8, tolerance=0.0, min_val_accuracy=None)["promote"]
@@ -126,6 +105,287 @@ def test_reference_parsing():
         reg.parse_reference("s3://b/reg#")
 
 
+
+
+# ---------------------------------------------------------------- compare-and-swap
+
+
+@pytest.fixture
+def atomic_moto(s3_endpoint, monkeypatch):
+    """moto's server checks a PutObject's If-Match / If-None-Match and then
+    stores the object in two steps, so two conditional writes racing in its
+    threads can both pass; AWS S3 applies the condition and the write as one.
+    One lock around moto's PutObject handler makes it behave like S3."""
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    original = S3Response.put_object
+
+    def put_object(self, *args, **kwargs):
+        with lock:
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Response, "put_object", put_object)
+    return s3_endpoint
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def registry_uri(request, tmp_path):
+    """A registry folder on local disk, or a prefix in a fresh moto bucket."""
+    if request.param == "local":
+        return str(tmp_path / "registry")
+    request.getfixturevalue("atomic_moto")
+    _, bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/registry"
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3), "memory"])
+def test_a_write_with_a_stale_token_is_refused(where, tmp_path, request):
+    """The primitive under every pointer update: a write based on a read that
+    another writer has since overtaken changes nothing and says so."""
+    if where == "s3":
+        request.getfixturevalue("atomic_moto")
+        _, bucket = request.getfixturevalue("s3_bucket")
+        uri = f"s3://{bucket}/p.json"
+        assert st.conditional_writes(uri, StorageConfig())  # If-Match / If-None-Match, not the lease
+    elif where == "local":
+        uri = str(tmp_path / "p.json")
+    else:  # a store with neither conditional writes nor locks: the lease
+        uri = f"memory://{tmp_path.name}/p.json"
+    storage = StorageConfig()
+    assert st.read_for_update(uri, storage) == (None, None)
+    assert st.write_if_unchanged(uri, b"first", None, storage)
+    assert not st.write_if_unchanged(uri, b"second creator", None, storage)
+    data, token = st.read_for_update(uri, storage)
+    assert data == b"first"
+    assert st.write_if_unchanged(uri, b"update", token, storage)
+    assert not st.write_if_unchanged(uri, b"stale update", token, storage)
+    assert st.read_for_update(uri, storage)[0] == b"update"
+
+
+@pytest.mark.s3
+def test_an_s3_store_that_ignores_the_conditions_gets_the_lease(s3_bucket, monkeypatch):
+    """An S3-compatible store that accepts If-Match / If-None-Match and writes
+    anyway (moto with the headers removed) is found out, and pointer updates
+    there go through the lease: a stale write is still refused."""
+    from moto.s3.responses import S3Response
+    from requests.structures import CaseInsensitiveDict
+
+    original = S3Response.put_object
+
+    def ignore_conditions(self, *args, **kwargs):
+        self.headers = CaseInsensitiveDict({k: v for k, v in self.headers.items()
+                                            if k.lower() not in ("if-match", "if-none-match")})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Response, "put_object", ignore_conditions)
+    _, bucket = s3_bucket
+    uri, storage = f"s3://{bucket}/registry/m/production.json", StorageConfig()
+    assert not st.conditional_writes(uri, storage)
+    assert st.write_if_unchanged(uri, b"first", None, storage)
+    assert not st.write_if_unchanged(uri, b"second creator", None, storage)
+    data, token = st.read_for_update(uri, storage)
+    assert st.write_if_unchanged(uri, b"update", token, storage)
+    assert not st.write_if_unchanged(uri, b"stale update", token, storage)
+    assert st.read_for_update(uri, storage)[0] == b"update"
+    fs, _ = s3_bucket
+    assert fs.find(f"{bucket}/registry") == [f"{bucket}/registry/m/production.json"]  # no probe or lease left
+
+
+def fake_run(folder: Path, accuracy: float = 0.5) -> str:
+    """A run directory as the registry copies it (no model needs loading)."""
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(os.urandom(2_000))
+    (folder / "labels.json").write_text('["a", "b"]')
+    (folder / "metrics.json").write_text(json.dumps({"accuracy": accuracy}))
+    return str(folder)
+
+
+RACER = """
+import json, os, random, sys, time
+from pipeline import registry as reg
+from pipeline.config import StorageConfig
+registry, name, versions, seed, ready, go, seconds, min_calls, max_calls = sys.argv[1:]
+versions, rng, storage = json.loads(versions), random.Random(int(seed)), StorageConfig()
+reg.read_production(registry, name, storage)  # imported and connected before the start
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+calls, end = [], time.time() + float(seconds)
+while len(calls) < int(max_calls) and (len(calls) < int(min_calls) or time.time() < end):
+    action = rng.choice(["promote", "promote", "rollback"])
+    try:
+        if action == "promote":
+            pointer = reg.promote(registry, name, rng.choice(versions), storage, reason="racer")
+        else:
+            pointer = reg.rollback(registry, name, storage)
+        calls.append({"ok": True, "action": action, "id": pointer["id"], "version": pointer["version"]})
+    except Exception as exc:
+        calls.append({"ok": False, "action": action, "error": f"{type(exc).__name__}: {exc}"})
+print(json.dumps(calls))
+"""
+
+
+def test_processes_promoting_and_rolling_back_at_once_lose_nothing(registry_uri, tmp_path):
+    """4 processes promote and roll back at random for a few seconds while two
+    threads read the pointer. Afterwards production.json's list of changes is
+    one chain holding every call that reported success exactly once (and
+    nothing else), replaying it gives the pointer's history, and each rollback
+    returned the version before the one it replaced."""
+    storage = StorageConfig()
+    name, writers, min_calls, max_calls = "race", 4, 12, 60
+    versions = [reg.register_run(registry_uri, name, fake_run(tmp_path / f"run{i}"), storage,
+                                 metrics={"accuracy": 0.5}, data="d")["version"] for i in range(3)]
+    first = reg.promote(registry_uri, name, versions[0], storage, reason="start")
+    succeeded = {first["id"]: {"ok": True, "action": "promote", "id": first["id"], "version": versions[0]}}
+
+    go = tmp_path / "go"
+    procs = []
+    for i in range(writers):
+        ready = tmp_path / f"ready{i}"
+        procs.append((ready, subprocess.Popen(
+            [sys.executable, "-c", RACER, registry_uri, name, json.dumps(versions), str(i), str(ready), str(go),
+             "4", str(min_calls), str(max_calls)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)))
+    deadline = time.time() + 120
+    while not all(r.exists() for r, _ in procs) and time.time() < deadline:
+        time.sleep(0.05)
+
+    done, errors, reads = threading.Event(), [], []
+
+    def reader():
+        try:
+            while not done.is_set() or len(reads) < 40:
+                pointer = reg.read_production(registry_uri, name, storage)
+                assert pointer["version"] in versions, pointer
+                assert pointer["changes"][-1]["id"] == pointer["id"]
+                reads.append(pointer["id"])
+                time.sleep(0.005)  # leave the moto server in this process time to answer the writers
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test below
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    go.touch()
+    calls = []
+    try:
+        for _, p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            calls.extend(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        done.set()
+        for t in readers:
+            t.join(120)
+    if errors:
+        raise errors[0]
+    assert len(reads) >= 80  # both readers read throughout (40 each at least)
+
+    ok = [c for c in calls if c["ok"]]
+    failed = [c for c in calls if not c["ok"]]
+    for c in failed:  # nothing but a clear refusal or a clear "lost too many races"
+        assert "no earlier production version" in c["error"] or "nothing was changed" in c["error"], c
+    assert len(calls) >= writers * min_calls and ok
+    succeeded.update({c["id"]: c for c in ok})
+    assert len(succeeded) == len(ok) + 1  # ids are unique
+
+    final = reg.read_production(registry_uri, name, storage)
+    changes = final["changes"]
+    assert len(changes) < reg.CHANGES_LIMIT  # nothing trimmed: the whole race is in the list
+    ids = [c["id"] for c in changes]
+    assert len(ids) == len(set(ids))  # exactly once
+    assert set(ids) == set(succeeded)  # every success is there, nothing else is
+    # one chain: each change starts where the one before it ended
+    assert changes[0]["from"] is None
+    for before, after in zip(changes, changes[1:]):
+        assert after["from"] == before["version"], (before, after)
+    assert final["id"] == changes[-1]["id"] and final["version"] == changes[-1]["version"]
+    # replaying the chain gives the history rollback walks; each rollback went to the previous version
+    history = []
+    for change in changes:
+        assert succeeded[change["id"]]["version"] == change["version"]
+        assert succeeded[change["id"]]["action"] == change["action"]
+        if change["action"] == "promote":
+            if change["from"] and change["from"] != change["version"]:
+                history = (history + [change["from"]])[-reg.HISTORY_LIMIT:]
+        else:
+            assert history and change["version"] == history.pop(), change
+    assert final["history"] == history
+    # the index the racing writers left (not rebuilt here) is up to date
+    fs, path = st.get_fs(st.join(registry_uri, name, reg.INDEX_FILE), storage)
+    index = json.loads(fs.cat_file(path))
+    assert index["production"] == final["version"]
+    assert sorted(v["version"] for v in index["versions"]) == sorted(versions)
+    print(f"\n{registry_uri.split(':')[0] if '://' in registry_uri else 'local'}: {len(calls)} calls, "
+          f"{len(ok)} succeeded ({sum(c['action'] == 'rollback' for c in ok)} rollbacks), "
+          f"{len(failed)} refused, {len(reads)} reads")
+
+
+# ---------------------------------------------------------------- the gate under a race
+
+
+@pytest.mark.parametrize("meanwhile, promoted", [(0.9, False), (0.6, True)])
+def test_gate_does_not_apply_a_decision_made_against_an_old_production(tmp_path, meanwhile, promoted):
+    """While the gate evaluates candidate C (0.8) against production A (0.7),
+    someone promotes B. The decision "C beats A" is not applied to B: the gate
+    compares C with B and promotes C only if it beats B too."""
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    a, b, c = (reg.register_run(registry, "gate", fake_run(tmp_path / n), storage, metrics={}, data="d")["version"]
+               for n in ("a", "b", "c"))
+    reg.promote(registry, "gate", a, storage, reason="start")
+    accuracy = {a: 0.7, b: meanwhile, c: 0.8}
+    evaluated = []
+
+    def evaluate(folders):
+        evaluated.append([f.rsplit("/", 1)[-1] for f in folders])
+        if len(evaluated) == 1:  # another promoter, between the gate's read and its promotion
+            reg.promote(registry, "gate", b, storage, reason="promoted meanwhile")
+        return [accuracy[f.rsplit("/", 1)[-1]] for f in folders]
+
+    outcome = reg.gate(registry, "gate", c, storage, evaluate=evaluate, tolerance=0.0, min_val_accuracy=None)
+    assert evaluated == [[c, a], [b]]  # compared again, with the new production only
+    assert outcome["production_before"] == b and outcome["production_accuracy"] == meanwhile
+    assert outcome["comparisons"] == 2 and outcome["promoted"] is promoted
+    pointer = reg.read_production(registry, "gate", storage)
+    assert pointer["version"] == (c if promoted else b)
+    assert [ch["version"] for ch in pointer["changes"]] == [a, b] + ([c] if promoted else [])
+
+
+def test_a_gate_whose_production_keeps_changing_gives_up_without_promoting(tmp_path):
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    a, b, c = (reg.register_run(registry, "gate", fake_run(tmp_path / n), storage, metrics={}, data="d")["version"]
+               for n in ("a", "b", "c"))
+    reg.promote(registry, "gate", a, storage, reason="start")
+    others = iter([b, a, b])
+
+    def evaluate(folders):  # a better candidate, but someone promotes during every comparison
+        reg.promote(registry, "gate", next(others), storage, reason="meanwhile")
+        return [0.9 if f.endswith(c) else 0.1 for f in folders]
+
+    outcome = reg.gate(registry, "gate", c, storage, evaluate=evaluate, tolerance=0.0, min_val_accuracy=None)
+    assert outcome["comparisons"] == reg.GATE_ATTEMPTS and not outcome["promoted"]
+    assert "changed during each of 3 comparisons (now " + b in outcome["reason"] and outcome["production"] == b
+    assert reg.read_production(registry, "gate", storage)["version"] == b
+
+
+def test_a_promotion_expecting_another_production_changes_nothing(tmp_path):
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    a, b = (reg.register_run(registry, "m", fake_run(tmp_path / n), storage, metrics={}, data="d")["version"]
+            for n in ("a", "b"))
+    with pytest.raises(reg.ProductionChanged):
+        reg.promote(registry, "m", b, storage, reason="x", expected=a)
+    assert reg.read_production(registry, "m", storage) is None
+    reg.promote(registry, "m", a, storage, reason="x", expected=None)
+    before = open(os.path.join(registry, "m", "production.json")).read()
+    with pytest.raises(reg.ProductionChanged):
+        reg.promote(registry, "m", b, storage, reason="x", expected=None)
+    assert open(os.path.join(registry, "m", "production.json")).read() == before
+
+
 REGISTER_AND_PROMOTE = """
 import sys
 from pipeline import registry as reg
@@ -139,9 +399,6 @@ print(v["version"])
 
 
 def test_two_processes_registering_at_once_leave_a_valid_registry(tmp_path):
-    import subprocess
-    import sys
-
     registry = str(tmp_path / "registry")
     runs = []
     for i in range(2):
@@ -152,9 +409,10 @@ def test_two_processes_registering_at_once_leave_a_valid_registry(tmp_path):
         (run_dir / "metrics.json").write_text('{"accuracy": 0.5}')
         runs.append(str(run_dir))
     procs = [subprocess.Popen([sys.executable, "-c", REGISTER_AND_PROMOTE, registry, r], stdout=subprocess.PIPE,
-                              text=True) for r in runs]
-    versions = [p.communicate(timeout=120)[0].strip() for p in procs]
-    assert all(p.returncode == 0 for p in procs)
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for r in runs]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    versions = [out.strip() for out, _ in results]
     storage = StorageConfig()
     listed = reg.list_versions(registry, "race", storage)
     assert sorted(v["version"] for v in listed) == sorted(versions)
@@ -164,6 +422,83 @@ def test_two_processes_registering_at_once_leave_a_valid_registry(tmp_path):
         source = runs[versions.index(v)]
         assert open(os.path.join(folder, "model.keras"), "rb").read() == open(os.path.join(source, "model.keras"), "rb").read()
     pointer = reg.read_production(registry, "race", storage)
-    assert pointer["version"] in versions
-    # the index is rebuilt from the version folders by the last writer or by anyone
-    assert {v["version"] for v in reg.write_index(registry, "race", storage)} == set(versions)
+    assert pointer["version"] in versions and len(pointer["changes"]) == 20
+    # the index as the racing writers left it (not rebuilt here) lists both versions and the pointer
+    index = json.load(open(os.path.join(registry, "race", reg.INDEX_FILE)))
+    assert sorted(v["version"] for v in index["versions"]) == sorted(versions)
+    assert index["production"] == pointer["version"]
+    assert not [f for f in os.listdir(os.path.join(registry, "race")) if f.startswith(".tmp-")]
+
+
+REGISTER_ONLY = """
+import os, sys, time
+from pipeline import registry as reg
+from pipeline.config import StorageConfig
+registry, run_dir, ready, go = sys.argv[1:]
+storage = StorageConfig()
+reg.list_versions(registry, "once", storage)  # connected and imported before the start
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+print(reg.register_run(registry, "once", run_dir, storage, metrics={}, data="d")["version"])
+"""
+
+
+def test_one_run_registered_by_three_processes_at_once_is_one_version(registry_uri, tmp_path):
+    run_dir = fake_run(tmp_path / "run")
+    ready, go = [tmp_path / f"ready{i}" for i in range(3)], tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER_ONLY, registry_uri, run_dir, str(r), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for r in ready]
+    deadline = time.time() + 120
+    while not all(r.exists() for r in ready) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    returned = {out.strip() for out, _ in results}
+    listed = reg.list_versions(registry_uri, "once", StorageConfig())
+    assert len(returned) == 1 and [v["version"] for v in listed] == list(returned)
+
+
+def test_a_registration_abandoned_by_a_dead_process_is_taken_over(tmp_path):
+    import hashlib
+    import socket
+
+    storage = StorageConfig()
+    registry, run_dir = str(tmp_path / "registry"), fake_run(tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim = {"run": run_dir, "version": "20260101-000000-abcdef", "host": socket.gethostname(),
+             "pid": int(dead.stdout), "claimed": time.time()}
+    claims = tmp_path / "registry" / "m" / reg.RUNS
+    claims.mkdir(parents=True)
+    (claims / (hashlib.sha256(run_dir.encode()).hexdigest()[:32] + ".json")).write_text(json.dumps(claim))
+    record = reg.register_run(registry, "m", run_dir, storage, metrics={}, data="d")
+    assert record["version"] != claim["version"] and record["run"] == run_dir
+    assert reg.get_version(registry, "m", record["version"], storage)["run"] == run_dir
+
+
+def test_a_change_whose_answer_was_lost_is_not_applied_twice(tmp_path, monkeypatch):
+    """A conditional write that succeeded but whose answer was lost (the retried
+    request is refused, since the object changed: by this very write), and
+    another writer's change right after it: the promotion is in the chain once."""
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    a, b = (reg.register_run(registry, "m", fake_run(tmp_path / n), storage, metrics={}, data="d")["version"]
+            for n in ("a", "b"))
+    real = st.write_if_unchanged
+    lost = []
+
+    def answer_lost(uri, data, token, storage):
+        written = real(uri, data, token, storage)
+        if uri.endswith(reg.PRODUCTION_FILE) and not lost:
+            lost.append(uri)
+            monkeypatch.setattr(st, "write_if_unchanged", real)
+            reg.promote(registry, "m", b, storage, reason="someone else, right after")
+            return False
+        return written
+
+    monkeypatch.setattr(st, "write_if_unchanged", answer_lost)
+    mine = reg.promote(registry, "m", a, storage, reason="mine")
+    pointer = reg.read_production(registry, "m", storage)
+    assert lost and [(c["id"], c["version"]) for c in pointer["changes"]][0] == (mine["id"], a)
+    assert [c["version"] for c in pointer["changes"]] == [a, b] and pointer["version"] == b

@@ -51,6 +51,7 @@ def tiny_model(tmp_path_factory) -> str:
     model.save(str(folder / "model.keras"))
     (folder / "labels.json").write_text(json.dumps(CLASSES))
     (folder / "preprocessing.json").write_text(json.dumps(preprocessing_spec(75)))
+    (folder / "summary.json").write_text(json.dumps({"job": "train"}))  # a completed run
     return str(folder)
 
 
@@ -163,7 +164,7 @@ def test_an_old_model_is_scored_with_its_own_recipe(tiny_model, tmp_path, monkey
 
     old = tmp_path / "old-run"
     old.mkdir()
-    for name in ("model.keras", "labels.json"):
+    for name in ("model.keras", "labels.json", "summary.json"):
         shutil.copy(Path(tiny_model, name), old / name)
     (old / "preprocessing.json").write_text(json.dumps(OLD_PREPROCESSING))
     noisy = Image.fromarray(np.random.default_rng(4).integers(0, 255, (120, 160, 3), dtype=np.uint8))

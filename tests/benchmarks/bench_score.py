@@ -93,6 +93,7 @@ def build_model_dir(folder: str) -> str:
     model.save(os.path.join(folder, "model.keras"))
     Path(folder, "labels.json").write_text(json.dumps(list(demo_data.CLASSES)))
     Path(folder, "preprocessing.json").write_text(json.dumps(preprocessing_spec(MODEL_SIZE)))
+    Path(folder, "summary.json").write_text(json.dumps({"job": "train"}))  # a completed run
     return folder
 
 
