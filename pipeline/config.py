@@ -83,7 +83,9 @@ class DataConfig(_Section):
     # Records that fail to decode are skipped and counted; above this fraction
     # of an epoch's records the job fails, naming the shards that hold them.
     max_bad_record_fraction: float = Field(0.001, ge=0, le=1)
-    # Seeds model initialisation, shuffling and augmentation (None: random).
+    # Seeds model initialisation, shuffling and augmentation, and makes the
+    # training input read records in a fixed order (None: random, and records
+    # taken as the readers deliver them).
     seed: Optional[int] = None
 
 

@@ -213,6 +213,10 @@ def make_dataset(
             paths = paths.shuffle(num_paths, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             paths = paths.repeat()
+    # Validation reads in order; training too when seeded (data.seed: the same
+    # batches in every run, whichever reader thread is faster). Unseeded
+    # training takes records as they come.
+    ordered = not training or seed is not None
     if assignment.record_stride > 1:
         # A fixed order, so that the workers' stripes stay disjoint.
         records = paths.flat_map(read_records).shard(assignment.record_stride, assignment.record_offset)
@@ -221,7 +225,7 @@ def make_dataset(
             read_records,
             cycle_length=max(1, min(num_paths, read_parallelism)),
             num_parallel_calls=AUTOTUNE,
-            deterministic=not training,
+            deterministic=ordered,
         )
     if training:
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -255,7 +259,7 @@ def make_dataset(
     else:
         # Callers that need the number of skipped records take it from the
         # split's size (evaluation reads a split once).
-        ds = records.map(_load, num_parallel_calls=AUTOTUNE, deterministic=not training).ignore_errors()
+        ds = records.map(_load, num_parallel_calls=AUTOTUNE, deterministic=ordered).ignore_errors()
     ds = ds.batch(batch_size, drop_remainder=training)
     options = tf.data.Options()
     # Each worker reads its own shards (assign_shards); tf.distribute must not

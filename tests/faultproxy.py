@@ -39,6 +39,7 @@ import http.client
 import random
 import socket
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional, Sequence
@@ -252,6 +253,17 @@ class FaultProxy:
             out["faults"] = out["slowdown"] + out["drop"] + out["lost"]
             out["by_method"] = dict(self._by_method)
             return out
+
+    def settled_stats(self, timeout: float = 10.0) -> dict:
+        """``stats()`` once every request received has been accounted for
+        (forwarded, aborted or faulted): a handler counts a forwarded answer
+        just after its last byte, which the client may read first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.stats()
+            if out["forwarded"] + out["aborted"] + out["faults"] >= out["requests"] or time.monotonic() > deadline:
+                return out
+            time.sleep(0.01)
 
     # -- life cycle
 

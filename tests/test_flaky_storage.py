@@ -147,7 +147,7 @@ def test_proxy_relays_requests_and_responses_unchanged(echo_upstream):
         resp = conn.getresponse()
         assert resp.read() == b"".join(bytes([i]) * 65536 for i in range(32))
         conn.close()
-        stats = px.stats()
+        stats = px.settled_stats()
     assert stats["requests"] == stats["forwarded"] == 4 and stats["faults"] == 0
 
 
@@ -175,7 +175,7 @@ def _outcomes(url: str, n: int) -> list[str]:
 def test_proxy_injects_seeded_faults_and_counts_them(echo_upstream):
     with FaultProxy(echo_upstream, p=0.3, seed=11) as px:
         first = _outcomes(px.url, 100)
-        stats = px.stats()
+        stats = px.settled_stats()
     with FaultProxy(echo_upstream, p=0.3, seed=11) as px:
         assert _outcomes(px.url, 100) == first  # seeded: the same faults in the same places
     assert stats["requests"] == 100
@@ -208,7 +208,7 @@ def test_prepare_s3_to_s3_through_faults(ray_session, s3_bucket, proxy, tmp_path
     dst = f"s3://{bucket}/shards"
     code = run(prepare_job.main, ["--src", src, "--dst", dst, *via(proxy),
                                   "--set", "prepare.min_examples_per_shard=2", "--set", "prepare.read_batch=4"])
-    stats = proxy.stats()
+    stats = proxy.settled_stats()
     print(f"\nprepare through the proxy: {stats}")
     assert code == 0
     manifest = json.loads(fs.cat_file(f"{bucket}/shards/manifest.json"))
@@ -249,7 +249,7 @@ def test_train_reads_shards_and_writes_run_through_faults(s3_bucket, local_shard
     cache = tmp_path / "cache"  # empty: the worker stages every shard through the proxy
     code = run(train_job.main, ["--data", data, "--output", out, *via(proxy), *TINY,
                                 "--set", f"data.cache_dir={cache}"])
-    stats = proxy.stats()
+    stats = proxy.settled_stats()
     print(f"\ntrain through the proxy: {stats}")
     assert code == 0
     for name in RUN_FILES:
@@ -307,7 +307,7 @@ def test_score_s3_images_to_s3_parquet_through_faults(ray_session, s3_bucket, ti
     out = f"s3://{bucket}/scores"
     code = run(score_job.main, ["--model", f"s3://{bucket}/model", "--images", src, "--output", out, *via(proxy),
                                 "--rows-per-file", "4", "--batch-size", "4", "--set", "score.read_batch=4"])
-    stats = proxy.stats()
+    stats = proxy.settled_stats()
     print(f"\nscore through the proxy: {stats}")
     assert code == 0
     uris = sorted(f"s3://{p}" for p in fs.find(f"{bucket}/raw"))

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,11 +32,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """A separate single-node cluster; stopped by killing its own process group
     (never `ray stop`, which would stop every Ray on the machine)."""
     port, dash, agent = free_port(), free_port(), free_port()
-    temp = tmp_path_factory.mktemp("ray-head")
+    # Short: Ray's socket paths (TEMP/session_.../sockets/...) must stay under
+    # the 107 characters of a Unix socket path, which pytest's temp folders
+    # (one more level per xdist worker) can exceed.
+    temp = Path(tempfile.mkdtemp(prefix="ir-head-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60 clusters require a token; this one gets its own.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
@@ -45,7 +51,7 @@ def cluster(tmp_path_factory):
          # exits and the head then answers every submission with
          # "No available agent to submit job".
          f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+        stdout=open(temp / "head.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     # Ready means a job can be submitted and run, not only that the dashboard
@@ -60,7 +66,7 @@ def cluster(tmp_path_factory):
     else:
         os.killpg(head.pid, signal.SIGKILL)
         logs = "".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
-                       for p in sorted(temp.glob("session_latest/logs/dashboard_agent*.log")))
+                       for p in [temp / "head.log", *sorted(temp.glob("session_latest/logs/dashboard_agent*.log"))])
         pytest.fail(f"ray start --head did not accept a job within 180 s\n{probe.stderr[-2000:]}\n{logs}")
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
@@ -68,6 +74,7 @@ def cluster(tmp_path_factory):
         head.wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def submit(cluster, *job: str, timeout=900) -> subprocess.CompletedProcess:
