@@ -6,6 +6,7 @@
 One row per input file (uri, label, score, top_k_labels, top_k_scores, error,
 model); files that cannot be read or decoded get a row with ``error`` set.
 Re-running with the same arguments resumes: committed Parquet files are kept.
+One job at a time writes an output folder (``_lease.json``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from typing import Sequence
 
 from jobs._cli import make_parser, resolve_config, run, setup_logging, start_ray
-from pipeline.score import SUMMARY_NAME, plan_score, run_score
+from pipeline.score import SUMMARY_NAME, OutputLease, plan_score, run_score
 from pipeline import storage as st
 
 
@@ -23,7 +24,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--model", required=True, help="run directory, model file, or REGISTRY#name (its production version)")
     parser.add_argument("--images", required=True,
                         help="folder/prefix scanned recursively for image files, or a list of URIs "
-                             "(.txt, or .csv/.parquet with a 'uri' column)")
+                             "(.txt, .csv with a 'uri' column, .parquet with 'uri' or 'bucket' and 'key' columns)")
     parser.add_argument("--output", required=True, help=f"folder/prefix for the Parquet files and {SUMMARY_NAME}")
     parser.add_argument("--batch-size", type=int, help="images per model call (default 64)")
     parser.add_argument("--top-k", type=int, help="classes kept per image (default 5)")
@@ -47,8 +48,12 @@ def main(argv: Sequence[str]) -> int:
     )
     plan = plan_score(cfg, args.model, args.images, args.output,
                       overwrite=args.overwrite, allow_unsafe=args.allow_unsafe_model)
-    start_ray(cfg)
-    summary = run_score(cfg, plan, allow_unsafe=args.allow_unsafe_model)
+    lease = OutputLease(args.output, plan.lease_args(), cfg.storage, cfg.score.lease_timeout_s).acquire()
+    try:
+        start_ray(cfg)
+        summary = run_score(cfg, plan, lease=lease, allow_unsafe=args.allow_unsafe_model, overwrite=args.overwrite)
+    finally:
+        lease.release()
     print_summary(summary)
     return 0
 

@@ -224,9 +224,12 @@ def read_json(uri: str, storage: StorageConfig):
     return json.loads(read_text(uri, storage))
 
 
-def _local_tmp_name(path: str) -> str:
+def _local_tmp_name(path: str, tag: str = "") -> str:
+    """A temporary name beside ``path``; ``tag`` (a job's id) lets that job
+    find and remove its own leftovers, and only those."""
     head, tail = os.path.split(path)
-    return os.path.join(head, f"{TMP_MARK}{uuid.uuid4().hex[:12]}-{tail}")
+    tag = f"{tag}-" if tag else ""
+    return os.path.join(head, f"{TMP_MARK}{tag}{uuid.uuid4().hex[:12]}-{tail}")
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
@@ -256,12 +259,13 @@ def write_json(uri: str, obj, storage: StorageConfig) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n", storage)
 
 
-def publish_file(local_path: str, uri: str, storage: StorageConfig) -> None:
-    """Move a finished local file to ``uri`` atomically (the local file is consumed)."""
+def publish_file(local_path: str, uri: str, storage: StorageConfig, tmp_tag: str = "") -> None:
+    """Move a finished local file to ``uri`` atomically (the local file is
+    consumed); on a local disk through a temporary name tagged ``tmp_tag``."""
     fs, path = get_fs(uri, storage)
     if is_local(uri):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _local_tmp_name(path)
+        tmp = _local_tmp_name(path, tmp_tag)
         try:
             shutil.move(local_path, tmp)
             os.replace(tmp, path)
