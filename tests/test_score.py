@@ -60,6 +60,14 @@ def make_images(root: str, per_class: int = 8, storage: StorageConfig | None = N
     return demo_data.generate(root, per_class=per_class, size=96, classes=CLASSES, storage=storage)
 
 
+def expected_parts(src: Path, rows_per_file: int) -> int:
+    """Parts of a listed folder tree: each folder's images in parts of at most rows_per_file."""
+    per_folder: dict = {}
+    for path in src.rglob("*.*"):
+        per_folder[path.parent] = per_folder.get(path.parent, 0) + 1
+    return sum(-(-n // rows_per_file) for n in per_folder.values())
+
+
 def check_scores(table: pa.Table, model: str, uris: list[str], top_k: int) -> dict:
     """Exactly one row per URI; good rows are what the model gives for
     jobs.predict's inputs rounded to uint8 (the form in which the job sends
@@ -347,7 +355,7 @@ def test_score_s3_bucket_with_bad_files(ray_session, tiny_model, s3_bucket):
 def test_resume_after_the_driver_is_killed(ray_session, tiny_model, tmp_path):
     src, out = tmp_path / "images", tmp_path / "scores"
     count = make_images(str(src), per_class=12)
-    parts = -(-count // 4)
+    parts = expected_parts(src, 4)
     argv = ["--model", tiny_model, "--images", str(src), "--output", str(out),
             "--rows-per-file", "4", "--batch-size", "1", "--set", "score.read_batch=1"]
     address = ray_session.get_runtime_context().gcs_address
@@ -370,6 +378,7 @@ def test_resume_after_the_driver_is_killed(ray_session, tiny_model, tmp_path):
     assert run(score_job.main, argv) == 0
     summary = json.loads((out / SUMMARY_NAME).read_text())
     assert summary["files_kept"] >= len(committed) and summary["files_written"] == parts - summary["files_kept"]
+    assert summary["plan_reused"] and summary["listing_tasks"] == 0  # resumed from _plan/, nothing listed again
     assert len(list(out.glob("part-*.parquet"))) == parts and not list(out.glob(".tmp-*"))
     table = pq.read_table(out)
     assert table.num_rows == count and len(set(table["uri"].to_pylist())) == count
@@ -472,7 +481,7 @@ def test_driver_killed_during_the_final_publish(tiny_model, tmp_path):
                           text=True, timeout=600, start_new_session=True)
     assert proc.returncode == -signal.SIGKILL and (tmp_path / "killed").exists(), proc.stderr[-2000:]
     parts = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert len(parts) == -(-count // 5)
+    assert len(parts) == expected_parts(src, 5)
     assert json.loads((out / SUMMARY_NAME).read_text())["status"] == "running"
 
     proc = subprocess.run([sys.executable, "-m", "jobs.score", *argv], cwd=ROOT, capture_output=True, text=True,

@@ -117,11 +117,11 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
     rows = to_table({"uri": uris, "top_k_index": np.concatenate(index_parts),
                      "top_k_scores": np.concatenate(score_parts), "error": np.concatenate(error_parts)},
                     plan["labels"], plan["model"])
+    maybe_fault("score-part-ready")
     if plan.get("lease_job"):
         check_holder(plan["output"], plan["lease_job"], storage)
     published = publish_part(rows, pa.array(sorted(uris), pa.string()), st.join(plan["output"], spec.name),
                              storage, tmp_tag=plan.get("lease_job", ""))
-    maybe_fault("score-part-published")
     return {"index": spec.index, "rows": published.num_rows, "errors": dict(error_counts(published))}
 
 
