@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +20,7 @@ from pipeline.config import StorageConfig
 from pipeline.errors import JobFailed, UsageError
 from pipeline.scoring.lease import LEASE_NAME, OutputLease
 from tests import imagefactory as fx
-from tests.test_score import CLASSES, ROOT, make_images, tiny_model  # noqa: F401 - the session fixture
+from tests.test_score import ROOT, make_images, tiny_model  # noqa: F401 - the session fixture
 
 ARGS = {"model": "m", "images": "i", "top_k": 3, "rows_per_file": 10}
 

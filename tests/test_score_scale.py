@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -17,7 +16,6 @@ import pytest
 from jobs import score as score_job
 from jobs._cli import run
 from pipeline.score import SUMMARY_NAME
-from tests import imagefactory as fx
 from tests.test_score import ROOT, check_scores, expected_parts, make_images, tiny_model  # noqa: F401 - the session fixture
 
 
@@ -41,7 +39,7 @@ def test_thousands_of_files_in_nested_prefixes_one_row_each(ray_session, tiny_mo
     summary = json.loads(fs.cat_file(f"{bucket}/scores/{SUMMARY_NAME}"))
     assert summary["images"] == len(images) == 2001 and summary["ignored_files"] == 4
     assert summary["listing_tasks"] == 1 + 4 + 20  # one per folder level
-    assert summary["errors_by_reason"] == {"empty file": len(images)}
+    assert summary["errors_by_reason"] == {"empty file (0 bytes)": len(images)}
     table = pa.concat_tables(pq.read_table(f, filesystem=fs) for f in fs.glob(f"{bucket}/scores/*.parquet"))
     assert sorted(table["uri"].to_pylist()) == images  # each once
     assert summary["files"] == len(fs.glob(f"{bucket}/scores/part-*.parquet")) == 1 + 20 * 2  # 100 = 64 + 36

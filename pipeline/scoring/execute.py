@@ -30,7 +30,6 @@ import pyarrow as pa
 
 from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
-from pipeline.errors import UsageError
 from pipeline.faults import maybe_fault
 from pipeline.preprocess import Recipe
 from pipeline.scoring.commit import SUMMARY_NAME, error_counts, publish_part, remove_temp_files, to_table
@@ -262,12 +261,8 @@ def _result(ref) -> dict:
 
     from pipeline.errors import JobFailed
     from pipeline.scoring.lease import LeaseLost
-    from pipeline.scoring.plan import _find_cause
 
     try:
         return ray.get(ref)
-    except Exception as exc:  # noqa: BLE001
-        lost = _find_cause(exc, LeaseLost)
-        if lost is not None:
-            raise JobFailed(str(lost)) from None
-        raise
+    except LeaseLost as exc:  # Ray's error for a task that raised it is also a LeaseLost
+        raise JobFailed(str(exc).strip().splitlines()[-1].split("LeaseLost: ", 1)[-1]) from None

@@ -19,7 +19,6 @@ scored once.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -243,34 +242,53 @@ def _list_base(uri: str, storage: StorageConfig) -> str:
     return st.full_uri(fs, path.rsplit("/", 1)[0], like=uri)
 
 
+REJECTED = -1  # the bucket of entries that are not allowed
+
+
 def _normalize(table: pa.Table, *, base: str, allowed: frozenset[str], where: str, buckets: int) -> pa.Table:
+    """Raw list rows -> {uri, size, bucket, rejected}: an entry that is not
+    allowed becomes a row of bucket REJECTED carrying the reason (an exception
+    would reach the driver as Ray Data's generic error, without the reason)."""
     entries, sizes = entries_of(table)
-    uris, kept, bucket = [], [], []
+    uris, kept, bucket, rejected = [], [], [], []
     for entry, size in zip(entries, sizes):
-        uri = check_entry(entry, base, allowed, where)
+        try:
+            uri = check_entry(entry, base, allowed, where)
+        except EntryRejected as exc:
+            uris.append("")
+            kept.append(-1)
+            bucket.append(REJECTED)
+            rejected.append(str(exc))
+            continue
         if uri is None:
             continue
         uris.append(uri)
         kept.append(size)
         bucket.append(zlib.crc32(uri.encode("utf-8")) % buckets)
+        rejected.append("")
     return pa.table({"uri": pa.array(uris, pa.string()), "size": pa.array(kept, pa.int64()),
-                     "bucket": pa.array(bucket, pa.int64())})
+                     "bucket": pa.array(bucket, pa.int64()), "rejected": pa.array(rejected, pa.string())})
 
 
 def _write_bucket(table: pa.Table, *, plan_dir: str, storage: StorageConfig) -> pa.Table:
+    bucket = int(table.column("bucket")[0].as_py())
+    if bucket == REJECTED:
+        reasons = table.column("rejected").to_pylist()
+        return pa.Table.from_pylist([{"index": REJECTED, "rows": len(reasons), "digest": "", "plan_file": "",
+                                      "first": "", "rejected": min(reasons)}])
     sizes: dict[str, int] = {}
     for uri, size in zip(table.column("uri").to_pylist(), table.column("size").to_pylist()):
         sizes[uri] = max(size, sizes.get(uri, -1))
     uris = sorted(sizes)
-    desc = write_plan_chunk(plan_dir, uris, [sizes[u] for u in uris], storage,
-                            index=int(table.column("bucket")[0].as_py()))
-    return pa.Table.from_pylist([desc])
+    desc = write_plan_chunk(plan_dir, uris, [sizes[u] for u in uris], storage, index=bucket)
+    return pa.Table.from_pylist([{**desc, "rejected": ""}])
 
 
 def read_list(uri: str, storage: StorageConfig, allowed: frozenset[str], plan_dir: str,
               rows_per_file: int) -> list[dict]:
     """Part descriptors of a URI list, read and checked by Ray Data tasks.
-    Raises EntryRejected (from a task) for an entry that is not allowed."""
+    Raises EntryRejected for an entry that is not allowed (no plan is then
+    recorded; the plan files already written are never used)."""
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -294,7 +312,15 @@ def read_list(uri: str, storage: StorageConfig, allowed: frozenset[str], plan_di
                         fn_kwargs={"base": _list_base(uri, storage), "allowed": allowed, "where": uri, "buckets": buckets})
     ds = ds.groupby("bucket").map_groups(_write_bucket, batch_format="pyarrow",
                                          fn_kwargs={"plan_dir": plan_dir, "storage": storage})
-    return [dict(row) for row in ds.iter_rows()]
+    found = [dict(row) for row in ds.iter_rows()]
+    rejected = sorted(d["rejected"] for d in found if d["index"] == REJECTED)
+    if rejected:
+        count = sum(d["rows"] for d in found if d["index"] == REJECTED)
+        more = f" (and {count - 1} more entries refused)" if count > 1 else ""
+        raise EntryRejected(rejected[0] + more)
+    for d in found:
+        del d["rejected"]
+    return found
 
 
 def is_list(uri: str, storage: StorageConfig) -> bool:

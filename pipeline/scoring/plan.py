@@ -188,11 +188,8 @@ def _build(cfg: Config, plan: ScorePlan) -> None:
     if plan.is_list:
         try:
             found = listing.read_list(plan.source, cfg.storage, plan.allowed, plan.plan_dir, plan.rows_per_file)
-        except Exception as exc:  # noqa: BLE001 - a rejected entry arrives wrapped by Ray
-            rejected = _find_cause(exc, EntryRejected)
-            if rejected is None:
-                raise
-            raise UsageError(str(rejected)) from None
+        except EntryRejected as exc:
+            raise UsageError(str(exc)) from None
         found.sort(key=lambda d: d["index"])
         plan.listing_tasks = 0
     else:
@@ -204,20 +201,6 @@ def _build(cfg: Config, plan: ScorePlan) -> None:
     plan.parts = [PartSpec(**d) for d in found]
     log.info("score: planned %d images in %d parts (%d listing tasks)", plan.images, len(plan.parts),
              plan.listing_tasks)
-
-
-def _find_cause(exc: BaseException, kind: type) -> Optional[BaseException]:
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kind):
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-    return None
 
 
 def _find_committed(plan: ScorePlan, storage: StorageConfig, overwrite: bool) -> None:
