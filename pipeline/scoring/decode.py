@@ -77,7 +77,7 @@ def read_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int) -
                 size = fs.size(path)
             if size > max_bytes:
                 return f"file too large: {size / 2**20:.1f} MiB is over score.max_file_mb ({max_bytes / 2**20:g} MiB)"
-            return fs.cat_file(path) if size else b""  # listed as empty: nothing to fetch
+            return fs.cat_file(path)
         except FileNotFoundError:
             return "cannot read: file not found"
         except Exception as exc:  # noqa: BLE001
