@@ -201,7 +201,18 @@ def test_predictor_is_a_plain_class_on_a_batch(tiny_model, tmp_path):
     assert decoded["error"][3] == "cannot read: file not found"
 
     predictor = ScoringPredictor(tiny_model, StorageConfig(), top_k=5, recipe=current_recipe(75))
-    table = to_table(predictor(decoded), CLASSES, "run-dir")
+    whole = predictor(decoded)
+    table = to_table(whole, CLASSES, "run-dir")
+    # As the job calls it: the decoded images of several decode tasks, one of
+    # which had no image that decoded; rows stay aligned.
+    ok = decoded["error"] == ""
+    index, scores = predictor.score(np.concatenate([ok[1:], ok[:1]]), decoded["image"][1:][ok[1:]],
+                                    decoded["image"][:1])
+    np.testing.assert_array_equal(index[-1], whole["top_k_index"][0])
+    np.testing.assert_allclose(scores[-1], whole["top_k_scores"][0], atol=1e-6)
+    assert (index[:-1] == -1).all()
+    with pytest.raises(ValueError, match="2 images for 1 decoded rows"):
+        predictor.score(ok, decoded["image"][:2])
     assert table.schema.equals(SCHEMA)
     rows = table.to_pylist()
     assert rows[0]["error"] is None and sorted(rows[0]["top_k_labels"]) == CLASSES

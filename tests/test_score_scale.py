@@ -63,8 +63,10 @@ def test_parquet_lists_with_bucket_and_key_or_uri_columns(ray_session, tiny_mode
     # A uri column: relative entries resolve against the list's folder, absolute ones stand.
     half = count // 2
     relative = [k.split("/", 1)[1] for k in keys[:half]]
+    # 20 missing files first: a whole decode group (score.read_batch = 16) without an image.
+    missing = [f"s3://{bucket}/imgs/aaa-missing-{i:02d}.jpg" for i in range(20)]
     with fs.open(f"{bucket}/imgs/uris.parquet", "wb") as f:
-        pq.write_table(pa.table({"uri": relative + uris[half:]}), f)
+        pq.write_table(pa.table({"uri": missing + relative + uris[half:]}), f)
     # Relative entries never climb above the list's folder.
     with fs.open(f"{bucket}/imgs/sub/uris.parquet", "wb") as f:
         pq.write_table(pa.table({"uri": [f"../{r}" for r in relative]}), f)
@@ -75,8 +77,13 @@ def test_parquet_lists_with_bucket_and_key_or_uri_columns(ray_session, tiny_mode
                          ("uri", f"s3://{bucket}/imgs/uris.parquet")):
         out = f"s3://{bucket}/scores-{name}"
         assert run(score_job.main, ["--model", tiny_model, "--images", listed, "--output", out,
-                                    "--rows-per-file", "5"]) == 0, name
+                                    "--rows-per-file", "40"]) == 0, name
         table = pa.concat_tables(pq.read_table(f, filesystem=fs) for f in fs.glob(f"{bucket}/scores-{name}/*.parquet"))
+        if name == "uri":
+            lost = table.filter(pa.compute.is_in(table["uri"], pa.array(missing)))
+            assert sorted(lost["uri"].to_pylist()) == missing
+            assert set(lost["error"].to_pylist()) == {"cannot read: file not found"}
+            table = table.filter(pa.compute.invert(pa.compute.is_in(table["uri"], pa.array(missing))))
         check_scores(table, tiny_model, uris, top_k=5)
 
 

@@ -57,13 +57,12 @@ def pool_sizes(cfg: Config) -> tuple[int, int, int]:
 
 def decode_files(uris: list, sizes: list, storage: StorageConfig, recipe: Recipe, max_bytes: int,
                  max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """A Ray task: (errors, uint8 images) of a group of files; the images are
-    empty when no file decoded."""
+    """A Ray task: (errors, uint8 images of the files that decoded, in order)
+    for a group of files."""
     out = read_and_decode({"uri": uris, "size": sizes}, storage=storage, recipe=recipe, max_bytes=max_bytes,
                           max_pixels=max_pixels)
     errors = out["error"]
-    images = out["image"] if (errors == NO_ERROR).any() else out["image"][:0]
-    return errors, images
+    return errors, out["image"][errors == NO_ERROR]
 
 
 def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list, settings: dict) -> dict:

@@ -29,14 +29,17 @@ class ScoringPredictor:
         self.k = min(top_k, len(self.artifact.labels))
 
     def score(self, ok: np.ndarray, *images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (indices int32 [N, k], probabilities float32 [N, k]) for the
-        rows of the concatenated ``images`` where ``ok``; -1 and 0 elsewhere."""
-        batch = images[0] if len(images) == 1 else np.concatenate(images)
+        """Top-k (indices int32 [N, k], probabilities float32 [N, k]) of a batch
+        of N rows: ``images`` (uint8, one array per decode task, concatenated in
+        order) hold the rows where ``ok``, one image each; -1 and 0 elsewhere."""
         ok = np.asarray(ok, bool)
+        batch = images[0] if len(images) == 1 else np.concatenate(images)
+        if len(batch) != int(ok.sum()):
+            raise ValueError(f"{len(batch)} images for {int(ok.sum())} decoded rows")
         index = np.full((len(ok), self.k), -1, np.int32)
         scores = np.zeros((len(ok), self.k), np.float32)
         if ok.any():
-            probs = self.artifact.predict_batch(np.asarray(batch[ok], np.float32))
+            probs = self.artifact.predict_batch(np.asarray(batch, np.float32))
             top = np.argsort(-probs, axis=1, kind="stable")[:, : self.k]
             index[ok] = top
             scores[ok] = np.take_along_axis(probs, top, axis=1)
@@ -44,7 +47,8 @@ class ScoringPredictor:
 
     def __call__(self, batch: dict) -> dict:
         errors = np.asarray(batch["error"], dtype=object)
-        index, scores = self.score(errors == NO_ERROR, np.asarray(batch["image"]))
+        ok = errors == NO_ERROR
+        index, scores = self.score(ok, np.asarray(batch["image"])[ok])
         return {"uri": batch["uri"], "top_k_index": index, "top_k_scores": scores, "error": errors}
 
     def ready(self) -> bool:
