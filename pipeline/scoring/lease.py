@@ -115,6 +115,10 @@ class OutputLease:
                 if self._create():
                     return self._started()
                 held = self._read()
+            if held is not None and held.data.get("holder") == self.job_id:
+                # Our own create, answered late or retried after it succeeded.
+                self.token = held.token
+                return self._started()
             if held is not None and not self._is_stale(held):
                 raise UsageError(self._held_message(held))
             if not self._replace(held.token if held else None):
@@ -146,7 +150,11 @@ class OutputLease:
                     self._lost = self._lost_message(held)
                     return
             if not self._replace(self.token):
-                self._lost = self._lost_message(self._read())
+                held = self._read()
+                if held is not None and held.data.get("holder") == self.job_id:
+                    self.token = held.token  # our own write, retried after it succeeded
+                else:
+                    self._lost = self._lost_message(held)
 
     # ------------------------------------------------------------ storage
 
