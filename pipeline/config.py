@@ -205,8 +205,9 @@ class ScoreConfig(_Section):
     concurrency: Optional[int] = Field(None, ge=1)
     # Rows per Parquet file; each file is also the unit of resume.
     rows_per_file: int = Field(100_000, ge=1)
-    # Files read (concurrently on object stores) and decoded per CPU task call.
-    read_batch: int = Field(16, ge=1)
+    # Files read (concurrently on object stores) and decoded per CPU task call;
+    # a model batch is ceil(batch_size / read_batch) such tasks.
+    read_batch: int = Field(64, ge=1)
     # Larger files get an error row instead of being read.
     max_file_mb: float = Field(64.0, gt=0)
     # Decoded-size limit (PIL's decompression-bomb threshold by default).

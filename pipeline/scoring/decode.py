@@ -11,7 +11,9 @@ for a bad file.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import numpy as np
 
@@ -86,5 +88,18 @@ def read_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int) -
     items = list(zip(uris, (int(s) for s in sizes)))
     if len(items) <= 1:
         return [fetch(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(16, len(items))) as pool:
-        return list(pool.map(fetch, items))
+    return list(_fetch_pool().map(fetch, items))
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _fetch_pool() -> ThreadPoolExecutor:
+    """One pool of fetch threads per process (a Ray worker runs many tasks);
+    starting threads anew for each call cost most of a call on missing files."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="score-fetch")
+        return _pool

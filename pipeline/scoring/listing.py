@@ -295,9 +295,11 @@ def read_list(uri: str, storage: StorageConfig, allowed: frozenset[str], plan_di
     fs, path = st.get_fs(uri, storage)
     filesystem = PyFileSystem(FSSpecHandler(fs))
     kind = list_kind(uri)
+    rows = None
     if kind == "parquet":
-        with fs.open(path, "rb") as f:
-            columns = _columns(pq.ParquetFile(f).schema_arrow.names)
+        with fs.open(path, "rb") as f:  # the footer only
+            meta = pq.ParquetFile(f)
+            columns, rows = _columns(meta.schema_arrow.names), meta.metadata.num_rows
         ds = ray.data.read_parquet(path, filesystem=filesystem, columns=columns)
     elif kind == "csv":
         from pyarrow import csv
@@ -307,11 +309,13 @@ def read_list(uri: str, storage: StorageConfig, allowed: frozenset[str], plan_di
                                                                   column_types={"uri": pa.string()}))
     else:
         ds = ray.data.read_text(path, filesystem=filesystem, encoding="utf-8", drop_empty_lines=True)
-    buckets = max(1, math.ceil(ds.count() / rows_per_file))
+    buckets = max(1, math.ceil((ds.count() if rows is None else rows) / rows_per_file))
     ds = ds.map_batches(_normalize, batch_format="pyarrow", zero_copy_batch=True,
                         fn_kwargs={"base": _list_base(uri, storage), "allowed": allowed, "where": uri, "buckets": buckets})
-    ds = ds.groupby("bucket").map_groups(_write_bucket, batch_format="pyarrow",
-                                         fn_kwargs={"plan_dir": plan_dir, "storage": storage})
+    # Each reduce task writes the parts of several buckets, one after another.
+    partitions = max(1, min(buckets + 1, 2 * int(ray.cluster_resources().get("CPU", 1))))
+    ds = ds.groupby("bucket", num_partitions=partitions).map_groups(
+        _write_bucket, batch_format="pyarrow", fn_kwargs={"plan_dir": plan_dir, "storage": storage})
     found = [dict(row) for row in ds.iter_rows()]
     rejected = sorted(d["rejected"] for d in found if d["index"] == REJECTED)
     if rejected:

@@ -14,7 +14,7 @@ Parquet write): no decoding, no model call. Runs, side by side in one run:
     cluster (``BASELINE``, taken from this repository's history with
     ``git archive``), which listed on the driver and wrote every part there;
 (c) driver memory: the job on lists of ``SMALL`` and ``LARGE`` missing files;
-    the driver's peak resident memory (``ru_maxrss`` of the driver process).
+    the driver's peak resident memory (``VmHWM`` of the driver process).
 
 Each job runs in its own process with its own local Ray, like a user's run.
 """
@@ -38,14 +38,18 @@ OVERHEAD_ROWS = 200_000
 SMALL, LARGE = 100_000, 1_000_000
 TARGETS = {"rows_per_s_min": 3000, "rss_ratio_max": 1.3}
 
-# Runs the job's main in this process and reports the driver's own peak RSS.
+# Runs the job's main in this process and reports the driver's own peak RSS:
+# VmHWM, the high-water mark of this process image (ru_maxrss would carry over
+# the peak of the process that started it, which survives exec).
 DRIVER = """
-import json, resource, sys
+import json, sys
 from jobs import score
 from jobs._cli import run
 code = run(score.main, sys.argv[2:])
+with open("/proc/self/status") as status:
+    hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 with open(sys.argv[1], "w") as f:
-    json.dump({"code": code, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, f)
+    json.dump({"code": code, "maxrss_kb": hwm}, f)
 sys.exit(code)
 """
 
@@ -95,6 +99,7 @@ def _count_rows(out: str, n: int) -> int:
 
 def baseline_tree(folder: str) -> str:
     """The project at BASELINE (pipeline/ and jobs/), unpacked into ``folder``."""
+    os.makedirs(folder, exist_ok=True)
     archive = os.path.join(folder, "baseline.tar")
     subprocess.run(["git", "-C", str(ROOT), "archive", "-o", archive, BASELINE, "pipeline", "jobs"], check=True)
     with tarfile.open(archive) as tar:
@@ -145,7 +150,7 @@ with its own local Ray; rows/s is over the job's `elapsed_s` (Ray's start exclud
 | (c) driver memory, small list | {SMALL:,} | {r['small']['rows_per_s']} | {r['small']['driver_peak_rss_mb']} | {r['small']['elapsed_s']} | | | |
 | (c) driver memory, large list | {LARGE:,} | {r['large']['rows_per_s']} | {r['large']['driver_peak_rss_mb']} | {r['large']['elapsed_s']} | large/small = {results['rss_ratio']:.2f} | ≤ {t['rss_ratio_max']} | {mark(results['rss_ratio'] <= t['rss_ratio_max'])} |
 
-- Driver peak RSS is `ru_maxrss` of the job's driver process alone (Ray's services and workers are
+- Driver peak RSS is `VmHWM` (the high-water mark of resident memory) of the job's driver process alone (Ray's services and workers are
   other processes). The driver holds one small descriptor per part; the list is read, checked and
   split into parts by Ray Data tasks that write `OUTPUT/_plan/`, and each part's rows are written by
   the task that scored them.
