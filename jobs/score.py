@@ -1,7 +1,7 @@
 """Score every image under a folder/prefix (or in a list of URIs) into Parquet.
 
-    python -m jobs.score --model RUN_URI|REGISTRY#name --images s3://bucket/images --output s3://bucket/scores
-                         [--batch-size 64] [--top-k 5] [--concurrency N] [--rows-per-file 100000]
+    python -m jobs.score --model s3://bucket/runs/2026-11-30 --images s3://bucket/images --output s3://bucket/scores \
+                         --batch-size 64 --top-k 5 --rows-per-file 100000
     python -m jobs.score --model 's3://bucket/registry#flowers' --images s3://bucket/incoming/ \
                          --output s3://bucket/scores/2026-12-01
     python -m jobs.score --model demo_output/runs/RUN --images demo_output/validation.txt \
@@ -10,6 +10,7 @@
 One row per input file (uri, label, score, top_k_labels, top_k_scores, error,
 model); files that cannot be read or decoded get a row with ``error`` set.
 Re-running with the same arguments resumes: committed Parquet files are kept.
+One job at a time writes an output folder (``_lease.json``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from typing import Sequence
 
 from jobs._cli import dry_run_report, make_parser, ray_target, resolve_config, run, setup_logging, start_ray
-from pipeline.score import SUMMARY_NAME, plan_score, run_score
+from pipeline.score import SUMMARY_NAME, OutputLease, plan_score, run_score
 from pipeline import storage as st
 
 
@@ -27,7 +28,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--model", required=True, help="run directory, model file, or REGISTRY#name (its production version)")
     parser.add_argument("--images", required=True,
                         help="folder/prefix scanned recursively for image files, or a list of URIs "
-                             "(.txt, or .csv/.parquet with a 'uri' column)")
+                             "(.txt, .csv with a 'uri' column, .parquet with 'uri' or 'bucket' and 'key' columns)")
     parser.add_argument("--output", required=True, help=f"folder/prefix for the Parquet files and {SUMMARY_NAME}")
     parser.add_argument("--batch-size", type=int, help="images per model call (default 64)")
     parser.add_argument("--top-k", type=int, help="classes kept per image (default 5)")
@@ -55,15 +56,20 @@ def main(argv: Sequence[str]) -> int:
             plan = plan_score(cfg, args.model, args.images, args.output,
                               overwrite=args.overwrite, allow_unsafe=args.allow_unsafe)
         return dry_run_report("jobs.score", [
-            f"score {plan.images} images from {plan.source} with {plan.model} (top {plan.top_k})",
-            f"write {len(plan.chunks)} Parquet files and {SUMMARY_NAME} to {plan.output}"
-            + (f", keeping {len(plan.committed)} committed before" if plan.committed else ""),
+            f"score the images {'listed in' if plan.is_list else 'under'} {plan.source} with {plan.model} "
+            f"(top {plan.top_k}; listed by Ray tasks when it runs, or from the plan an earlier run left)",
+            f"write Parquet files of up to {plan.rows_per_file} rows and {SUMMARY_NAME} to {plan.output}, "
+            "holding its lease (_lease.json) meanwhile",
             f"run on {ray_target(cfg)}",
         ])
     plan = plan_score(cfg, args.model, args.images, args.output,
                       overwrite=args.overwrite, allow_unsafe=args.allow_unsafe)
-    start_ray(cfg)
-    summary = run_score(cfg, plan, allow_unsafe=args.allow_unsafe)
+    lease = OutputLease(args.output, plan.lease_args(), cfg.storage, cfg.score.lease_timeout_s).acquire()
+    try:
+        start_ray(cfg)
+        summary = run_score(cfg, plan, lease=lease, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite)
+    finally:
+        lease.release()
     print_summary(summary)
     return 0
 

@@ -207,12 +207,24 @@ class ScoreConfig(_Section):
     concurrency: Optional[int] = Field(None, ge=1)
     # Rows per Parquet file; each file is also the unit of resume.
     rows_per_file: int = Field(100_000, ge=1)
-    # Files read (concurrently on object stores) and decoded per CPU task call.
-    read_batch: int = Field(16, ge=1)
+    # Files read (concurrently on object stores) and decoded per CPU task call;
+    # a model batch is ceil(batch_size / read_batch) such tasks.
+    read_batch: int = Field(64, ge=1)
     # Larger files get an error row instead of being read.
     max_file_mb: float = Field(64.0, gt=0)
     # Decoded-size limit (PIL's decompression-bomb threshold by default).
     max_pixels: int = Field(89_478_485, ge=1)
+    # Protocols a URI list may name besides its own and the output's (e.g. ["s3"]
+    # for a local list of S3 images); local paths only when the list is local.
+    uri_protocols: list[str] = Field(default_factory=list)
+    # Listing tasks in flight at once (one per folder level of a prefix).
+    list_concurrency: int = Field(16, ge=1)
+    # A job's hold on its output: a lease whose heartbeat is older than this
+    # (or whose holder process on this host is gone) may be taken over.
+    lease_timeout_s: float = Field(300.0, gt=0)
+    # Progress (parts, rows/s, errors, ETA) is logged and written into
+    # _summary.json this often.
+    progress_every_s: float = Field(30.0, gt=0)
 
 
 class Config(_Section):

@@ -6,8 +6,9 @@ reaches ``<point>`` either raise (``raise``) or kill itself with SIGKILL
 outside tests) it does nothing. Points: ``epoch-<n>`` (a training worker after
 its n-th epoch's checkpoint, counted over both phases), ``published`` (the
 training driver after the run's artifacts are published, before summary.json)
-and ``score-parts-committed`` (the scoring driver after its last Parquet part,
-before the final summary).
+``score-part-ready`` (a scoring task with a part's rows in hand, before it
+publishes the part) and ``score-parts-committed`` (the scoring driver after
+its last Parquet part, before the final summary).
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ the promotion gate, ``jobs.predict`` and ``jobs.score``.
    of the input area it covers, so fine detail cannot alias), then a side
    shorter than that is enlarged bilinearly (half-pixel centres); each step is
    an exact identity on the sides it does not change. tf.data calls it per
-   image, scoring per group of same-shape images; the results are
+   image, predict and scoring per group of same-shape images; the results are
    bit-identical. Values are float32 in [0, 255]; the model scales them to
-   [-1, 1] itself.
+   [-1, 1] itself. Scoring sends them to its model actors rounded to uint8
+   (at most 0.5 apart), a quarter of the bytes.
 
 A run directory's ``preprocessing.json`` is ``Recipe.to_dict()``: score and
 predict read it back (``Recipe.from_dict``) and apply that recipe, so a model

@@ -261,9 +261,12 @@ def _refuse_in_dry_run(uri: str) -> None:
         raise ReadOnlyViolation(f"dry run: refusing to write {uri}")
 
 
-def _local_tmp_name(path: str) -> str:
+def _local_tmp_name(path: str, tag: str = "") -> str:
+    """A temporary name beside ``path``; ``tag`` (a job's id) lets that job
+    find and remove its own leftovers, and only those."""
     head, tail = os.path.split(path)
-    return os.path.join(head, f"{TMP_MARK}{uuid.uuid4().hex[:12]}-{tail}")
+    tag = f"{tag}-" if tag else ""
+    return os.path.join(head, f"{TMP_MARK}{tag}{uuid.uuid4().hex[:12]}-{tail}")
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
@@ -514,13 +517,14 @@ def _lease(uri: str, fs, path: str) -> Iterator[None]:
             pass
 
 
-def publish_file(local_path: str, uri: str, storage: StorageConfig) -> None:
-    """Move a finished local file to ``uri`` atomically (the local file is consumed)."""
+def publish_file(local_path: str, uri: str, storage: StorageConfig, tmp_tag: str = "") -> None:
+    """Move a finished local file to ``uri`` atomically (the local file is
+    consumed); on a local disk through a temporary name tagged ``tmp_tag``."""
     _refuse_in_dry_run(uri)
     fs, path = get_fs(uri, storage)
     if is_local(uri):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _local_tmp_name(path)
+        tmp = _local_tmp_name(path, tmp_tag)
         try:
             shutil.move(local_path, tmp)
             os.replace(tmp, path)

@@ -25,8 +25,10 @@ from pipeline.artifact import preprocessing_spec
 from pipeline.config import ModelConfig, StorageConfig, load_config
 from pipeline.errors import UsageError
 from pipeline.preprocess import Recipe, current_recipe
-from pipeline.score import (SCHEMA, SUMMARY_NAME, ScoringPredictor, list_images, make_chunks, plan_score,
-                            read_and_decode, to_table)
+from pipeline.score import (SCHEMA, SUMMARY_NAME, ScoringPredictor, plan_score, prepare_parts, read_and_decode,
+                            to_table, to_uint8)
+from pipeline.scoring.listing import list_level
+from pipeline.scoring.parts import read_plan_chunk
 from tests import imagefactory as fx
 
 CLASSES = ["circle", "square", "triangle"]
@@ -59,15 +61,31 @@ def make_images(root: str, per_class: int = 8, storage: StorageConfig | None = N
     return demo_data.generate(root, per_class=per_class, size=96, classes=CLASSES, storage=storage)
 
 
+def expected_parts(src: Path, rows_per_file: int) -> int:
+    """Parts of a listed folder tree: each folder's images in parts of at most rows_per_file."""
+    per_folder: dict = {}
+    for path in src.rglob("*.*"):
+        per_folder[path.parent] = per_folder.get(path.parent, 0) + 1
+    return sum(-(-n // rows_per_file) for n in per_folder.values())
+
+
 def check_scores(table: pa.Table, model: str, uris: list[str], top_k: int) -> dict:
-    """Exactly one row per URI; good rows agree with jobs.predict; top-k lists
-    sorted, within [0, 1] and summing to at most 1. Returns {uri: error}."""
-    from jobs.predict import predict_files
+    """Exactly one row per URI; good rows are what the model gives for
+    jobs.predict's inputs rounded to uint8 (the form in which the job sends
+    images to the model), and within the effect of that rounding of
+    jobs.predict's own answers; top-k lists sorted, within [0, 1] and summing
+    to at most 1. Returns {uri: error}."""
+    from jobs.predict import predict_files, read_inputs
+    from pipeline.artifact import load_artifact
 
     assert table.schema.equals(SCHEMA)
     rows = table.to_pylist()
     assert sorted(r["uri"] for r in rows) == sorted(uris)
-    expected = {r[0]: r for r in predict_files(load_config(), model, uris, top_k)}
+    cfg = load_config()
+    expected = {r[0]: r for r in predict_files(cfg, model, uris, top_k)}
+    artifact = load_artifact(model, cfg.storage)
+    decoded, inputs, _ = read_inputs(cfg, [u for u in uris if expected[u][3] is None], artifact.recipe)
+    rounded = dict(zip(decoded, artifact.predict(to_uint8(inputs).astype(np.float32)))) if decoded else {}
     for row in rows:
         _, labels, scores, error = expected[row["uri"]]
         assert row["model"] == model
@@ -76,10 +94,14 @@ def check_scores(table: pa.Table, model: str, uris: list[str], top_k: int) -> di
             assert row["label"] is None and row["score"] is None
             assert row["top_k_labels"] == [] and row["top_k_scores"] == []
             continue
-        assert len(row["top_k_labels"]) == min(top_k, len(CLASSES))
-        assert row["top_k_labels"] == labels
-        assert row["label"] == labels[0] and row["score"] == row["top_k_scores"][0]
-        np.testing.assert_allclose(row["top_k_scores"], scores, atol=1e-5)
+        probs = rounded[row["uri"]]
+        k = min(top_k, len(CLASSES))
+        assert len(row["top_k_labels"]) == k
+        order = np.argsort(-probs, kind="stable")[:k]
+        assert row["top_k_labels"] == [artifact.labels[i] for i in order]
+        np.testing.assert_allclose(row["top_k_scores"], probs[order], atol=1e-5)
+        assert row["label"] == row["top_k_labels"][0] and row["score"] == row["top_k_scores"][0]
+        np.testing.assert_allclose(row["top_k_scores"], scores, atol=2e-3)  # jobs.predict: float inputs
         assert row["top_k_scores"] == sorted(row["top_k_scores"], reverse=True)
         assert 0 <= min(row["top_k_scores"]) and sum(row["top_k_scores"]) <= 1 + 1e-5
     return {r["uri"]: r["error"] for r in rows}
@@ -88,54 +110,110 @@ def check_scores(table: pa.Table, model: str, uris: list[str], top_k: int) -> di
 # ---------------------------------------------------------------- no Ray
 
 
-def test_listing_takes_image_names_only_and_chunks_are_stable(tmp_path):
-    fx.write_tree(str(tmp_path), {
-        "a/one.JPG": fx.rgb_jpeg(), "a/deep/two.png": fx.palette_png(), "b/three.WebP": fx.webp(),
-        "b/notes.txt": b"text", "b/scan.tiff": fx.tiff(),
+def planned(tiny_model: str, images: str, output: str, *overrides: str):
+    """plan_score and prepare_parts as the job runs them; the plan and {part name: its URIs}."""
+    cfg = load_config(None, list(overrides))
+    plan = plan_score(cfg, tiny_model, images, output)
+    prepare_parts(cfg, plan)
+    uris = {p.name: read_plan_chunk(plan.plan_dir, p, StorageConfig()).column("uri").to_pylist() for p in plan.parts}
+    return plan, uris
+
+
+def test_one_folder_level_lists_image_names_only():
+    """A listing task sees one level: image files (any case) become plan rows,
+    other files are counted as ignored, folders are handed back."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        fx.write_tree(root, {"one.JPG": fx.rgb_jpeg(), "b/three.WebP": fx.webp(), "notes.txt": b"text",
+                             "scan.tiff": fx.tiff(), "two.png": fx.palette_png(), ".tmp-x-3.jpg": b""})
+        plan_dir = os.path.join(root, "plan")
+        out = list_level(root, root, StorageConfig(), plan_dir, rows_per_file=1)
+        assert out["prefixes"] == [os.path.join(root, "b")] and out["ignored"] == 2 and out["files"] == 2
+        assert [p["first"] for p in out["parts"]] == [os.path.join(root, "one.JPG"), os.path.join(root, "two.png")]
+        assert all(p["rows"] == 1 for p in out["parts"])
+
+
+@pytest.mark.slow
+def test_planned_parts_cover_every_image_once_and_are_stable(ray_session, tiny_model, tmp_path):
+    fx.write_tree(str(tmp_path / "src"), {
+        "a/one.JPG": fx.rgb_jpeg(), "a/deep/two.png": fx.palette_png(), "a/deep/four.jpg": fx.rgb_jpeg(),
+        "b/three.WebP": fx.webp(), "b/notes.txt": b"text", "b/scan.tiff": fx.tiff(), "top.jpg": fx.rgb_jpeg(),
     })
-    found, ignored = list_images(str(tmp_path), StorageConfig())
-    assert [os.path.relpath(u, tmp_path) for u, _ in found] == ["a/deep/two.png", "a/one.JPG", "b/three.WebP"]
-    assert ignored == 2 and all(size > 0 for _, size in found)
+    src = str(tmp_path / "src")
+    plan, parts = planned(tiny_model, src, str(tmp_path / "out"), "score.rows_per_file=1")
+    names = ["a/deep/four.jpg", "a/deep/two.png", "a/one.JPG", "b/three.WebP", "top.jpg"]
+    assert sorted(u for us in parts.values() for u in us) == [os.path.join(src, n) for n in names]
+    assert plan.ignored == 2 and plan.listing_tasks == 4 and not plan.plan_reused  # src, a, a/deep, b
+    assert [p.index for p in plan.parts] == list(range(5))
 
-    chunks = make_chunks(found, 2)
-    assert [len(c.uris) for c in chunks] == [2, 1]
-    assert [c.name for c in make_chunks(found, 2)] == [c.name for c in chunks]
-    assert make_chunks(found[1:], 2)[0].name != chunks[0].name
-    assert chunks[0].name.startswith("part-00000-") and chunks[1].name.startswith("part-00001-")
+    # Another output: the same parts, the same names.
+    again, parts_again = planned(tiny_model, src, str(tmp_path / "out2"), "score.rows_per_file=1")
+    assert parts_again == parts
+    # The same output: the plan is reused, nothing is listed.
+    (tmp_path / "src" / "late.jpg").write_bytes(fx.rgb_jpeg())
+    reused, parts_reused = planned(tiny_model, src, str(tmp_path / "out"), "score.rows_per_file=1")
+    assert reused.plan_reused and reused.listing_tasks == 0 and parts_reused == parts
+    # Two per part: a part never spans two folders.
+    _, pairs = planned(tiny_model, src, str(tmp_path / "out3"), "score.rows_per_file=2")
+    assert sorted(len(u) for u in pairs.values()) == [1, 1, 2, 2]  # a, b; a/deep, and late.jpg with top.jpg
+    assert sum(len(u) for u in pairs.values()) == 6
+    assert all(len({os.path.dirname(u) for u in us}) == 1 for us in pairs.values())
 
 
-def test_uri_lists_text_csv_parquet(tmp_path):
+@pytest.mark.slow
+def test_uri_lists_text_csv_parquet(ray_session, tiny_model, tmp_path):
     images = tmp_path / "imgs"
-    fx.write_tree(str(images), {"x.jpg": fx.rgb_jpeg(), "y.png": fx.palette_png()})
-    x, y = str(images / "x.jpg"), str(images / "y.png")
-    (tmp_path / "list.txt").write_text(f"# images to score\n{x}\n\nimgs/y.png\n{x}\n")
-    (tmp_path / "list.csv").write_text(f"id,uri\n1,{x}\n2,{y}\n")
-    pq.write_table(pa.table({"uri": [y, x]}), tmp_path / "list.parquet")
+    fx.write_tree(str(images), {"x.jpg": fx.rgb_jpeg(), "y.png": fx.palette_png(), "sub/z.jpg": fx.rgb_jpeg()})
+    x, y, z = str(images / "x.jpg"), str(images / "y.png"), str(images / "sub" / "z.jpg")
+    (tmp_path / "list.txt").write_text(f"\ufeff# images to score\n{x}\n\nimgs/y.png\n{x}\nimgs/./sub/../sub/z.jpg\n")
+    (tmp_path / "list.csv").write_text(f"id,uri\n1,{x}\n2,{y}\n3,imgs/sub/z.jpg\n")
+    pq.write_table(pa.table({"uri": [y, x, "imgs/sub/z.jpg", y]}), tmp_path / "list.parquet")
     for name in ("list.txt", "list.csv", "list.parquet"):
-        found, ignored = list_images(str(tmp_path / name), StorageConfig())
-        assert found == [(x, -1), (y, -1)] and ignored == 0, name
+        plan, parts = planned(tiny_model, str(tmp_path / name), str(tmp_path / f"out-{name}"))
+        assert sorted(u for us in parts.values() for u in us) == sorted([x, y, z]), name  # each once
+        assert plan.images == 3
+
+    # Many parts: every entry hashed to exactly one of them.
+    many = [str(images / f"n{i:03d}.jpg") for i in range(200)]
+    (tmp_path / "many.txt").write_text("\n".join(many + many[:50]) + "\n")
+    plan, parts = planned(tiny_model, str(tmp_path / "many.txt"), str(tmp_path / "out-many"), "score.rows_per_file=40")
+    assert len(parts) > 3 and sorted(u for us in parts.values() for u in us) == sorted(many)
+    assert all(us == sorted(us) for us in parts.values())
 
     (tmp_path / "bad.csv").write_text(f"path\n{x}\n")
     with pytest.raises(UsageError, match="no 'uri' column"):
-        list_images(str(tmp_path / "bad.csv"), StorageConfig())
+        plan_score(load_config(), tiny_model, str(tmp_path / "bad.csv"), str(tmp_path / "o"))
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(UsageError, match="lists no images"):
-        list_images(str(tmp_path / "empty.txt"), StorageConfig())
+        plan_score(load_config(), tiny_model, str(tmp_path / "empty.txt"), str(tmp_path / "o"))
 
 
 def test_predictor_is_a_plain_class_on_a_batch(tiny_model, tmp_path):
     fx.write_tree(str(tmp_path), {"good.jpg": fx.rgb_jpeg(size=(90, 60)), "zero.jpg": b"", "bad.png": fx.truncated_png()})
     uris = [str(tmp_path / n) for n in ("good.jpg", "zero.jpg", "bad.png", "missing.jpg")]
-    batch = {"uri": np.array(uris, dtype=object), "size": np.array([-1] * 4), "chunk": np.zeros(4, np.int64)}
+    batch = {"uri": np.array(uris, dtype=object), "size": np.array([-1] * 4)}
     decoded = read_and_decode(batch, storage=StorageConfig(), recipe=current_recipe(75), max_bytes=2**20,
                               max_pixels=10**7)
-    assert decoded["image"].shape == (4, 75, 75, 3) and decoded["image"].dtype == np.float32
+    # What crosses the object store: uint8 at the model's size.
+    assert decoded["image"].shape == (4, 75, 75, 3) and decoded["image"].dtype == np.uint8
     assert list(decoded["error"][:1]) == [""]
     assert "empty file" in decoded["error"][1] and "truncated" in decoded["error"][2]
     assert decoded["error"][3] == "cannot read: file not found"
 
     predictor = ScoringPredictor(tiny_model, StorageConfig(), top_k=5, recipe=current_recipe(75))
-    table = to_table(predictor(decoded), CLASSES, "run-dir")
+    whole = predictor(decoded)
+    table = to_table(whole, CLASSES, "run-dir")
+    # As the job calls it: the decoded images of several decode tasks, one of
+    # which had no image that decoded; rows stay aligned.
+    ok = decoded["error"] == ""
+    index, scores = predictor.score(np.concatenate([ok[1:], ok[:1]]), decoded["image"][1:][ok[1:]],
+                                    decoded["image"][:1])
+    np.testing.assert_array_equal(index[-1], whole["top_k_index"][0])
+    np.testing.assert_allclose(scores[-1], whole["top_k_scores"][0], atol=1e-6)
+    assert (index[:-1] == -1).all()
+    with pytest.raises(ValueError, match="2 images for 1 decoded rows"):
+        predictor.score(ok, decoded["image"][:2])
     assert table.schema.equals(SCHEMA)
     rows = table.to_pylist()
     assert rows[0]["error"] is None and sorted(rows[0]["top_k_labels"]) == CLASSES
@@ -182,15 +260,16 @@ def test_an_old_model_is_scored_with_its_own_recipe(tiny_model, tmp_path, monkey
     as_trained = [tf.io.decode_jpeg(raw, channels=3).numpy(), np.asarray(noisy)]
     expected = np.stack([tf.raw_ops.ResizeBilinear(images=x[None], size=[75, 75], half_pixel_centers=True)[0]
                          for x in as_trained])
-    batch = {"uri": np.array(uris, dtype=object), "size": np.array([-1, -1]), "chunk": np.zeros(2, np.int64)}
+    batch = {"uri": np.array(uris, dtype=object), "size": np.array([-1, -1])}
     scored = read_and_decode(batch, storage=StorageConfig(), recipe=plan.recipe, max_bytes=2**24, max_pixels=10**7)
-    np.testing.assert_array_equal(scored["image"], expected)
+    # The model's input, rounded to uint8 for the trip to the predictor.
+    np.testing.assert_array_equal(scored["image"], to_uint8(expected))
     _, predicted, _ = read_inputs(load_config(), uris, artifact.recipe)
     np.testing.assert_array_equal(predicted, expected)
 
     today = read_and_decode(batch, storage=StorageConfig(), recipe=current_recipe(75), max_bytes=2**24,
                             max_pixels=10**7)
-    assert np.abs(today["image"] - expected).mean() > 1
+    assert np.abs(today["image"].astype(np.float32) - expected).mean() > 1
     # Images decoded with another recipe than the model's are never scored.
     monkeypatch.setattr("pipeline.artifact.load_artifact", lambda *args, **kwargs: artifact)
     with pytest.raises(ValueError, match="preprocessing.json changed"):
@@ -288,7 +367,7 @@ def test_score_s3_bucket_with_bad_files(ray_session, tiny_model, s3_bucket):
 def test_resume_after_the_driver_is_killed(ray_session, tiny_model, tmp_path):
     src, out = tmp_path / "images", tmp_path / "scores"
     count = make_images(str(src), per_class=12)
-    parts = -(-count // 4)
+    parts = expected_parts(src, 4)
     argv = ["--model", tiny_model, "--images", str(src), "--output", str(out),
             "--rows-per-file", "4", "--batch-size", "1", "--set", "score.read_batch=1"]
     address = ray_session.get_runtime_context().gcs_address
@@ -311,6 +390,7 @@ def test_resume_after_the_driver_is_killed(ray_session, tiny_model, tmp_path):
     assert run(score_job.main, argv) == 0
     summary = json.loads((out / SUMMARY_NAME).read_text())
     assert summary["files_kept"] >= len(committed) and summary["files_written"] == parts - summary["files_kept"]
+    assert summary["plan_reused"] and summary["listing_tasks"] == 0  # resumed from _plan/, nothing listed again
     assert len(list(out.glob("part-*.parquet"))) == parts and not list(out.glob(".tmp-*"))
     table = pq.read_table(out)
     assert table.num_rows == count and len(set(table["uri"].to_pylist())) == count
@@ -413,7 +493,7 @@ def test_driver_killed_during_the_final_publish(tiny_model, tmp_path):
                           text=True, timeout=600, start_new_session=True)
     assert proc.returncode == -signal.SIGKILL and (tmp_path / "killed").exists(), proc.stderr[-2000:]
     parts = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert len(parts) == -(-count // 5)
+    assert len(parts) == expected_parts(src, 5)
     assert json.loads((out / SUMMARY_NAME).read_text())["status"] == "running"
 
     proc = subprocess.run([sys.executable, "-m", "jobs.score", *argv], cwd=ROOT, capture_output=True, text=True,

@@ -1,0 +1,105 @@
+"""CPU side of scoring: files -> the model's input, as uint8 at model size.
+
+``read_and_decode`` reads a batch of files (concurrently), decodes them with
+the model's recipe (``pipeline.preprocess``: the pixels and resize training
+and evaluation used) and rounds the resized images to uint8, a quarter of the
+float32 bytes, which is what travels through Ray's object store to the
+predictor; the predictor converts back to float32. A file that cannot be
+scored gets a one-line reason instead (its image stays zeros). Never raises
+for a bad file.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+from pipeline import storage as st
+from pipeline.config import StorageConfig
+from pipeline.images import ImageRejected
+from pipeline.preprocess import Recipe, file_pixels, model_inputs
+
+# Inside the pipeline "no error" is "" rather than null; the Parquet output has null there.
+NO_ERROR = ""
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float32 model inputs in [0, 255] -> the nearest uint8 values."""
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+
+
+def read_and_decode(batch: dict, *, storage: StorageConfig, recipe: Recipe, max_bytes: int, max_pixels: int,
+                    resize_bytes: int = 64 << 20) -> dict:
+    """{uri, size} -> {uri, image: uint8 [N, size, size, 3], error}. Decoded
+    images wait for their resize, which runs per group of one shape, up to
+    ``resize_bytes`` of them at a time."""
+    size = recipe.image_size
+    uris = [str(u) for u in batch["uri"]]
+    images = np.zeros((len(uris), size, size, 3), np.uint8)
+    errors = np.full(len(uris), NO_ERROR, dtype=object)
+    pending: list[tuple[int, np.ndarray]] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        for (i, _), resized in zip(pending, model_inputs([a for _, a in pending], recipe)):
+            images[i] = to_uint8(resized)
+        pending.clear()
+        pending_bytes = 0
+
+    for i, raw in enumerate(read_files(uris, batch["size"], storage, max_bytes)):
+        if isinstance(raw, str):
+            errors[i] = raw
+            continue
+        try:
+            decoded = file_pixels(raw, recipe, max_pixels)
+            pending.append((i, decoded))
+            pending_bytes += decoded.nbytes
+        except ImageRejected as exc:
+            errors[i] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad file never stops the job
+            errors[i] = f"cannot decode: {st.describe_error(exc)}"
+        if pending_bytes >= resize_bytes:
+            flush()
+    flush()
+    return {"uri": np.array(uris, dtype=object), "image": images, "error": errors}
+
+
+def read_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int) -> list:
+    """Bytes per URI, or a one-line reason; fetched concurrently."""
+
+    def fetch(item: tuple[str, int]):
+        uri, size = item
+        try:
+            fs, path = st.get_fs(uri, storage)
+            if size < 0:
+                size = fs.size(path)
+            if size > max_bytes:
+                return f"file too large: {size / 2**20:.1f} MiB is over score.max_file_mb ({max_bytes / 2**20:g} MiB)"
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return "cannot read: file not found"
+        except Exception as exc:  # noqa: BLE001
+            return f"cannot read: {st.describe_error(exc)}"
+
+    items = list(zip(uris, (int(s) for s in sizes)))
+    if len(items) <= 1:
+        return [fetch(item) for item in items]
+    return list(_fetch_pool().map(fetch, items))
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _fetch_pool() -> ThreadPoolExecutor:
+    """One pool of fetch threads per process (a Ray worker runs many tasks);
+    starting threads anew for each call cost most of a call on missing files."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="score-fetch")
+        return _pool

@@ -1,0 +1,267 @@
+"""Running a planned score job on Ray.
+
+Per part, a ``score_part`` task (no CPU of its own: it only coordinates) reads
+the part's plan file, sends its files in groups of ``read_batch`` to
+``decode_files`` CPU tasks, passes each model batch's decoded uint8 images,
+as object references that the part task never fetches, to one of the
+``ScoringPredictor`` actors (one GPU each when the cluster has GPUs), and
+writes and publishes the part's Parquet file itself (``pipeline.scoring.commit``).
+A batch in which no file decoded never reaches the model. At most a few parts
+are in flight, each with a bounded window of batches, so memory does not grow
+with the number of images.
+
+The driver starts the actors, hands out parts, tracks their completion and
+writes progress into ``_summary.json``. A part task that dies is run again by
+Ray (the same part, the same file); a predictor actor that dies is restarted
+and its calls retried; a killed driver leaves only complete parts, which the
+next run keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter, deque
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage as st
+from pipeline.config import Config, StorageConfig
+from pipeline.faults import maybe_fault
+from pipeline.preprocess import Recipe
+from pipeline.scoring.commit import SUMMARY_NAME, error_counts, publish_part, remove_temp_files, to_table
+from pipeline.scoring.decode import NO_ERROR, read_and_decode
+from pipeline.scoring.lease import OutputLease, check_holder
+from pipeline.scoring.parts import PartSpec, read_plan_chunk
+from pipeline.scoring.plan import ScorePlan, prepare_parts
+from pipeline.scoring.progress import Progress
+
+log = logging.getLogger(__name__)
+BATCHES_AHEAD = 4  # model batches a part task keeps in flight
+
+
+def pool_sizes(cfg: Config) -> tuple[int, int, int]:
+    """(predictor actors, GPUs per actor, CPUs left for decoding) for this
+    cluster: one actor per GPU when there are GPUs, else one per 8 CPUs (at
+    least one)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    actors = cfg.score.concurrency or (gpus if gpus else max(1, cpus // 8))
+    return actors, (1 if gpus else 0), max(1, cpus - (0 if gpus else actors))
+
+
+def decode_files(uris: list, sizes: list, storage: StorageConfig, recipe: Recipe, max_bytes: int,
+                 max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Ray task: (errors, uint8 images of the files that decoded, in order)
+    for a group of files."""
+    out = read_and_decode({"uri": uris, "size": sizes}, storage=storage, recipe=recipe, max_bytes=max_bytes,
+                          max_pixels=max_pixels)
+    errors = out["error"]
+    return errors, out["image"][errors == NO_ERROR]
+
+
+def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list, settings: dict) -> dict:
+    """A Ray task: score one part and publish its Parquet file. Returns
+    {"index", "rows", "errors": {reason: count}}."""
+    import ray
+
+    table = read_plan_chunk(plan["plan_dir"], spec, storage)
+    uris = table.column("uri").to_pylist()
+    sizes = table.column("size").to_pylist()
+    batch, group = settings["batch_size"], settings["read_batch"]
+    decode = ray.remote(decode_files).options(num_cpus=1, num_returns=2, max_retries=3)
+    starts = list(range(0, len(uris), batch))
+
+    def submit(start: int) -> list:
+        end = min(start + batch, len(uris))
+        return [decode.remote(uris[s : min(s + group, end)], sizes[s : min(s + group, end)], storage,
+                              settings["recipe"], settings["max_bytes"], settings["max_pixels"])
+                for s in range(start, end, group)]
+
+    decoding = [submit(s) for s in starts[:BATCHES_AHEAD]]
+    scored: list = []  # per batch: [errors, result ref, result or None]
+    waiting: deque[int] = deque()  # batches whose result is still a reference
+    for i in range(len(starts)):
+        refs = decoding[i]
+        if i + BATCHES_AHEAD < len(starts):
+            decoding.append(submit(starts[i + BATCHES_AHEAD]))
+        errors = np.concatenate(ray.get([e for e, _ in refs]))
+        ok = errors == NO_ERROR
+        result = None
+        if ok.any():
+            actor = actors[(spec.index + i) % len(actors)]
+            result = actor.score.remote(ok, *[images for _, images in refs])
+            waiting.append(i)
+        decoding[i] = None  # the images are the actor's now
+        scored.append([errors, result])
+        while len(waiting) > BATCHES_AHEAD:
+            first = waiting.popleft()
+            scored[first][1] = ray.get(scored[first][1])
+    k = settings["top_k"]
+    index_parts, score_parts, error_parts = [], [], []
+    for n in waiting:
+        scored[n][1] = ray.get(scored[n][1])
+    for errors, result in scored:
+        if result is None:
+            result = (np.full((len(errors), k), -1, np.int32), np.zeros((len(errors), k), np.float32))
+        index_parts.append(result[0])
+        score_parts.append(result[1])
+        error_parts.append(errors)
+    rows = to_table({"uri": uris, "top_k_index": np.concatenate(index_parts),
+                     "top_k_scores": np.concatenate(score_parts), "error": np.concatenate(error_parts)},
+                    plan["labels"], plan["model"])
+    maybe_fault("score-part-ready")
+    if plan.get("lease_job"):
+        check_holder(plan["output"], plan["lease_job"], storage)
+    published = publish_part(rows, pa.array(sorted(uris), pa.string()), st.join(plan["output"], spec.name),
+                             storage, tmp_tag=plan.get("lease_job", ""))
+    return {"index": spec.index, "rows": published.num_rows, "errors": dict(error_counts(published))}
+
+
+def start_predictors(cfg: Config, plan: ScorePlan, allow_unsafe: bool) -> list:
+    import ray
+
+    from pipeline.scoring.predictor import ScoringPredictor
+
+    actors, gpus, _ = pool_sizes(cfg)
+    cls = ray.remote(ScoringPredictor).options(num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=3,
+                                               max_task_retries=3)
+    handles = [cls.remote(plan.model_uri, cfg.storage, plan.top_k, plan.recipe, allow_unsafe)
+               for _ in range(actors)]
+    return handles
+
+
+def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = None, allow_unsafe: bool = False,
+              overwrite: bool = False) -> dict:
+    """Plan the parts (or reuse the plan), score those not yet committed and
+    return the summary (also written as ``_summary.json``)."""
+    import ray
+
+    started = time.time()
+    storage, sc = cfg.storage, cfg.score
+    summary_uri = st.join(plan.output, SUMMARY_NAME)
+    params = {"job": "score", "model": plan.model, "model_uri": plan.model_uri, "source": plan.source,
+              "output": plan.output, "top_k": plan.top_k, "rows_per_file": plan.rows_per_file,
+              "preprocessing": plan.recipe.to_dict() if plan.recipe else None}
+    st.write_json(summary_uri, {**params, "status": "planning"}, storage)
+    if lease is not None:
+        tags = [lease.job_id] + ([lease.previous.get("holder")] if lease.previous else [])
+        remove_temp_files(plan.output, storage, tags)
+    prepare_parts(cfg, plan, overwrite)
+    if lease is not None:
+        lease.check()
+
+    todo = [p for p in plan.parts if p.index not in plan.committed]
+    kept = sum(p.rows for p in plan.parts if p.index in plan.committed)
+    progress = Progress(len(plan.parts), plan.images, len(plan.committed), kept,
+                        sum(plan.committed.values(), Counter()))
+    log.info("score: %d images in %d parts: %d parts already committed, %d to score", plan.images,
+             len(plan.parts), len(plan.committed), len(todo))
+
+    def write_running() -> None:
+        st.write_json(summary_uri, {**params, "status": "running", "progress": progress.to_dict(),
+                                    "listing_tasks": plan.listing_tasks, "plan_reused": plan.plan_reused}, storage)
+
+    write_running()
+    written: list[PartSpec] = []
+    if todo:
+        actors = start_predictors(cfg, plan, allow_unsafe)
+        try:
+            written = _dispatch(cfg, plan, todo, actors, progress, lease, write_running)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    maybe_fault("score-parts-committed")
+    for name in plan.stale:
+        st.remove(st.join(plan.output, name), storage)
+
+    elapsed = time.time() - started
+    scored_now = sum(p.rows for p in written)
+    errors = sum(progress.errors.values())
+    summary = {
+        **params,
+        "status": "complete",
+        "images": plan.images,
+        "scored": plan.images - errors,
+        "errors": errors,
+        "errors_by_reason": dict(progress.errors.most_common()),
+        "ignored_files": plan.ignored,
+        "files": len(plan.parts),
+        "files_written": len(written),
+        "files_kept": len(plan.committed),
+        "stale_files_removed": len(plan.stale),
+        "images_this_run": scored_now,
+        "listing_tasks": plan.listing_tasks,
+        "plan_reused": plan.plan_reused,
+        "elapsed_s": round(elapsed, 2),
+        "images_per_s": round(scored_now / elapsed, 1) if scored_now and elapsed > 0 else None,
+        "progress": progress.to_dict(),
+        "parquet": [st.join(plan.output, p.name) for p in plan.parts],
+    }
+    st.write_json(summary_uri, summary, storage)
+    return summary
+
+
+def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, progress: Progress,
+              lease: Optional[OutputLease], report) -> list[PartSpec]:
+    import ray
+
+    sc = cfg.score
+    # Enough parts that their decode tasks can fill the free CPUs and their
+    # batches keep every actor busy; each part has BATCHES_AHEAD batches out.
+    _, _, cpus = pool_sizes(cfg)
+    decodes_per_part = BATCHES_AHEAD * math.ceil(sc.batch_size / sc.read_batch)
+    in_flight = max(2, 2 * len(actors), math.ceil(cpus / decodes_per_part) + 1)
+    shared = {"plan_dir": plan.plan_dir, "output": plan.output, "labels": plan.labels, "model": plan.model,
+              "lease_job": lease.job_id if lease else ""}
+    settings = {"batch_size": sc.batch_size, "read_batch": sc.read_batch, "recipe": plan.recipe,
+                "max_bytes": int(sc.max_file_mb * 2**20), "max_pixels": sc.max_pixels, "top_k": plan.top_k}
+    task = ray.remote(score_part).options(num_cpus=0, max_retries=3)
+    actors_ref = ray.put(actors)
+    shared_ref, settings_ref = ray.put(shared), ray.put(settings)
+    queue = list(reversed(todo))
+    running: dict = {}
+    written: list[PartSpec] = []
+    last_report = time.time()
+    try:
+        while queue or running:
+            while queue and len(running) < in_flight:
+                spec = queue.pop()
+                running[task.remote(spec, shared_ref, cfg.storage, actors_ref, settings_ref)] = spec
+            done, _ = ray.wait(list(running), num_returns=1, timeout=min(5.0, sc.progress_every_s))
+            for ref in done:
+                spec = running.pop(ref)
+                result = _result(ref)
+                written.append(spec)
+                progress.part_done(result["rows"], result["errors"])
+                log.info("committed %s: %d rows, %d errors", spec.name, result["rows"], sum(result["errors"].values()))
+            if lease is not None:
+                lease.check()
+            if time.time() - last_report >= sc.progress_every_s:
+                log.info(progress.line())
+                report()
+                last_report = time.time()
+    except BaseException:
+        for ref in running:
+            ray.cancel(ref, force=True, recursive=True)
+        raise
+    log.info(progress.line())
+    return written
+
+
+def _result(ref) -> dict:
+    """A part task's result; a lost lease inside it becomes the driver's error."""
+    import ray
+
+    from pipeline.errors import JobFailed
+    from pipeline.scoring.lease import LeaseLost
+
+    try:
+        return ray.get(ref)
+    except LeaseLost as exc:  # Ray's error for a task that raised it is also a LeaseLost
+        raise JobFailed(str(exc).strip().splitlines()[-1].split("LeaseLost: ", 1)[-1]) from None
