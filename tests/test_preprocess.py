@@ -215,7 +215,7 @@ def test_the_gate_reads_an_old_model_the_way_it_is_scored(tmp_path):
     legacy = Recipe.from_dict({"image_size": SIZE})
 
     gate = evaluation_inputs(shard, 1, recipe=legacy)
-    np.testing.assert_array_equal(gate[0], score_inputs(uris, legacy)[0])
+    np.testing.assert_array_equal(to_uint8(gate[0]), score_inputs(uris, legacy)[0])  # scoring ships uint8
     assert np.abs(gate[0] - evaluation_inputs(shard, 1)[0]).max() > 1  # today's recipe would differ
     with pytest.raises(ValueError, match="evaluation only"):
         inp.make_dataset([shard], image_size=SIZE, batch_size=1, training=True, recipe=legacy)
