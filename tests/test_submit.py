@@ -86,6 +86,16 @@ def submit(cluster, *job: str, timeout=900) -> subprocess.CompletedProcess:
     )
 
 
+# Start-up notices that must not show in a successful job's output (pipeline.native_logs).
+NOTICES = ("E0000", "cuInit", "absl::InitializeLog", "I0000", "oneDNN", "cudart_stub",
+           "Failed to query Ray Train Controller", "has constructor arguments in the object store")
+
+
+def assert_quiet(proc: subprocess.CompletedProcess) -> None:
+    for notice in NOTICES:
+        assert notice not in proc.stdout + proc.stderr, (notice, proc.stdout[-3000:])
+
+
 def test_prepare_train_and_score_through_ray_job_submit(cluster, tmp_path):
     images = tmp_path / "images"
     demo_data.generate(str(images), per_class=6, size=80, classes=["circle", "square"])
@@ -94,6 +104,7 @@ def test_prepare_train_and_score_through_ray_job_submit(cluster, tmp_path):
     proc = submit(cluster, "jobs.prepare", "--src", str(images), "--dst", str(shards))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.load(open(shards / "manifest.json"))["accepted"] == 12
+    assert_quiet(proc)
 
     proc = submit(cluster, "jobs.train", "--data", str(shards), "--output", str(run_dir),
                   "--set", "data.image_size=75", "--set", "data.batch_size=4", "--set", "model.weights=none",
@@ -102,6 +113,7 @@ def test_prepare_train_and_score_through_ray_job_submit(cluster, tmp_path):
                   "--set", "train.top_k=1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "transfer epoch 1/1" in proc.stdout  # per-epoch progress streams back
+    assert_quiet(proc)
     summary = json.load(open(run_dir / "summary.json"))
     assert summary["classes"] == ["circle", "square"] and (run_dir / "model.keras").exists()
 
@@ -110,6 +122,7 @@ def test_prepare_train_and_score_through_ray_job_submit(cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import pyarrow.parquet as pq
 
+    assert_quiet(proc)
     table = pq.read_table(str(scores))
     assert table.num_rows == 12 and set(table.column("label").to_pylist()) <= {"circle", "square"}
 
