@@ -26,14 +26,15 @@ $(STAMP): pyproject.toml
 
 # Hypothesis tests run a fixed set of examples (the "ci" profile, tests/conftest.py).
 # TEST_WORKERS pytest processes (pytest-xdist), each test file in one of them, so
-# that a file's shared fixtures (trained models, a Ray cluster) are built once.
+# that a file's shared fixtures (trained models, a Ray cluster) are built once;
+# the longest files go first (tests/conftest.py), in that order.
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # Skips the end-to-end runs marked slow (CI runs everything through `make test`).
 test-fast: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # The hypothesis tests with new random examples, FUZZ_EXAMPLES of them per test
 # (default 5000); a failure is saved in .hypothesis/ and replayed first next time.

@@ -66,6 +66,21 @@ def learnable_shards(ray_session, tmp_path_factory):
     return data, root / "images"
 
 
+# Test files by how long they take (longest first; the rest follow in their
+# usual order). `make test` runs files in two processes (pytest-xdist
+# --dist loadfile --no-loadscope-reorder), each taking the next file when it is
+# free: the longest first, so that no long file starts last while the other
+# process sits idle.
+LONGEST_FIRST = ["test_distributed.py", "test_submit.py", "test_score_scale.py", "test_faults.py",
+                 "test_score.py", "test_registry.py", "test_flaky_storage.py", "test_model.py",
+                 "test_score_lease.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
