@@ -169,6 +169,8 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
+    from pipeline.train_loop import train_loop_per_worker
+
     started = time.time()
     workers, use_gpu, mixed, xla = resolve_scaling(cfg)
     st.write_text(st.join(plan.output, "config.yaml"), cfg.to_yaml(), cfg.storage)
@@ -183,7 +185,7 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
     if use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TensorflowTrainer(
-        _train_loop_per_worker,
+        train_loop_per_worker,
         train_loop_config={
             "cfg": cfg,
             "manifest": plan.manifest,
@@ -247,15 +249,6 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
     }
     st.write_json(st.join(plan.output, SUMMARY_FILE), summary, cfg.storage)
     return summary
-
-
-def _train_loop_per_worker(config: dict) -> None:
-    """The function Ray Train runs on each worker. Kept in this light module and
-    importing TensorFlow only when called: Ray Train's controller actor unpickles
-    it too, and would otherwise import TensorFlow for nothing (seconds of CPU)."""
-    from pipeline.train_loop import train_loop_per_worker
-
-    train_loop_per_worker(config)
 
 
 def check_training_failure(cfg: Config, output: str, checkpoint) -> None:
