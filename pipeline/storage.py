@@ -413,21 +413,22 @@ def read_for_update(uri: str, storage: StorageConfig) -> tuple[Optional[bytes], 
     return data, _digest(data)
 
 
-def write_if_unchanged(uri: str, data: bytes, token: Optional[str], storage: StorageConfig) -> bool:
+def write_if_unchanged(uri: str, data: bytes, token: Optional[str], storage: StorageConfig) -> Optional[str]:
     """Publish ``data`` at ``uri`` if it still holds what ``token`` (from
     ``read_for_update``) describes, or does not exist when ``token`` is None.
-    False when another writer came first; nothing is written then."""
+    Returns the token of what was written (for the next update without reading
+    it back), or None when another writer came first; nothing is written then."""
     fs, path = get_fs(uri, storage)
     if _is_s3(uri) and conditional_writes(uri, storage):
         bucket, key, _ = fs.split_path(path)
         condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
         try:
-            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+            out = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
         except Exception as exc:  # noqa: BLE001 - conflicts are answers, the rest is raised
             if _is_conflict(exc):
-                return False
+                return None
             raise
-        return True
+        return out["ETag"]
     if is_local(uri):
         with _local_lock(path):
             return _replace_if(uri, fs, path, data, token, storage)
@@ -435,15 +436,45 @@ def write_if_unchanged(uri: str, data: bytes, token: Optional[str], storage: Sto
         return _replace_if(uri, fs, path, data, token, storage)
 
 
-def _replace_if(uri, fs, path, data: bytes, token: Optional[str], storage: StorageConfig) -> bool:
+def _replace_if(uri, fs, path, data: bytes, token: Optional[str], storage: StorageConfig) -> Optional[str]:
     try:
         current = fs.cat_file(path)
     except FileNotFoundError:
         current = None
     if _digest(current) != token:
-        return False
+        return None
     write_bytes(uri, data, storage)
-    return True
+    return _digest(data)
+
+
+def age_s(uri: str, storage: StorageConfig) -> Optional[float]:
+    """Seconds since ``uri`` was last written, by the store's own clock where it
+    tells it (S3: its ``Date`` header against ``LastModified``), so that hosts
+    with skewed clocks agree; None when it does not exist. Asked after reading
+    the content, a newer write can only make the content look younger."""
+    import calendar
+    import time
+    from datetime import timezone
+    from email.utils import parsedate_to_datetime
+
+    fs, path = get_fs(uri, storage)
+    if _is_s3(uri):
+        bucket, key, _ = fs.split_path(path)
+        try:
+            out = fs.call_s3("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        date = out.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+        modified = out.get("LastModified")
+        return max(0.0, now - calendar.timegm(modified.utctimetuple())) if modified else 0.0
+    try:
+        modified = fs.modified(path)
+    except FileNotFoundError:
+        return None
+    if modified.tzinfo is None:  # fsspec's convention for naive times: UTC
+        modified = modified.replace(tzinfo=timezone.utc)
+    return max(0.0, time.time() - modified.timestamp())
 
 
 def _is_conflict(exc: BaseException) -> bool:

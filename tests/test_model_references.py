@@ -41,7 +41,7 @@ def models(tmp_path_factory) -> dict:
 
     def build(with_lambda: bool):
         inputs = keras.Input((8, 8, 3))
-        x = keras.layers.Lambda(lambda t: t * 2.0)(inputs) if with_lambda else inputs
+        x = keras.layers.Lambda(lambda t: t * 2.0, name="lambda")(inputs) if with_lambda else inputs
         x = keras.layers.GlobalAveragePooling2D()(x)
         return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
 

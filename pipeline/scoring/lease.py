@@ -2,11 +2,11 @@
 
 ``OUTPUT/_lease.json`` names the holder (job id, host, process), the arguments
 that decide the rows (model, images, top-k, rows per file) and is rewritten as
-a heartbeat. It is created with a conditional write that only one job can win:
-on S3 a ``PutObject`` with ``If-None-Match: *``, on a local disk a hard link
-of a complete temporary file (which fails if the name exists); every later
-change is a compare-and-swap (S3: ``If-Match`` on the ETag read; local disk:
-under an exclusive ``flock`` of ``_lease.lock``).
+a heartbeat. Every write is a compare-and-swap (``storage.write_if_unchanged``):
+created only if absent, then replaced only if unchanged since the holder's last
+write (S3: a conditional ``PutObject``, ``If-None-Match: *`` then ``If-Match``;
+local disk: under an exclusive lock; a store that ignores the conditions: the
+storage module's settle-checked lease), so that only one job can win it.
 
 A job that finds a lease held by a live job stops at once with exit 2, naming
 the holder and, if they differ, its arguments. A lease is stale, and taken
@@ -19,8 +19,6 @@ only its own and those of the holder it took over from.
 
 from __future__ import annotations
 
-import calendar
-import contextlib
 import json
 import os
 import socket
@@ -28,7 +26,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Optional
 
 from pipeline import storage as st
@@ -36,7 +33,6 @@ from pipeline.config import StorageConfig
 from pipeline.errors import JobFailed, UsageError
 
 LEASE_NAME = "_lease.json"
-LOCK_NAME = "_lease.lock"
 
 
 class LeaseLost(RuntimeError):
@@ -58,8 +54,8 @@ def check_holder(output: str, job_id: str, storage: StorageConfig) -> None:
 @dataclass
 class Held:
     data: dict
-    token: Optional[str]  # S3 ETag; None on a local disk
-    age_s: float  # since the last heartbeat
+    token: Optional[str]  # for storage.write_if_unchanged
+    age_s: float  # since the last heartbeat, by the store's clock
 
 
 def _process_start(pid: int) -> Optional[str]:
@@ -95,8 +91,6 @@ class OutputLease:
         self.output, self.args, self.storage, self.timeout_s = output, args, storage, timeout_s
         self.job_id = uuid.uuid4().hex[:12]
         self.uri = st.join(output, LEASE_NAME)
-        self.fs, self.path = st.get_fs(self.uri, storage)
-        self.local = st.is_local(output)
         self.token: Optional[str] = None
         self.previous: Optional[dict] = None  # the stale holder taken over from
         self._lost: Optional[str] = None
@@ -107,24 +101,23 @@ class OutputLease:
 
     def acquire(self) -> "OutputLease":
         """Create the lease or take over a stale one; UsageError when a live job holds it."""
-        with self._locked():
-            if self._create():
+        if self._replace(None):
+            return self._started()
+        held = self._read()
+        if held is None:  # released between our two requests
+            if self._replace(None):
                 return self._started()
             held = self._read()
-            if held is None:  # released between our two requests
-                if self._create():
-                    return self._started()
-                held = self._read()
-            if held is not None and held.data.get("holder") == self.job_id:
-                # Our own create, answered late or retried after it succeeded.
-                self.token = held.token
-                return self._started()
-            if held is not None and not self._is_stale(held):
-                raise UsageError(self._held_message(held))
-            if not self._replace(held.token if held else None):
-                raise UsageError(f"{self.output}: another score job took the output lease just now; try again later")
-            self.previous = held.data if held else None
+        if held is not None and held.data.get("holder") == self.job_id:
+            # Our own create, answered late or retried after it succeeded.
+            self.token = held.token
             return self._started()
+        if held is not None and not self._is_stale(held):
+            raise UsageError(self._held_message(held))
+        if not self._replace(held.token if held else None):
+            raise UsageError(f"{self.output}: another score job took the output lease just now; try again later")
+        self.previous = held.data if held else None
+        return self._started()
 
     def check(self) -> None:
         if self._lost:
@@ -136,25 +129,19 @@ class OutputLease:
             self._thread.join()
         if self._lost:
             return
-        with self._locked():
-            held = self._read()
-            if held is not None and held.data.get("holder") == self.job_id:
-                st.remove(self.uri, self.storage)
+        held = self._read()
+        if held is not None and held.data.get("holder") == self.job_id:
+            st.remove(self.uri, self.storage)
 
     def heartbeat(self) -> None:
         """Rewrite the lease if it is still ours; marks it lost otherwise."""
-        with self._locked():
-            if self.local:
-                held = self._read()
-                if held is None or held.data.get("holder") != self.job_id:
-                    self._lost = self._lost_message(held)
-                    return
-            if not self._replace(self.token):
-                held = self._read()
-                if held is not None and held.data.get("holder") == self.job_id:
-                    self.token = held.token  # our own write, retried after it succeeded
-                else:
-                    self._lost = self._lost_message(held)
+        if self._replace(self.token):
+            return
+        held = self._read()
+        if held is not None and held.data.get("holder") == self.job_id:
+            self.token = held.token  # our own write, retried after it succeeded
+        else:
+            self._lost = self._lost_message(held)
 
     # ------------------------------------------------------------ storage
 
@@ -166,78 +153,20 @@ class OutputLease:
             "heartbeat": now, "timeout_s": self.timeout_s,
         }, indent=2) + "\n").encode("utf-8")
 
-    def _create(self) -> bool:
-        if self.local:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.{self.job_id}.new"
-            with open(tmp, "wb") as f:
-                f.write(self._body())
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, self.path)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-        return self._put(IfNoneMatch="*")
-
     def _replace(self, token: Optional[str]) -> bool:
-        if self.local:  # under the flock
-            st.write_bytes(self.uri, self._body(), self.storage)
-            return True
-        return self._put(IfMatch=token) if token else self._put(IfNoneMatch="*")
-
-    def _put(self, **condition) -> bool:
-        bucket, _, key = self.path.partition("/")
-        try:
-            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), **condition)
-        except (FileExistsError, FileNotFoundError):
+        """Write the lease if it is still what ``token`` describes (None: absent)."""
+        written = st.write_if_unchanged(self.uri, self._body(), token, self.storage)
+        if written is None:
             return False
-        except OSError as exc:
-            if "Precondition" in str(exc) or "412" in str(exc) or "ConditionalRequestConflict" in str(exc):
-                return False
-            raise
-        self.token = out.get("ETag")
+        self.token = written
         return True
 
     def _read(self) -> Optional[Held]:
-        if self.local:
-            try:
-                with open(self.path, "rb") as f:
-                    raw = f.read()
-                    age = time.time() - os.fstat(f.fileno()).st_mtime
-            except FileNotFoundError:
-                return None
-            return Held(_parse(raw), None, age)
-        bucket, _, key = self.path.partition("/")
-        try:
-            out = self.fs.call_s3("get_object", Bucket=bucket, Key=key)
-        except FileNotFoundError:
+        raw, token = st.read_for_update(self.uri, self.storage)
+        age = st.age_s(self.uri, self.storage) if raw is not None else None
+        if raw is None or age is None:
             return None
-        body = out["Body"]
-        raw = _read_body(self.fs, body)
-        date = out.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        now = parsedate_to_datetime(date).timestamp() if date else time.time()
-        modified = out.get("LastModified")
-        age = now - (calendar.timegm(modified.utctimetuple()) if modified else now)
-        return Held(_parse(raw), out.get("ETag"), max(0.0, age))
-
-    @contextlib.contextmanager
-    def _locked(self):
-        if not self.local:
-            yield
-            return
-        import fcntl
-
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(os.path.join(os.path.dirname(self.path), LOCK_NAME), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return Held(_parse(raw), token, age)
 
     # ------------------------------------------------------------ decisions
 
@@ -276,16 +205,6 @@ class OutputLease:
         self._thread = threading.Thread(target=beat, name="score-lease", daemon=True)
         self._thread.start()
         return self
-
-
-def _read_body(fs, body) -> bytes:
-    from fsspec.asyn import sync
-
-    async def read():
-        async with body as stream:
-            return await stream.read()
-
-    return sync(fs.loop, read)
 
 
 def _parse(raw: bytes) -> dict:
