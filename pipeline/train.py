@@ -166,10 +166,7 @@ def worker_env(cfg: Config) -> dict:
 
 
 def run_training(cfg: Config, plan: TrainPlan) -> dict:
-    import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
-
-    from pipeline.train_loop import train_loop_per_worker
+    import ray
 
     started = time.time()
     workers, use_gpu, mixed, xla = resolve_scaling(cfg)
@@ -181,42 +178,22 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
         ", GPU" if use_gpu else ", CPU", " (resuming)" if plan.resuming else "",
     )
     storage_path, storage_fs = ray_storage(plan.output, cfg)
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
-    trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg,
-            "manifest": plan.manifest,
-            "data": plan.data,
-            "output": plan.output,
-            "mixed_precision": mixed,
-            "xla": xla,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=CHECKPOINTS,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-            worker_runtime_env={"env_vars": worker_env(cfg)},
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001
-        raise JobFailed(f"training failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
-    if result.checkpoint is None:
-        raise JobFailed("training ended without a checkpoint")
-    check_training_failure(cfg, plan.output, result.checkpoint)
+    finished = finished_checkpoint(cfg, plan.output, storage_path, storage_fs) if plan.resuming else None
+    if finished is not None:
+        # Killed after training, while publishing: nothing is left to train, so
+        # no worker group is started; the last checkpoint is published again.
+        checkpoint, state = finished
+        log.info("train: every epoch is in the last checkpoint (%s); publishing it", checkpoint.path.rsplit("/", 1)[-1])
+    else:
+        checkpoint, state = _fit(cfg, plan, workers, use_gpu, mixed, xla, storage_path, storage_fs), None
+    check_training_failure(cfg, plan.output, checkpoint)
     train_seconds = time.time() - started
 
     finalize = ray.remote(finalize_run).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
-    outputs = ray.get(finalize.remote(cfg, plan.manifest, plan.data, plan.output, result.checkpoint))
+    outputs = ray.get(finalize.remote(cfg, plan.manifest, plan.data, plan.output, checkpoint))
+    if state is not None:
+        outputs.update(resumed=True, resumed_from={"phase_index": state["phase_index"], "epoch": state["epoch"],
+                                                   "training_done": True})
     maybe_fault("published")
     registered = None
     if cfg.registry.uri:
@@ -249,6 +226,77 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
     }
     st.write_json(st.join(plan.output, SUMMARY_FILE), summary, cfg.storage)
     return summary
+
+
+def _fit(cfg: Config, plan: TrainPlan, workers: int, use_gpu: bool, mixed: bool, xla: bool, storage_path,
+         storage_fs):
+    """Ray Train's TensorflowTrainer over the worker group; its last checkpoint."""
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from pipeline.train_loop import train_loop_per_worker
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg,
+            "manifest": plan.manifest,
+            "data": plan.data,
+            "output": plan.output,
+            "mixed_precision": mixed,
+            "xla": xla,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINTS,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001
+        raise JobFailed(f"training failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    if result.checkpoint is None:
+        raise JobFailed("training ended without a checkpoint")
+    return result.checkpoint
+
+
+# Ray Train's record of the checkpoints it registered, in the run's checkpoint
+# folder: its latest one is what a new trainer resumes from.
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def finished_checkpoint(cfg: Config, output: str, storage_path: str, storage_fs):
+    """(the checkpoint a new trainer would resume from, its loop state) when
+    that state leaves nothing to train under ``cfg`` (every epoch of every
+    enabled phase done, or training stopped on purpose); None otherwise, or
+    when that cannot be told (a trainer then resumes as usual)."""
+    import ray.train
+
+    from pipeline.train_loop import STATE_FILE
+
+    try:
+        snapshot = st.read_json(st.join(output, CHECKPOINTS, RAY_CHECKPOINT_SNAPSHOT), cfg.storage)
+        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        state = st.read_json(st.join(output, CHECKPOINTS, name, STATE_FILE), cfg.storage)
+        index, epoch = int(state["phase_index"]), int(state["epoch"])
+    except Exception:  # noqa: BLE001 - no snapshot yet, another layout: the trainer decides
+        return None
+    # As the training loop walks the phases after a restore.
+    left = [i for i, (_, phase) in enumerate(cfg.train.phases()) if i > index or (i == index and epoch < phase.epochs)]
+    if left and not state.get("failure"):
+        return None
+    path = "/".join([storage_path.rstrip("/"), CHECKPOINTS, name])
+    return ray.train.Checkpoint(path, filesystem=storage_fs), state
 
 
 def check_training_failure(cfg: Config, output: str, checkpoint) -> None:

@@ -1,14 +1,17 @@
 """Multi-worker training proven by counting what the train and test steps
-actually receive (real TensorflowTrainer runs on CPU, tiny model input):
+actually receive (real TensorflowTrainer runs on CPU, tiny model input), on
+shards that include one undecodable validation record:
 
-- 1, 2 and 3 workers: every replica gets ``data.batch_size`` images per step,
-  and an epoch trains on the whole training split (within one global batch);
-  validation covers its split exactly once;
+- 1 and 2 workers: every replica gets ``data.batch_size`` images per step, and
+  an epoch trains on the whole training split (within one global batch, also
+  when the global batch does not divide it); validation covers its split
+  exactly once, the undecodable record skipped and counted;
+- the learning rate follows the global batch (linear rule);
 - 2 workers x B and 1 worker x 2B give the same loss curve on the head-only
   phase (full-batch steps, so data order cannot matter);
 - a 2-worker run is a complete run directory that loads and predicts;
-- an undecodable record written into a shard is skipped and counted, and with
-  ``data.max_bad_record_fraction=0`` the job fails with exit 1 naming the shard.
+- with ``data.max_bad_record_fraction=0`` the job fails with exit 1 naming the
+  shard and the source file.
 """
 
 from __future__ import annotations
@@ -113,19 +116,34 @@ def train(data: str, out: str, workers: int, batch: int, *extra: str) -> int:
                                 "--set", f"scaling.num_workers={workers}", "--set", f"data.batch_size={batch}", *extra])
 
 
+def checkpointed_state(out: str) -> dict:
+    """The loop state (history, scaling) of the last checkpoint Ray Train recorded."""
+    with open(os.path.join(out, "checkpoints", "checkpoint_manager_snapshot.json")) as f:
+        name = json.load(f)["checkpoint_results"][-1]["checkpoint_dir_name"]
+    with open(os.path.join(out, "checkpoints", name, "state.json")) as f:
+        return json.load(f)
+
+
 def counted(out: str) -> list[dict]:
     return json.load(open(os.path.join(out, "summary.json")))["history"]
 
 
+# The reference batch is twice the global batch of the runs compared below, so
+# that the linear rule halves their learning rate: 1e-3 * 16 / 32.
+COMPARED = ["--set", "train.transfer.epochs=3", "--set", "train.lr_reference_batch=32",
+            "--set", "data.max_bad_record_fraction=0.5"]
+
+
 @pytest.fixture(scope="module")
-def one_worker_full_batch(split_shards, tmp_path_factory):
+def one_worker_full_batch(shards_with_bad_record, tmp_path_factory):
     """Run with paths relative to the current folder, as users type them (Ray
     Train workers run in another folder)."""
+    data, _ = shards_with_bad_record
     out = tmp_path_factory.mktemp("w1") / "run"
     here = os.getcwd()
     os.chdir(out.parent)
     try:
-        assert train(os.path.relpath(split_shards), "run", 1, 16, "--set", "train.transfer.epochs=3") == 0
+        assert train(os.path.relpath(data), "run", 1, 16, *COMPARED) == 0
     finally:
         os.chdir(here)
     return str(out)
@@ -134,28 +152,33 @@ def one_worker_full_batch(split_shards, tmp_path_factory):
 def test_one_worker_counts(one_worker_full_batch):
     summary = json.load(open(os.path.join(one_worker_full_batch, "summary.json")))
     assert summary["scaling"]["global_batch"] == 16 and summary["scaling"]["replicas"] == 1
+    assert summary["scaling"]["phases"]["transfer"]["learning_rate"] == pytest.approx(5e-4)
     for epoch in summary["history"]:
-        assert epoch["replica_batch"] == 16 and epoch["examples"] == TRAIN and epoch["val_examples"] == VAL
+        assert epoch["replica_batch"] == 16 and epoch["examples"] == TRAIN, epoch
+        # 6 + 1 good validation images once; the broken one skipped and counted
+        assert epoch["val_examples"] == VAL + 1 and epoch["val_skipped_records"] == 1, epoch
+    assert summary["metrics"]["examples"] == VAL + 1 and summary["metrics"]["skipped_records"] == 1
 
 
 def test_two_workers_train_on_the_whole_split_at_the_true_global_batch_and_match_one_worker(
-        split_shards, one_worker_full_batch, tmp_path, capsys):
+        split_shards, shards_with_bad_record, one_worker_full_batch, tmp_path, capsys):
+    data, _ = shards_with_bad_record
     out = str(tmp_path / "run")
-    assert train(split_shards, out, 2, 8, "--set", "train.transfer.epochs=3", "--set", "train.finetune.epochs=1",
+    assert train(data, out, 2, 8, *COMPARED, "--set", "train.finetune.epochs=1",
                  "--set", "train.finetune.unfreeze_after=mixed9") == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     scaling = summary["scaling"]
     assert (scaling["workers"], scaling["replicas"], scaling["per_replica_batch"], scaling["global_batch"]) == (2, 2, 8, 16)
     assert scaling["steps_per_epoch"] == 1
-    # Linear rule against the reference batch of 16: the global batch is 16, so unchanged.
-    assert scaling["phases"]["transfer"]["learning_rate"] == pytest.approx(1e-3)
+    # Linear rule on the global batch of 16 (not a worker's 8): 1e-3 * 16 / 32.
+    assert scaling["phases"]["transfer"]["learning_rate"] == pytest.approx(5e-4)
     history = summary["history"]
     for epoch in history:
         # Counted inside the steps: 8 images per replica, the 16 training images
-        # once per epoch, the 6 validation images once.
+        # once per epoch, the 7 good validation images once, the broken one counted.
         assert epoch["replica_batch"] == 8, epoch
         assert epoch["examples"] == TRAIN, epoch
-        assert epoch["val_examples"] == VAL, epoch
+        assert epoch["val_examples"] == VAL + 1 and epoch["val_skipped_records"] == 1, epoch
     assert json.load(open(os.path.join(out, "history.json")))["transfer"][0]["examples"] == TRAIN
 
     # Each full-batch step sees all 16 images either way: the same losses.
@@ -173,7 +196,8 @@ def test_two_workers_train_on_the_whole_split_at_the_true_global_batch_and_match
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard", "train")))
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    assert metrics["examples"] == VAL == int(np.sum(metrics["confusion_matrix"]))
+    assert metrics["examples"] == VAL + 1 == int(np.sum(metrics["confusion_matrix"]))
+    assert metrics["skipped_records"] == 1
     model = load_keras_file(os.path.join(out, "model.keras"))
     assert model.input_shape == (None, 75, 75, 3)
     labels = json.load(open(os.path.join(out, "labels.json")))
@@ -186,31 +210,25 @@ def test_two_workers_train_on_the_whole_split_at_the_true_global_batch_and_match
     assert line.split(": ", 1)[1].split(" ")[0] in labels
     assert os.path.getsize(plot) > 0
     # a completed run is never silently overwritten
-    assert train(split_shards, out, 1, 16) == 2
-
-
-def test_three_workers_count_and_skip_an_undecodable_record(shards_with_bad_record, tmp_path):
-    data, bad_shard = shards_with_bad_record
-    out = str(tmp_path / "run")
-    assert train(data, out, 3, 5, "--set", "train.transfer.epochs=2",
-                 "--set", "data.max_bad_record_fraction=0.5") == 0
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    assert (summary["scaling"]["replicas"], summary["scaling"]["global_batch"]) == (3, 15)
-    assert summary["scaling"]["phases"]["transfer"]["learning_rate"] == pytest.approx(1e-3 * 15 / 16)
-    for epoch in summary["history"]:
-        assert epoch["replica_batch"] == 5, epoch
-        # ceil(16 / 15) = 2 global steps: the split once, plus less than one global batch
-        assert TRAIN <= epoch["examples"] == 30 < TRAIN + 15, epoch
-        # 6 + 1 good validation images once; the broken one skipped and counted
-        assert epoch["val_examples"] == VAL + 1 and epoch["val_skipped_records"] == 1, epoch
-    assert summary["metrics"]["examples"] == VAL + 1 and summary["metrics"]["skipped_records"] == 1
+    assert train(data, out, 1, 16) == 2
 
 
 def test_bad_record_over_the_limit_fails_naming_the_shard(shards_with_bad_record, tmp_path, capsys):
+    """2 workers x 5: a global batch of 10 does not divide the 16 training
+    images, so an epoch is ceil(16 / 10) = 2 steps; the epoch that met the
+    undecodable record is checkpointed with its counts, then the job stops."""
     data, bad_shard = shards_with_bad_record
     out = str(tmp_path / "run")
     capsys.readouterr()
-    assert train(data, out, 1, 8, "--set", "train.transfer.epochs=2", "--set", "data.max_bad_record_fraction=0") == 1
+    assert train(data, out, 2, 5, "--set", "train.transfer.epochs=2", "--set", "data.max_bad_record_fraction=0") == 1
     err = capsys.readouterr().err
     assert "could not be decoded" in err and bad_shard in err and "broken.jpg" in err, err
     assert not os.path.exists(os.path.join(out, "summary.json"))
+    state = checkpointed_state(out)
+    assert (state["scaling"]["replicas"], state["scaling"]["global_batch"]) == (2, 10)
+    assert state["scaling"]["phases"]["transfer"]["learning_rate"] == pytest.approx(1e-3 * 10 / 16)
+    (epoch,) = state["history"]  # stopped after the first epoch
+    assert epoch["replica_batch"] == 5, epoch
+    # the split once, plus less than one global batch
+    assert TRAIN <= epoch["examples"] == 20 < TRAIN + 10, epoch
+    assert epoch["val_examples"] == VAL + 1 and epoch["val_skipped_records"] == 1, epoch

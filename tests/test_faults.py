@@ -141,7 +141,8 @@ def test_training_driver_killed_at_each_stage_then_finishes_and_secrets_never_re
     1. before any checkpoint: the next run starts clean;
     2. after its first checkpoint: the next run resumes from it;
     3. after the model was written but before summary.json: the next run
-       publishes without training again, every epoch having run exactly once;
+       starts no worker group and publishes the last checkpoint, every epoch
+       having run exactly once;
     4. that run finishes, quiet, ending with the summary;
     5. a completed run is never overwritten.
 
@@ -191,7 +192,9 @@ def test_training_driver_killed_at_each_stage_then_finishes_and_secrets_never_re
     log = logs[3].read_text()
     assert code == 0, log[-3000:]
     summary = json.load(open(out / "summary.json"))
-    assert summary["resumed"] and summary["resumed_from"]["epoch"] >= 1
+    # Nothing was left to train: no worker group, the last checkpoint published.
+    assert "every epoch is in the last checkpoint" in log and "epoch 3/3" not in log, log[-3000:]
+    assert summary["resumed"] and summary["resumed_from"] == {"phase_index": 0, "epoch": 3, "training_done": True}
     # every epoch exactly once: nothing before the second kill was redone, nothing after it retrained
     assert epochs_of(summary) == [("finetune", i) for i in (1, 2, 3)]
     # A run that worked looks like one: no native start-up notices or Ray

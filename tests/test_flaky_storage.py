@@ -276,21 +276,10 @@ def test_train_reads_shards_and_writes_run_through_faults(s3_bucket, local_shard
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> str:
-    """A run directory with an untrained 75x75 model (no training, no download)."""
-    import tf_keras as keras
+    """A completed run directory with a small untrained 75x75 classifier (tests.small_model)."""
+    from tests.small_model import write_run
 
-    from pipeline.artifact import preprocessing_spec
-    from pipeline.config import ModelConfig
-    from pipeline.model import build_model
-
-    keras.utils.set_random_seed(0)
-    model = build_model(len(CLASSES), 75, ModelConfig(weights="none", head_units=16))
-    folder = tmp_path_factory.mktemp("flaky-model")
-    model.save(str(folder / "model.keras"))
-    (folder / "labels.json").write_text(json.dumps(CLASSES))
-    (folder / "preprocessing.json").write_text(json.dumps(preprocessing_spec(75)))
-    (folder / "summary.json").write_text(json.dumps({"job": "train"}))  # a completed run
-    return str(folder)
+    return write_run(tmp_path_factory.mktemp("flaky-model") / "run", CLASSES)
 
 
 @pytest.mark.slow

@@ -21,8 +21,7 @@ from PIL import Image
 from jobs import score as score_job
 from jobs._cli import run
 from pipeline import demo_data
-from pipeline.artifact import preprocessing_spec
-from pipeline.config import ModelConfig, StorageConfig, load_config
+from pipeline.config import StorageConfig, load_config
 from pipeline.errors import UsageError
 from pipeline.preprocess import Recipe, current_recipe
 from pipeline.score import (SCHEMA, SUMMARY_NAME, ScoringPredictor, plan_score, prepare_parts, read_and_decode,
@@ -37,24 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """A run directory with an untrained 75x75 InceptionV3 (no training, no download)."""
-    import tf_keras as keras
+    """A completed run directory with a small untrained 75x75 classifier (no
+    training, no download; tests.small_model)."""
+    from tests.small_model import write_run
 
-    from pipeline.model import build_model
-
-    keras.utils.set_random_seed(0)
-    model = build_model(len(CLASSES), 75, ModelConfig(weights="none", head_units=16))
-    # An untrained head gives every image almost the same probabilities; larger
-    # weights spread them, so comparing scores between jobs means something.
-    for name in ("head_dense", "predictions"):
-        kernel, bias = model.get_layer(name).get_weights()
-        model.get_layer(name).set_weights([kernel * 30, bias])
-    folder = tmp_path_factory.mktemp("run")
-    model.save(str(folder / "model.keras"))
-    (folder / "labels.json").write_text(json.dumps(CLASSES))
-    (folder / "preprocessing.json").write_text(json.dumps(preprocessing_spec(75)))
-    (folder / "summary.json").write_text(json.dumps({"job": "train"}))  # a completed run
-    return str(folder)
+    return write_run(tmp_path_factory.mktemp("run") / "run", CLASSES)
 
 
 def make_images(root: str, per_class: int = 8, storage: StorageConfig | None = None) -> int:

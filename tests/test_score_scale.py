@@ -24,7 +24,8 @@ from tests.test_score import ROOT, check_scores, expected_parts, make_images, ti
 def test_thousands_of_files_in_nested_prefixes_one_row_each(ray_session, tiny_model, s3_bucket):
     """4 x 5 sub-prefixes x 100 empty image files (no decode: each is an
     'empty file' row) and some other files: every image exactly once, listed by
-    more than one task."""
+    more than one task, a part per folder (a folder split into several parts
+    is tested in test_score.py)."""
     fs, bucket = s3_bucket
     objects = {f"{bucket}/images/g{a}/s{b}/img-{i:03d}.jpg": b"" for a in range(4) for b in range(5)
                for i in range(100)}
@@ -33,7 +34,7 @@ def test_thousands_of_files_in_nested_prefixes_one_row_each(ray_session, tiny_mo
     fs.pipe(objects)
     images = sorted(f"s3://{k}" for k in objects if k.lower().endswith((".jpg", ".png")))
     out = f"s3://{bucket}/scores"
-    argv = ["--model", tiny_model, "--images", f"s3://{bucket}/images", "--output", out, "--rows-per-file", "64"]
+    argv = ["--model", tiny_model, "--images", f"s3://{bucket}/images", "--output", out, "--rows-per-file", "100"]
     assert run(score_job.main, argv) == 0
 
     summary = json.loads(fs.cat_file(f"{bucket}/scores/{SUMMARY_NAME}"))
@@ -42,7 +43,7 @@ def test_thousands_of_files_in_nested_prefixes_one_row_each(ray_session, tiny_mo
     assert summary["errors_by_reason"] == {"empty file (0 bytes)": len(images)}
     table = pa.concat_tables(pq.read_table(f, filesystem=fs) for f in fs.glob(f"{bucket}/scores/*.parquet"))
     assert sorted(table["uri"].to_pylist()) == images  # each once
-    assert summary["files"] == len(fs.glob(f"{bucket}/scores/part-*.parquet")) == 1 + 20 * 2  # 100 = 64 + 36
+    assert summary["files"] == len(fs.glob(f"{bucket}/scores/part-*.parquet")) == 1 + 20
     assert summary["progress"]["parts_done"] == summary["files"] and summary["progress"]["eta_s"] == 0
     plan = json.loads(fs.cat_file(f"{bucket}/scores/_plan/plan.json"))
     assert sum(p["rows"] for p in plan["parts"]) == len(images)
