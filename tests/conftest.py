@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -37,13 +36,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # The dashboard serves Ray's state API, which the fault tests use to find
-        # worker processes.
         ray.init(
             num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=_free_port(),
+            include_dashboard=False,
             logging_level="WARNING",
             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
         )
@@ -81,21 +76,16 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on loopback; AWS_ENDPOINT_URL points at it for the session."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # Port 0: the server binds a free port itself (a port picked beforehand
+    # could be taken by another process before the server binds it).
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = "http://127.0.0.1:%d" % server.get_host_and_port()[1]
     previous = os.environ.get("AWS_ENDPOINT_URL")
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     yield endpoint

@@ -1,5 +1,5 @@
 """Faults done for real: training workers that raise or are killed with SIGKILL
-(found through Ray's state API), training drivers killed with SIGKILL at each
+(found among the processes of the test session's Ray), training drivers killed with SIGKILL at each
 stage and re-run, secrets that must never be written anywhere, models that
 carry code."""
 
@@ -40,6 +40,29 @@ def checkpoints(run_dir) -> list[str]:
         return []
 
 
+def live_train_workers() -> list[int]:
+    """PIDs of the live Ray Train workers of this test session's Ray: processes
+    its raylet started that Ray titled ``ray::RayTrainWorker`` (the other test
+    process has a Ray of its own, with workers of its own)."""
+    import ray
+    from ray._private import ray_constants
+
+    node = ray._private.worker.global_worker.node
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            title = open(f"/proc/{entry}/cmdline").read()
+            state, parent = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # gone meanwhile
+            continue
+        if title.startswith("ray::RayTrainWorker") and int(parent) == raylet and state != "Z":
+            found.append(int(entry))
+    return found
+
+
 def epochs_of(summary: dict) -> list[tuple[str, int]]:
     return [(h["phase"], h["epoch"]) for h in summary["history"]]
 
@@ -49,11 +72,9 @@ def test_worker_failures_raised_and_sigkilled_resume_from_the_last_checkpoint_an
         learnable_shards, tmp_path, monkeypatch):
     """One training run, two worker failures: an exception raised right after
     epoch 2 (finetune 1) was checkpointed, then a SIGKILL of the restarted worker
-    (found through Ray's state API) mid-epoch. Each time the worker group
+    process mid-epoch. Each time the worker group
     restarts from the last checkpoint, mid-phase, with every weight and optimizer
     slot verified against the file; the run ends, and misses the quality gate."""
-    from ray.util.state import list_actors
-
     data, _ = learnable_shards
     out = tmp_path / "run"
     raised = tmp_path / "raised-once"
@@ -83,13 +104,9 @@ def test_worker_failures_raised_and_sigkilled_resume_from_the_last_checkpoint_an
         time.sleep(0.2)
     assert raised.exists(), result  # the raise really happened
     assert len(seen) >= 3, result
-    import ray
-
-    dashboard = ray._private.worker.global_worker.node.address_info["webui_url"]
-    workers = list_actors(address=f"http://{dashboard}", filters=[("class_name", "=", "RayTrainWorker"),
-                                                                 ("state", "=", "ALIVE")])
+    workers = live_train_workers()
     assert len(workers) == 1, workers
-    os.kill(workers[0].pid, signal.SIGKILL)  # mid-epoch 4 (finetune 3), a real process kill
+    os.kill(workers[0], signal.SIGKILL)  # mid-epoch 4 (finetune 3), a real process kill
     job.join(900)
     assert result == {"code": 3}  # finished, but below the gate
     summary = json.load(open(out / "summary.json"))

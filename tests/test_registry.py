@@ -29,7 +29,8 @@ LEARN = ["--set", "data.image_size=75", "--set", "data.batch_size=8", "--set", "
          "--set", "train.transfer.epochs=0", "--set", "train.finetune.epochs=4",
          "--set", "train.finetune.optimizer=adam", "--set", "train.finetune.learning_rate=0.001",
          "--set", "train.finetune.unfreeze_after=0", "--set", "train.early_stopping_patience=null",
-         "--set", "train.top_k=2", "--set", "scaling.num_workers=1", "--set", "augment.enabled=false"]
+         "--set", "train.top_k=2", "--set", "scaling.num_workers=1", "--set", "augment.enabled=false",
+         "--set", "train.bn_stats_batches=12"]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,10 @@ def trained(learnable_shards, tmp_path_factory):
     assert run(train_job.main, ["--data", data, "--output", good, *LEARN,
                                 "--registry", registry, "--name", "shapes"]) == 0
     assert run(train_job.main, ["--data", data, "--output", worse, *LEARN,
-                                # lr 0: nothing learned, so one epoch is as good as four
-                                "--set", "train.finetune.learning_rate=0", "--set", "train.finetune.epochs=1",
+                                # lr 0: nothing learned, so one head-only epoch is as good as four of
+                                # the whole network
+                                "--set", "train.transfer.epochs=1", "--set", "train.transfer.learning_rate=0",
+                                "--set", "train.finetune.epochs=0",
                                 "--registry", registry, "--name", "shapes"]) == 0
     return registry, good, worse, data
 
