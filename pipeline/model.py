@@ -8,10 +8,11 @@ own preprocessing: scoring only decodes and resizes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import tf_keras as keras
 
@@ -127,18 +128,27 @@ def base_of(model: keras.Model) -> keras.Model:
     return model.get_layer(BASE_NAME)
 
 
-def freeze_index(base: keras.Model, unfreeze_after: Union[int, str]) -> int:
+def freeze_index(base: Union[keras.Model, Sequence[str]], unfreeze_after: Union[int, str]) -> int:
     """How many base layers stay frozen in fine-tuning: all layers up to and
-    including the named one, or the first N."""
+    including the named one, or the first N. ``base``: the base model, or the
+    names of its layers."""
+    names = list(base) if isinstance(base, (list, tuple)) else [layer.name for layer in base.layers]
     if isinstance(unfreeze_after, int):
-        if not 0 <= unfreeze_after <= len(base.layers):
-            raise ValueError(f"train.finetune.unfreeze_after={unfreeze_after}: the base has {len(base.layers)} layers")
+        if not 0 <= unfreeze_after <= len(names):
+            raise ValueError(f"train.finetune.unfreeze_after={unfreeze_after}: the base has {len(names)} layers")
         return unfreeze_after
-    names = [layer.name for layer in base.layers]
     if unfreeze_after not in names:
         blocks = ", ".join(n for n in names if n.startswith("mixed"))
         raise ValueError(f"train.finetune.unfreeze_after='{unfreeze_after}' is not a layer of InceptionV3 (blocks: {blocks})")
     return names.index(unfreeze_after) + 1
+
+
+@functools.lru_cache(maxsize=1)
+def base_layer_names() -> tuple[str, ...]:
+    """The names of InceptionV3's no-top layers, in order (the same at every
+    input size; built once per process, without weights)."""
+    base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(75, 75, 3))
+    return tuple(layer.name for layer in base.layers)
 
 
 def set_phase(model: keras.Model, phase: str, unfreeze_after: Union[int, str] = "mixed8", *,

@@ -112,13 +112,10 @@ def _exists(uri: str, cfg: Config) -> bool:
 def _check_unfreeze(cfg: Config) -> None:
     if cfg.train.finetune.epochs == 0:
         return
-    import tf_keras as keras
+    from pipeline.model import base_layer_names, freeze_index
 
-    from pipeline.model import freeze_index
-
-    base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(75, 75, 3))
     try:
-        freeze_index(base, cfg.train.finetune.unfreeze_after)
+        freeze_index(base_layer_names(), cfg.train.finetune.unfreeze_after)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

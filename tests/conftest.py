@@ -29,6 +29,14 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("RAY_ADDRESS", None)
+# Ray's per-node metrics agent gathers process statistics every few seconds, for
+# dashboards these tests never look at: CPU the tests need.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
+# oneDNN's CPU kernels are set up per layer shape on first use: on runs of a few
+# steps, as here, that costs more than they save (a quarter of a training
+# process's CPU time). Users' CPU runs keep TensorFlow's default;
+# tests/test_native_logs.py turns it back on to see its start-up notice.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +48,8 @@ def ray_session():
             num_cpus=2,
             include_dashboard=False,
             logging_level="WARNING",
-            runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
+            runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+                                      "TF_ENABLE_ONEDNN_OPTS": os.environ["TF_ENABLE_ONEDNN_OPTS"]}},
         )
     yield ray
     ray.shutdown()

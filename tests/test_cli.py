@@ -190,6 +190,10 @@ def test_train_dry_run_writes_nothing(shards, tmp_path, capsys):
     assert code == 0 and "resume the run" in out and snapshot(tmp_path) == before
     code, out = call("train", ["--data", str(tmp_path / "none"), "--output", str(output), "--dry-run"], capsys)
     assert code == 2 and "no manifest.json" in out
+    # A fine-tuning cut that names no InceptionV3 block is a usage error while planning.
+    code, out = call("train", [*argv, "--set", "train.finetune.epochs=1", "--set", "train.finetune.unfreeze_after=mixed99"],
+                     capsys)
+    assert code == 2 and "'mixed99' is not a layer of InceptionV3" in out and "mixed10" in out, out
 
 
 def test_score_dry_run_writes_nothing(model_dir, images, tmp_path, capsys):

@@ -31,6 +31,11 @@ def test_phases_freeze_what_the_recipe_says():
     names = [layer.name for layer in base.layers]
     cut = names.index("mixed8") + 1
     assert cut == 249  # the classic tutorial's "first 249 layers frozen"
+    # What planning checks the cut against: the same layers, the same blocks
+    # (other layers' names carry Keras's per-process counters).
+    planned = mdl.base_layer_names()
+    assert len(planned) == len(names) and mdl.freeze_index(planned, "mixed8") == 249
+    assert [n for n in planned if n.startswith("mixed")] == [n for n in names if n.startswith("mixed")]
     assert trainable == len(names) - 249
     assert all(not layer.trainable for layer in base.layers[:cut])
     assert all(layer.trainable for layer in base.layers[cut:])

@@ -38,8 +38,10 @@ def test_ray_worker_output_is_filtered_line_by_line():
 
 
 def run_python(code: str, **env) -> str:
+    """stderr of ``code`` in a new process, with TensorFlow's oneDNN on (the
+    default users get; the test session turns it off) so that its notice shows."""
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env}).stderr
+                          env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", **env}).stderr
 
 
 def test_importing_tensorflow_through_the_package_is_quiet_and_verbose_brings_it_back():
@@ -47,7 +49,8 @@ def test_importing_tensorflow_through_the_package_is_quiet_and_verbose_brings_it
     quiet = run_python(code, INCEPTION_RAY_VERBOSE="0")
     assert quiet.strip().splitlines() == ["after"], quiet
     loud = run_python(code, INCEPTION_RAY_VERBOSE="1")
-    assert "absl::InitializeLog" in loud and loud.strip().endswith("after")
+    assert "absl::InitializeLog" in loud and "oneDNN custom operations are on" in loud, loud
+    assert loud.strip().endswith("after")
 
 
 def test_a_job_processes_stderr_is_filtered_by_another_process_that_outlives_a_crash():
