@@ -75,8 +75,8 @@ def learnable_shards(ray_session, tmp_path_factory):
 # --dist loadfile --no-loadscope-reorder), each taking the next file when it is
 # free: the longest first, so that no long file starts last while the other
 # process sits idle.
-LONGEST_FIRST = ["test_distributed.py", "test_submit.py", "test_score_scale.py", "test_faults.py",
-                 "test_score.py", "test_registry.py", "test_flaky_storage.py", "test_model.py",
+LONGEST_FIRST = ["test_registry.py", "test_distributed.py", "test_faults.py", "test_score.py",
+                 "test_score_scale.py", "test_flaky_storage.py", "test_submit.py", "test_model.py",
                  "test_score_lease.py"]
 
 

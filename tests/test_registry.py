@@ -1,5 +1,7 @@
 """The registry and the promotion gate: two real trainings into one registry,
-the worse one is not promoted, rollback; concurrent writers (processes on local
+the worse one is not promoted (it is also trained through a worker that raises
+and one killed with SIGKILL, found among the processes of the test session's
+Ray), rollback; concurrent writers (processes on local
 disk and on S3) and a gate whose production changes under it; hostile
 registry names and versions."""
 
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +23,10 @@ from jobs import train as train_job
 from jobs._cli import run
 from pipeline import registry as reg
 from pipeline import storage as st
+from pipeline.artifact import load_keras_file
 from pipeline.config import StorageConfig
+from pipeline.faults import FAULT_ENV
+from tests.test_faults import QUICK, checkpoints, epochs_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,29 +41,86 @@ LEARN = ["--set", "data.image_size=75", "--set", "data.batch_size=8", "--set", "
 
 @pytest.fixture(scope="module")
 def trained(learnable_shards, tmp_path_factory):
-    """A registry holding a real model and a worse one (trained with lr 0)."""
+    """A registry holding a real model and a worse one (trained with lr 0).
+    The worse one is trained through two worker failures (see
+    ``through_failures``)."""
     root = tmp_path_factory.mktemp("registry")
     data, _ = learnable_shards
     registry = str(root / "registry")
-    good, worse = str(root / "good"), str(root / "worse")
+    good, worse = str(root / "good"), root / "worse"
     assert run(train_job.main, ["--data", data, "--output", good, *LEARN,
                                 "--registry", registry, "--name", "shapes"]) == 0
-    assert run(train_job.main, ["--data", data, "--output", worse, *LEARN,
-                                # lr 0: nothing learned, so one head-only epoch is as good as four of
-                                # the whole network
-                                "--set", "train.transfer.epochs=1", "--set", "train.transfer.learning_rate=0",
-                                "--set", "train.finetune.epochs=0",
-                                "--registry", registry, "--name", "shapes"]) == 0
-    return registry, good, worse, data
+    failures = through_failures(data, worse, root / "raised-once", ["--registry", registry, "--name", "shapes"])
+    return registry, good, str(worse), data, failures
+
+
+def through_failures(data: str, out: Path, raised: Path, extra: list[str]) -> dict:
+    """One training run (lr 0: nothing is learned), two worker failures: an
+    exception raised right after epoch 2 (finetune 1) was checkpointed, then,
+    once checkpoint 3 is registered, a SIGKILL of the restarted worker's process
+    mid-epoch. Returns what the test checks: the exit code, the checkpoints
+    seen, the workers found."""
+    result: dict = {}
+
+    def train():
+        try:
+            result["code"] = run(train_job.main, [
+                "--data", data, "--output", str(out), *QUICK, "--set", "train.max_failures=2",
+                "--set", "train.transfer.epochs=1", "--set", "train.finetune.epochs=4",
+                "--set", "train.transfer.learning_rate=0", "--set", "train.finetune.learning_rate=0", *extra])
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            result["error"] = repr(exc)
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(FAULT_ENV, f"epoch-2:raise:{raised}")
+        job = threading.Thread(target=train)
+        job.start()
+        deadline = time.time() + 600
+        # Checkpoint 3 (finetune 2) comes from the group restarted after the
+        # raise; two epochs remain when it appears. (Only the last
+        # train.checkpoints_to_keep are listed at any time: count every one.)
+        seen: set = set()
+        while len(seen) < 3 and time.time() < deadline and job.is_alive():
+            seen.update(checkpoints(out))
+            time.sleep(0.2)
+        workers = live_train_workers() if raised.exists() and len(seen) >= 3 else []
+        if len(workers) == 1:
+            os.kill(workers[0], signal.SIGKILL)  # mid-epoch 4 (finetune 3), a real process kill
+        job.join(900)
+    return {**result, "raised": raised.exists(), "seen": sorted(seen), "workers": workers}
+
+
+def live_train_workers() -> list[int]:
+    """PIDs of the live Ray Train workers of this test session's Ray: processes
+    its raylet started that Ray titled ``ray::RayTrainWorker`` (the other test
+    process has a Ray of its own, with workers of its own)."""
+    import ray
+    from ray._private import ray_constants
+
+    node = ray._private.worker.global_worker.node
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            title = open(f"/proc/{entry}/cmdline").read()
+            state, parent = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # gone meanwhile
+            continue
+        if title.startswith("ray::RayTrainWorker") and int(parent) == raylet and state != "Z":
+            found.append(int(entry))
+    return found
+
 
 
 @pytest.mark.slow
 def test_worse_model_is_not_promoted(trained):
-    registry, good, worse, _ = trained
+    registry, good, worse, _, _ = trained
     s_good = json.load(open(os.path.join(good, "summary.json")))["registry"]
     s_worse = json.load(open(os.path.join(worse, "summary.json")))["registry"]
     assert s_good["promoted"] and s_good["production_before"] is None
-    assert not s_worse["promoted"]
+    assert not s_worse["promoted"] and " < production " in s_worse["reason"], s_worse
     assert s_worse["production_before"] == s_good["version"] == s_worse["production"]
     # both were scored now, on the same shards
     assert s_worse["production_accuracy"] == pytest.approx(s_good["accuracy"], abs=1e-6)
@@ -76,7 +139,7 @@ def test_worse_model_is_not_promoted(trained):
 
 @pytest.mark.slow
 def test_promote_rollback_and_cli(trained, capsys):
-    registry, good, worse, _ = trained
+    registry, good, worse, _, _ = trained
     storage = StorageConfig()
     versions = [v["version"] for v in reg.list_versions(registry, "shapes", storage)]
     base = ["--registry", registry, "--name", "shapes"]
@@ -92,6 +155,31 @@ def test_promote_rollback_and_cli(trained, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == versions[0] and shown["production"] is True
     assert run(registry_job.main, ["promote", *base, "--version", "nope"]) == 2
+
+
+@pytest.mark.slow
+def test_worker_failures_raised_and_sigkilled_resume_from_the_last_checkpoint(trained):
+    """The worse model's run: each time the worker group restarts from the last
+    checkpoint, mid-phase, with every weight and optimizer slot verified against
+    the file; every epoch runs exactly once, and the run ends (exit 0: not
+    promoted is not a failure)."""
+    _, _, worse, _, failures = trained
+    assert failures["raised"], failures  # the raise really happened
+    assert len(failures["seen"]) >= 3 and len(failures["workers"]) == 1, failures  # and the SIGKILL
+    assert failures.get("code") == 0, failures
+    summary = json.load(open(os.path.join(worse, "summary.json")))
+    assert summary["resumed"] is True
+    # every epoch exactly once: each failed epoch was redone, nothing before it
+    assert epochs_of(summary) == [("transfer", 1)] + [("finetune", i) for i in (1, 2, 3, 4)]
+    # Killed inside the phase: the model and the SGD optimizer (momentum slots,
+    # step count) came back, each variable compared with the checkpoint file.
+    resumed = summary["resumed_from"]
+    # the finetune phase (index 1), at least 2 of its epochs done: after the SIGKILL, not the raise
+    assert resumed["phase_index"] == 1 and resumed["epoch"] >= 2 and resumed["optimizer_restored"] is True
+    model = load_keras_file(os.path.join(worse, "model.keras"))
+    # every model variable, plus the optimizer's step count and momentum slots
+    assert resumed["variables_verified"] > len(model.variables) + 1
+    assert json.load(open(os.path.join(worse, "metrics.json")))["examples"] > 0
 
 
 def test_gate_decisions():
