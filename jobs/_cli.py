@@ -1,4 +1,5 @@
-"""What every entry point shares: common flags, logging, exit codes, Ray start-up."""
+"""What every entry point shares: common flags, logging, exit codes (Ray start-up
+is ``pipeline.runtime.cluster``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pipeline import native_logs
+from pipeline.runtime import native_logs
 from pipeline import storage as st
 from pipeline.config import Config, load_config
 from pipeline.errors import JobFailed, QualityGateFailed, UsageError
@@ -88,11 +89,6 @@ def dry_run_report(job: str, lines: Sequence[str]) -> int:
     return 0
 
 
-def ray_target(cfg: Config) -> str:
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    return f"the Ray cluster at {address}" if address else "a local Ray started by this process"
-
-
 def resolve_config(args: argparse.Namespace, flags: dict) -> Config:
     """defaults < --config file < --set overrides < flags."""
     flags = dict(flags)
@@ -121,35 +117,10 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def start_ray(cfg: Config) -> None:
-    """Connect to the configured cluster, to RAY_ADDRESS, or start a local Ray.
-    Reuses a Ray already initialised in this process (tests share one)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    kwargs: dict = {"address": address, "logging_level": logging.WARNING}
-    if address is None:
-        kwargs.update(runtime_env={"env_vars": env}, include_dashboard=False)
-        if not native_logs.verbose():
-            # A private Ray on this machine: Ray's notice about its default
-            # authentication mode says nothing to act on.
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    try:
-        ray.init(**kwargs)
-    except ConnectionError as exc:
-        raise UsageError(f"cannot connect to Ray at {address}: {exc}") from None
-    native_logs.filter_ray_worker_logs()
-    native_logs.quiet_ray_data()
-    log.info("ray: %s", ray.get_runtime_context().gcs_address)
-
-
 def run(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
     """Call ``main`` and map exceptions to the exit codes (README, "Exit codes") with one clear line."""
     if argv is None and not {"-v", "--verbose"} & set(sys.argv[1:]):
-        native_logs.filter_process_stderr()  # from the command line: notices filtered (pipeline.native_logs)
+        native_logs.filter_process_stderr()  # from the command line: notices filtered (pipeline.runtime.native_logs)
     # A dead endpoint or rejected credentials: one line within seconds, not
     # minutes of retries (the first request to each object store is a quick probe).
     st.probe_on_first_use()

@@ -15,9 +15,10 @@ import time
 from typing import Sequence
 
 from jobs import predict, prepare, score, train
-from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging, start_ray
-from pipeline import demo_data
-from pipeline.prepare import split_by_hash
+from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging
+from pipeline.data import demo_data
+from pipeline.data.prepare import split_by_hash
+from pipeline.runtime.cluster import start_ray
 
 
 def main(argv: Sequence[str]) -> int:
@@ -52,7 +53,7 @@ def main(argv: Sequence[str]) -> int:
     else:
         print(f"demo: reusing the images under {images}")
     cfg = resolve_config(args, {})
-    start_ray(cfg)
+    start_ray(cfg, data=True)
 
     step(prepare.main, ["--src", images, "--dst", shards, "--overwrite"])
     step(train.main, ["--data", shards, "--output", run_dir, "--config", config])

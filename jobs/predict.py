@@ -88,11 +88,11 @@ def predict_files(cfg, model_uri: str, images: Sequence[str], top_k: int, allow_
 
 def read_inputs(cfg, images: Sequence[str], recipe):
     """The model inputs of ``images`` made with the model's ``recipe``
-    (``pipeline.preprocess``: the same pixels and resize as scoring and
+    (``pipeline.data.preprocess``: the same pixels and resize as scoring and
     evaluation): (URIs that decoded, float32 [N, size, size, 3], [(uri, [], [],
     reason)] for the files that cannot be used)."""
-    from pipeline.images import ImageRejected
-    from pipeline.preprocess import file_pixels, model_inputs
+    from pipeline.data.images import ImageRejected
+    from pipeline.data.preprocess import file_pixels, model_inputs
 
     ok, pixels, rejected = [], [], []
     for uri in images:
@@ -110,8 +110,8 @@ def read_inputs(cfg, images: Sequence[str], recipe):
 
 
 def draw(cfg, results, path: str) -> None:
-    from pipeline.images import decode_rgb
-    from pipeline.reports import plot_predictions
+    from pipeline.data.images import decode_rgb
+    from pipeline.training.reports import plot_predictions
 
     items = []
     for uri, labels, scores, error in results:

@@ -14,11 +14,12 @@ import sys
 from collections import Counter
 from typing import Sequence
 
-from jobs._cli import dry_run_report, make_parser, ray_target, resolve_config, run, setup_logging, start_ray
+from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging
 from pipeline import storage as st
 from pipeline.errors import UsageError
-from pipeline.prepare import plan_prepare, run_prepare
-from pipeline.shards import MANIFEST_NAME, SPLITS
+from pipeline.data.prepare import plan_prepare, run_prepare
+from pipeline.data.shards import MANIFEST_NAME, SPLITS
+from pipeline.runtime.cluster import ray_target, start_ray
 
 
 def main(argv: Sequence[str]) -> int:
@@ -52,7 +53,7 @@ def main(argv: Sequence[str]) -> int:
             plan = plan_prepare(cfg, args.src, args.dst, overwrite=args.overwrite)
         return dry_run_report("jobs.prepare", describe_plan(cfg, plan))
     plan = plan_prepare(cfg, args.src, args.dst, overwrite=args.overwrite)
-    start_ray(cfg)
+    start_ray(cfg, data=True)
     summary = run_prepare(cfg, plan)
     print_summary(summary)
     return 0

@@ -18,9 +18,13 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from jobs._cli import dry_run_report, make_parser, ray_target, resolve_config, run, setup_logging, start_ray
-from pipeline.score import SUMMARY_NAME, OutputLease, plan_score, run_score
+from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging
+from pipeline.scoring.commit import SUMMARY_NAME
+from pipeline.scoring.execute import run_score
+from pipeline.scoring.plan import plan_score
+from pipeline.storage.lease import OutputLease
 from pipeline import storage as st
+from pipeline.runtime.cluster import ray_target, start_ray
 
 
 def main(argv: Sequence[str]) -> int:
@@ -66,7 +70,7 @@ def main(argv: Sequence[str]) -> int:
                       overwrite=args.overwrite, allow_unsafe=args.allow_unsafe)
     lease = OutputLease(args.output, plan.lease_args(), cfg.storage, cfg.score.lease_timeout_s).acquire()
     try:
-        start_ray(cfg)
+        start_ray(cfg, data=True)
         summary = run_score(cfg, plan, lease=lease, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite)
     finally:
         lease.release()

@@ -15,10 +15,11 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from jobs._cli import dry_run_report, make_parser, ray_target, resolve_config, run, setup_logging, start_ray
+from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging
 from pipeline import storage as st
 from pipeline.errors import QualityGateFailed
-from pipeline.train import check_quality_gate, plan_training, run_training
+from pipeline.training.driver import check_quality_gate, plan_training, run_training
+from pipeline.runtime.cluster import ray_target, start_ray
 
 
 def main(argv: Sequence[str]) -> int:

@@ -1,6 +1,6 @@
 """A trained model as users and jobs load it: ``model.keras`` (which contains the
 [-1, 1] scaling and the input size) with ``labels.json`` beside it, plus
-``preprocessing.json``: the full recipe (``pipeline.preprocess.Recipe``) of the
+``preprocessing.json``: the full recipe (``pipeline.data.preprocess.Recipe``) of the
 decode, normalisation and resize that happen outside the model, which score and
 predict apply as written. Loading is in Keras safe mode unless the caller allows
 unsafe code.
@@ -25,7 +25,7 @@ import numpy as np
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.errors import UsageError
-from pipeline.preprocess import Recipe, current_recipe
+from pipeline.data.preprocess import Recipe, current_recipe
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"

@@ -15,29 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from pipeline.errors import UsageError
+from pipeline.storage.settings import StorageConfig
 
 REDACTED = "**********"
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class StorageConfig(_Section):
-    """Object storage settings. Anything left unset comes from the standard AWS
-    environment or profile (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...)."""
-
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    access_key_id: Optional[SecretStr] = None
-    secret_access_key: Optional[SecretStr] = None
-    session_token: Optional[SecretStr] = None
-    anon: bool = False
-    # Attempts per request (botocore "adaptive" retry mode) and the connect
-    # timeout: a dead endpoint fails fast instead of hanging a job.
-    max_attempts: int = Field(8, ge=1)
-    connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(60.0, gt=0)
 
 
 class RayConfig(_Section):
@@ -58,7 +42,7 @@ class PrepareConfig(_Section):
     # PIL's own decompression-bomb threshold.
     max_pixels: int = Field(89_478_485, ge=1)
     # zlib level of the lossless PNG that prepare writes for a file whose own
-    # bytes the training decoder cannot take as they are (pipeline.preprocess).
+    # bytes the training decoder cannot take as they are (pipeline.data.preprocess).
     png_compress_level: int = Field(1, ge=0, le=9)
     # Files fetched together from storage (concurrently on object stores).
     read_batch: int = Field(32, ge=1)

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.errors import JobFailed, UsageError
-from pipeline.shards import now_utc
+from pipeline.data.shards import now_utc
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ def learnable_shards(ray_session, tmp_path_factory):
     model to learn well above chance in a few epochs. Returns (shards, images)."""
     from jobs import prepare as prepare_job
     from jobs._cli import run
-    from pipeline import demo_data
+    from pipeline.data import demo_data
 
     root = tmp_path_factory.mktemp("learnable")
     demo_data.generate(str(root / "images"), per_class=40, size=80, classes=["circle", "square", "stripes"])

@@ -97,7 +97,7 @@ def test_read_only_refuses_writes_and_checks_outputs_without_writing(tmp_path):
 
 @pytest.fixture
 def images(tmp_path_factory) -> Path:
-    from pipeline import demo_data
+    from pipeline.data import demo_data
 
     root = tmp_path_factory.mktemp("images") / "images"
     demo_data.generate(str(root), per_class=4, size=32, classes=CLASSES)
@@ -107,7 +107,7 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture
 def shards(tmp_path_factory) -> Path:
     """A manifest as jobs.prepare writes it (planning reads only the manifest)."""
-    from pipeline.shards import MANIFEST_NAME, build_manifest
+    from pipeline.data.shards import MANIFEST_NAME, build_manifest
 
     root = tmp_path_factory.mktemp("shards")
     counts = {c: 2 for c in CLASSES}

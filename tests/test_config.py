@@ -85,7 +85,7 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path, args, message):
 
 
 def test_training_workers_start_with_the_configured_heap_pad(tmp_path):
-    from pipeline.train import worker_env
+    from pipeline.training.driver import worker_env
 
     env = worker_env(load_config(None, []))
     assert env["MALLOC_TOP_PAD_"] == str(256 * 2**20) and env["TF_USE_LEGACY_KERAS"] == "1"

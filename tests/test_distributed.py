@@ -28,9 +28,9 @@ from jobs import predict as predict_job
 from jobs import prepare as prepare_job
 from jobs import train as train_job
 from jobs._cli import run
-from pipeline import demo_data
+from pipeline.data import demo_data
 from pipeline.artifact import load_keras_file
-from pipeline.shards import file_sha256, make_example
+from pipeline.data.shards import file_sha256, make_example
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def base_weights(tmp_path_factory):
     through 94 convolutions in inference mode), and every loss would be ln 2."""
     from PIL import Image
 
-    from pipeline import model as mdl
+    from pipeline.training import model as mdl
     from pipeline.config import ModelConfig
 
     root = tmp_path_factory.mktemp("base")

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from pipeline.faults import FAULT_ENV
+from pipeline.runtime.faults import FAULT_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--set", "data.image_size=75", "--set", "data.batch_size=8", "--set", "model.weights=none",
@@ -60,7 +60,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 SENTINEL = "SENTINEL-9f2c4e-SECRET"
-# Start-up notices that must not show in a successful run's output (pipeline.native_logs).
+# Start-up notices that must not show in a successful run's output (pipeline.runtime.native_logs).
 NOTICES = ("E0000", "cuInit", "absl::InitializeLog", "I0000", "oneDNN", "cudart_stub",
            "Failed to query Ray Train Controller", "PreemptionWatcher", "Token authentication")
 

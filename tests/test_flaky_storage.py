@@ -22,7 +22,7 @@ import pytest
 
 from jobs import prepare as prepare_job
 from jobs._cli import run
-from pipeline import demo_data
+from pipeline.data import demo_data
 from tests.faultproxy import Blackhole, FaultProxy, closed_port
 
 pytestmark = pytest.mark.s3
@@ -287,7 +287,7 @@ def test_score_s3_images_to_s3_parquet_through_faults(ray_session, s3_bucket, ti
     import pyarrow.parquet as pq
 
     from jobs import score as score_job
-    from pipeline.score import SUMMARY_NAME
+    from pipeline.scoring.commit import SUMMARY_NAME
 
     fs, bucket = s3_bucket
     fs.put(tiny_model_dir + "/", f"{bucket}/model/", recursive=True)

@@ -21,10 +21,10 @@ from PIL import Image
 
 from jobs import prepare as prepare_job
 from jobs._cli import run
-from pipeline import input as inp
-from pipeline.images import ImageRejected, decode_rgb
-from pipeline.preprocess import current_recipe, file_pixels, prepare_image
-from pipeline.shards import make_example, parse_example
+from pipeline.data import input as inp
+from pipeline.data.images import ImageRejected, decode_rgb
+from pipeline.data.preprocess import current_recipe, file_pixels, prepare_image
+from pipeline.data.shards import make_example, parse_example
 from tests import imagefactory as fx
 
 LIMIT = 89_478_485
@@ -141,7 +141,7 @@ def test_the_damaged_jpeg_is_stored_as_a_decodable_png():
 def test_manifest_entries_cannot_escape_the_shards_folder(tmp_path):
     from pipeline.config import StorageConfig
     from pipeline.errors import UsageError
-    from pipeline.shards import read_manifest
+    from pipeline.data.shards import read_manifest
 
     secret = tmp_path / "outside.tfrecord"
     secret.write_bytes(b"not yours")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.images import ImageRejected
-from pipeline.preprocess import decode_image, prepare_image
+from pipeline.data.images import ImageRejected
+from pipeline.data.preprocess import decode_image, prepare_image
 from tests import imagefactory as fx
 
 LIMIT = 89_478_485

@@ -722,7 +722,7 @@ REPORT = INFRA / "ci" / "report_gate.py"
 
 
 def sample_summary(promoted: bool | None) -> dict:
-    """A train summary.json as pipeline.train writes it; promoted None: no registry."""
+    """A train summary.json as pipeline.training.driver writes it; promoted None: no registry."""
     summary = {"job": "train", "output": "s3://b/runs/7", "min_val_accuracy": None,
                "metrics": {"examples": 120, "accuracy": 0.81, "top_k": 3, "top_k_accuracy": 0.97, "macro_f1": 0.8},
                "history": [{"phase": "finetune", "epoch": 1, "loss": 0.5}], "registry": None}
@@ -901,7 +901,7 @@ def test_no_credentials_in_runtime_envs():
 # --- the image carries the ImageNet weights ------------------------------------------------------
 
 def test_dockerfile_bakes_the_imagenet_weights_into_the_keras_cache():
-    from pipeline.model import IMAGENET_NO_TOP_FILE
+    from pipeline.training.model import IMAGENET_NO_TOP_FILE
 
     instructions = dockerfile_instructions()
     words = [word for word, _ in instructions]

@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import input as inp
-from pipeline import preprocess
-from pipeline.shards import make_example
+from pipeline.data import input as inp
+from pipeline.data import preprocess
+from pipeline.data.shards import make_example
 
 SIZE = 32
 AUG_ON = {"enabled": True, "rotation": 30, "width_shift": 0.2, "height_shift": 0.2, "shear": 10,

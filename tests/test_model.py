@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from pipeline import model as mdl
+from pipeline.training import model as mdl
 from pipeline.config import ModelConfig, PhaseConfig
-from pipeline.train_loop import fetch_to_local
+from pipeline.training.worker import fetch_to_local
 
 SIZE = 75
 TINY = ModelConfig(weights="none", head_units=16)
@@ -69,7 +69,7 @@ def test_warmup_reaches_the_scaled_rate_and_the_schedule_follows_the_optimizer_s
 
 def test_batch_scaling_follows_the_global_batch():
     from pipeline.config import load_config
-    from pipeline.train_loop import batch_scaling
+    from pipeline.training.worker import batch_scaling
 
     cfg = load_config(overrides=["data.batch_size=8", "train.warmup_epochs=0.5", "train.transfer.learning_rate=0.01"])
     out = batch_scaling(cfg, workers=2, replicas=4, train_examples=100)

@@ -184,7 +184,7 @@ def test_completed_runs_and_registry_versions_are_accepted(models, tmp_path):
 
 def test_a_warm_start_from_an_unfinished_run_or_a_model_with_code_is_refused(models, tmp_path, capsys):
     from jobs import train as train_job
-    from pipeline.shards import FORMAT_VERSION, MANIFEST_NAME, SPLITS
+    from pipeline.data.shards import FORMAT_VERSION, MANIFEST_NAME, SPLITS
 
     data = tmp_path / "shards"
     data.mkdir()

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from pipeline import native_logs
+from pipeline.runtime import native_logs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTICES = [

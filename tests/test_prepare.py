@@ -14,10 +14,10 @@ import tensorflow as tf
 
 from jobs import prepare as prepare_job
 from jobs._cli import run
-from pipeline import demo_data
-from pipeline.prepare import split_by_hash
-from pipeline.input import decode_example
-from pipeline.shards import make_example, parse_example
+from pipeline.data import demo_data
+from pipeline.data.prepare import split_by_hash
+from pipeline.data.input import decode_example
+from pipeline.data.shards import make_example, parse_example
 from tests import imagefactory as fx
 
 

@@ -1,4 +1,4 @@
-"""One path from file to model input (pipeline.preprocess): for every kind of
+"""One path from file to model input (pipeline.data.preprocess): for every kind of
 accepted file, the tensor evaluation feeds the model from the file's shard
 record equals, bit for bit, the tensor score and predict make from the file;
 the recipe written with a model reads back as written, and an old one as what
@@ -16,13 +16,13 @@ import tensorflow as tf
 from PIL import Image
 
 from jobs.predict import read_inputs
-from pipeline import input as inp
+from pipeline.data import input as inp
 from pipeline.artifact import preprocessing_spec
 from pipeline.config import StorageConfig, load_config
-from pipeline.preprocess import (ACCURATE, TF_DEFAULT_DCT, Recipe, current_recipe, file_pixels, prepare_image,
+from pipeline.data.preprocess import (ACCURATE, TF_DEFAULT_DCT, Recipe, current_recipe, file_pixels, prepare_image,
                                  shrink_to_max_side)
-from pipeline.score import NO_ERROR, read_and_decode, to_uint8
-from pipeline.shards import make_example, parse_example
+from pipeline.scoring.decode import NO_ERROR, read_and_decode, to_uint8
+from pipeline.data.shards import make_example, parse_example
 from tests import imagefactory as fx
 
 SIZE = 75

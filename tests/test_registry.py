@@ -25,7 +25,7 @@ from pipeline import registry as reg
 from pipeline import storage as st
 from pipeline.artifact import load_keras_file
 from pipeline.config import StorageConfig
-from pipeline.faults import FAULT_ENV
+from pipeline.runtime.faults import FAULT_ENV
 from tests.test_faults import QUICK, checkpoints, epochs_of
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,12 +20,14 @@ from PIL import Image
 
 from jobs import score as score_job
 from jobs._cli import run
-from pipeline import demo_data
+from pipeline.data import demo_data
 from pipeline.config import StorageConfig, load_config
 from pipeline.errors import UsageError
-from pipeline.preprocess import Recipe, current_recipe
-from pipeline.score import (SCHEMA, SUMMARY_NAME, ScoringPredictor, plan_score, prepare_parts, read_and_decode,
-                            to_table, to_uint8)
+from pipeline.data.preprocess import Recipe, current_recipe
+from pipeline.scoring.commit import SCHEMA, SUMMARY_NAME, to_table
+from pipeline.scoring.decode import read_and_decode, to_uint8
+from pipeline.scoring.plan import plan_score, prepare_parts
+from pipeline.scoring.predictor import ScoringPredictor
 from pipeline.scoring.listing import list_level
 from pipeline.scoring.parts import read_plan_chunk
 from tests import imagefactory as fx
@@ -469,7 +471,7 @@ def test_two_scoring_jobs_on_one_output_at_once(tiny_model, tmp_path):
 def test_driver_killed_during_the_final_publish(tiny_model, tmp_path):
     """SIGKILL after the last part is committed, before the final summary: the
     re-run finds every part, writes nothing twice and completes the summary."""
-    from pipeline.faults import FAULT_ENV
+    from pipeline.runtime.faults import FAULT_ENV
 
     src, out = tmp_path / "images", tmp_path / "scores"
     count = make_images(str(src), per_class=6)

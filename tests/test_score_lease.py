@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.config import StorageConfig
 from pipeline.errors import JobFailed, UsageError
-from pipeline.scoring.lease import LEASE_NAME, OutputLease
+from pipeline.storage.lease import LEASE_NAME, OutputLease
 from tests import imagefactory as fx
 from tests.test_score import ROOT, make_images, tiny_model  # noqa: F401 - the session fixture
 

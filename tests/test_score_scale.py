@@ -15,7 +15,7 @@ import pytest
 
 from jobs import score as score_job
 from jobs._cli import run
-from pipeline.score import SUMMARY_NAME
+from pipeline.scoring.commit import SUMMARY_NAME
 from tests.test_score import ROOT, check_scores, expected_parts, make_images, tiny_model  # noqa: F401 - the session fixture
 
 
@@ -92,7 +92,7 @@ def test_parquet_lists_with_bucket_and_key_or_uri_columns(ray_session, tiny_mode
 def test_a_writer_killed_mid_run_leaves_one_row_per_image(tiny_model, tmp_path):
     """SIGKILL of the task writing a part, just before it publishes: Ray runs
     the part again; every image has one row, no temporary file is left."""
-    from pipeline.faults import FAULT_ENV
+    from pipeline.runtime.faults import FAULT_ENV
 
     src, out = tmp_path / "images", tmp_path / "scores"
     count = make_images(str(src), per_class=6)

@@ -12,12 +12,12 @@ import threading
 import pytest
 import tensorflow as tf
 
-from pipeline import input as inp
+from pipeline.data import input as inp
 from pipeline.config import StorageConfig
-from pipeline.shard_stream import ShardCache, ShardError, ShardRef, ShardStream
+from pipeline.data.shard_stream import ShardCache, ShardError, ShardRef, ShardStream
 from tests.faultproxy import FaultProxy
 from tests.test_input import jpeg
-from pipeline.shards import make_example
+from pipeline.data.shards import make_example
 
 pytestmark = pytest.mark.s3
 SIZE = 32
@@ -174,7 +174,7 @@ def test_a_shard_gone_during_training_fails_the_step_instead_of_shortening_the_e
     import numpy as np
     import tf_keras as keras
 
-    from pipeline.train_loop import StreamCheck
+    from pipeline.training.worker import StreamCheck
 
     refs = local_shards(tmp_path, [4, 4, 4])
     os.remove(refs[1].uri)
@@ -232,11 +232,11 @@ def test_prepare_overwrite_with_new_labels_is_what_the_next_run_reads_on_the_sam
     read again with the same cache folder: the new labels, never the old."""
     from jobs import prepare as prepare_job
     from jobs._cli import run
-    from pipeline import demo_data
+    from pipeline.data import demo_data
     from pipeline.config import load_config
-    from pipeline.shard_stream import shard_refs
-    from pipeline.shards import read_manifest
-    from pipeline.train_loop import shard_stream, worker_cache
+    from pipeline.data.shard_stream import shard_refs
+    from pipeline.data.shards import read_manifest
+    from pipeline.training.worker import shard_stream, worker_cache
 
     fs, bucket = s3_bucket
     src, dst = f"s3://{bucket}/raw", f"s3://{bucket}/shards"

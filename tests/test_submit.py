@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import demo_data
+from pipeline.data import demo_data
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def submit(cluster, runtime_env: str, *job: str, timeout=900) -> subprocess.Comp
     )
 
 
-# Start-up notices that must not show in a successful job's output (pipeline.native_logs).
+# Start-up notices that must not show in a successful job's output (pipeline.runtime.native_logs).
 NOTICES = ("E0000", "cuInit", "absl::InitializeLog", "I0000", "oneDNN", "cudart_stub",
            "Failed to query Ray Train Controller", "has constructor arguments in the object store")
 

@@ -4,7 +4,7 @@
 - ``listing``: a prefix listed by Ray tasks, URI lists read by Ray Data, into plan files.
 - ``parts``: the work units (``PartSpec``) and their plan files under ``OUTPUT/_plan/``.
 - ``plan``: checks before Ray (``plan_score``) and the parts of a run (``prepare_parts``).
-- ``lease``: one job at a time per output folder.
+- (the output lease, one job at a time per output folder, is ``pipeline.storage.lease``)
 - ``decode``: files -> uint8 model-size images, or a reason.
 - ``predictor``: the model actor.
 - ``commit``: the output schema and atomic publication of a part.

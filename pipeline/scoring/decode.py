@@ -1,7 +1,7 @@
 """CPU side of scoring: files -> the model's input, as uint8 at model size.
 
 ``read_and_decode`` reads a batch of files (concurrently), decodes them with
-the model's recipe (``pipeline.preprocess``: the pixels and resize training
+the model's recipe (``pipeline.data.preprocess``: the pixels and resize training
 and evaluation used) and rounds the resized images to uint8, a quarter of the
 float32 bytes, which is what travels through Ray's object store to the
 predictor; the predictor converts back to float32. A file that cannot be
@@ -19,8 +19,8 @@ import numpy as np
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
-from pipeline.images import ImageRejected
-from pipeline.preprocess import Recipe, file_pixels, model_inputs
+from pipeline.data.images import ImageRejected
+from pipeline.data.preprocess import Recipe, file_pixels, model_inputs
 
 # Inside the pipeline "no error" is "" rather than null; the Parquet output has null there.
 NO_ERROR = ""

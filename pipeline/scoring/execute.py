@@ -30,11 +30,11 @@ import pyarrow as pa
 
 from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
-from pipeline.faults import maybe_fault
-from pipeline.preprocess import Recipe
+from pipeline.runtime.faults import maybe_fault
+from pipeline.data.preprocess import Recipe
 from pipeline.scoring.commit import SUMMARY_NAME, error_counts, publish_part, remove_temp_files, to_table
 from pipeline.scoring.decode import NO_ERROR, read_and_decode
-from pipeline.scoring.lease import OutputLease, check_holder
+from pipeline.storage.lease import OutputLease, check_holder
 from pipeline.scoring.parts import PartSpec, read_plan_chunk
 from pipeline.scoring.plan import ScorePlan, prepare_parts
 from pipeline.scoring.progress import Progress
@@ -259,7 +259,7 @@ def _result(ref) -> dict:
     import ray
 
     from pipeline.errors import JobFailed
-    from pipeline.scoring.lease import LeaseLost
+    from pipeline.storage.lease import LeaseLost
 
     try:
         return ray.get(ref)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pipeline import storage as st
 from pipeline.config import StorageConfig
 from pipeline.errors import UsageError
-from pipeline.images import has_image_extension
+from pipeline.data.images import has_image_extension
 from pipeline.scoring.entries import EntryRejected, check_entry
 from pipeline.scoring.parts import write_plan_chunk
 

@@ -26,7 +26,7 @@ from typing import Optional
 from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
 from pipeline.errors import UsageError
-from pipeline.preprocess import Recipe
+from pipeline.data.preprocess import Recipe
 from pipeline.scoring import listing
 from pipeline.scoring.commit import SUMMARY_NAME, committed_errors, listdir
 from pipeline.scoring.entries import EntryRejected, allowed_protocols
@@ -110,7 +110,7 @@ def plan_score(cfg: Config, model: str, images: str, output: str, *,
 
 
 def no_images(images: str) -> str:
-    from pipeline.images import IMAGE_EXTENSIONS
+    from pipeline.data.images import IMAGE_EXTENSIONS
 
     return f"no image files under {images} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case)"
 

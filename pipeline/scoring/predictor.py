@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.config import StorageConfig
-from pipeline.preprocess import Recipe
+from pipeline.data.preprocess import Recipe
 from pipeline.scoring.decode import NO_ERROR
 
 

@@ -35,12 +35,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from pipeline import demo_data
+from pipeline.data import demo_data
 from tests.benchmarks import accounting
 from pipeline import storage as st
 from pipeline.config import Config, load_config
-from pipeline.prepare import plan_prepare, run_prepare
-from pipeline.preprocess import prepare_image
+from pipeline.data.prepare import plan_prepare, run_prepare
+from pipeline.data.preprocess import prepare_image
 
 NUM_CPUS = 2
 IMAGE_SIZE = 512

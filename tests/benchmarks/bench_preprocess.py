@@ -45,7 +45,7 @@ def _jpeg(width: int, height: int, seed: int) -> bytes:
 def _shards(folder: str, blobs: list[bytes], size: tuple[int, int]) -> list[str]:
     import tensorflow as tf
 
-    from pipeline.shards import make_example
+    from pipeline.data.shards import make_example
 
     paths = []
     for s in range(4):
@@ -64,8 +64,8 @@ def _cpu_ms_per_image(go: Callable[[], int]) -> float:
 
 
 def _pairs(shards: list[str], blobs: list[bytes]) -> dict[str, Callable[[], int]]:
-    from pipeline import input as inp
-    from pipeline import preprocess
+    from pipeline.data import input as inp
+    from pipeline.data import preprocess
 
     today, legacy = preprocess.current_recipe(MODEL_SIZE), preprocess.Recipe.from_dict({"image_size": MODEL_SIZE})
     aug = {"enabled": True, "rotation": 20.0, "width_shift": 0.1, "height_shift": 0.1, "shear": 5.0, "zoom": 0.1,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import demo_data
+from pipeline.data import demo_data
 from tests.benchmarks import accounting
 
 PER_CLASS = 120  # N = 5 classes x 120 = 600 images
@@ -85,7 +85,7 @@ def build_model_dir(folder: str) -> str:
 
     from pipeline.artifact import preprocessing_spec
     from pipeline.config import ModelConfig
-    from pipeline.model import build_model
+    from pipeline.training.model import build_model
 
     os.makedirs(folder, exist_ok=True)
     keras.utils.set_random_seed(0)
@@ -114,7 +114,7 @@ def image_files(tree: str) -> list[Path]:
 
 
 def decode_all(tree: str) -> np.ndarray:
-    from pipeline.preprocess import current_recipe, file_pixels, model_inputs
+    from pipeline.data.preprocess import current_recipe, file_pixels, model_inputs
 
     recipe = current_recipe(MODEL_SIZE)
     return np.stack(model_inputs([file_pixels(p.read_bytes(), recipe, 10**8) for p in image_files(tree)], recipe))

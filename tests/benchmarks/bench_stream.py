@@ -49,7 +49,7 @@ def run() -> dict:
 def _records(n: int, seed: int) -> list[bytes]:
     from PIL import Image
 
-    from pipeline.shards import make_example
+    from pipeline.data.shards import make_example
 
     rng = np.random.default_rng(seed)
     out = []
@@ -67,7 +67,7 @@ def put_dataset(endpoint: str, tmp: str, shards: int) -> list:
 
     from pipeline import storage as st
     from pipeline.config import StorageConfig
-    from pipeline.shard_stream import ShardRef
+    from pipeline.data.shard_stream import ShardRef
 
     records = _records(RECORDS, 0)
     fs, _ = st.get_fs(f"s3://{BUCKET}", StorageConfig(endpoint_url=endpoint))
@@ -87,7 +87,7 @@ def put_dataset(endpoint: str, tmp: str, shards: int) -> list:
 
 
 def _dataset(stream, assignment=None):
-    from pipeline import input as inp
+    from pipeline.data import input as inp
     from pipeline.config import Config
 
     d = Config().data
@@ -98,7 +98,7 @@ def _dataset(stream, assignment=None):
 
 def time_to_first_batch(endpoint: str, tmp: str, shards: int) -> dict:
     from pipeline.config import Config, StorageConfig
-    from pipeline.shard_stream import ShardCache, ShardStream
+    from pipeline.data.shard_stream import ShardCache, ShardStream
     from tests.faultproxy import FaultProxy
 
     refs = put_dataset(endpoint, tmp, shards)
@@ -120,9 +120,9 @@ def time_to_first_batch(endpoint: str, tmp: str, shards: int) -> dict:
 
 
 def bytes_per_worker(endpoint: str, tmp: str) -> dict:
-    from pipeline import input as inp
+    from pipeline.data import input as inp
     from pipeline.config import StorageConfig
-    from pipeline.shard_stream import ShardCache, ShardStream
+    from pipeline.data.shard_stream import ShardCache, ShardStream
     from tests.faultproxy import FaultProxy
 
     refs = put_dataset(endpoint, tmp, 2 * SHARDS)
@@ -150,7 +150,7 @@ def train_run(tmp: str, workers: int) -> dict:
     from jobs import prepare as prepare_job
     from jobs import train as train_job
     from jobs._cli import run as run_job
-    from pipeline import demo_data
+    from pipeline.data import demo_data
 
     images = os.path.join(tmp, "images")
     shards = os.path.join(tmp, "shards")

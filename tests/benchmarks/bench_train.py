@@ -4,18 +4,18 @@ and training on real shards against synthetic data.
 
     python -m tests.benchmarks.run train
 
-One model throughout: the job's (``pipeline.model.build_model``: InceptionV3
+One model throughout: the job's (``pipeline.training.model.build_model``: InceptionV3
 without top + head, 5 classes, ``model.weights: none``, since speed does not
 depend on the weights) in its first phase, ``transfer`` (base frozen, RMSprop):
 the lighter of the job's two per-image training steps, so the strictest test of
 everything around it. Batch 32 everywhere. Images are the demo's (shapes on
 noisy backgrounds) as RGB JPEGs, which prepare keeps byte for byte, written
-straight into 4 TFRecord shards with ``pipeline.shards.make_example`` (classes
+straight into 4 TFRecord shards with ``pipeline.data.shards.make_example`` (classes
 interleaved, as prepare does): 128x128 images for the 75x75 model, 256x256 for
 150x150 (source about 1.7x the model side, as 512 -> 299).
 
 (1) Ray Train vs plain fit, at 75x75: one ``TensorflowTrainer`` with 1 worker
-    (all the CPUs, ``MultiWorkerMirroredStrategy`` as in ``pipeline.train_loop``), and
+    (all the CPUs, ``MultiWorkerMirroredStrategy`` as in ``pipeline.training.worker``), and
     ``model.fit`` in this process, both on the same deterministic in-memory
     tensors (generated in each process from one seed). The worker starts once;
     after an untimed warm-up fit (tracing) it waits, and the rounds alternate
@@ -28,7 +28,7 @@ interleaved, as prepare does): 128x128 images for the 75x75 model, 256x256 for
     (b) ``make_dataset`` from local shards, augmentation on (and, for reference,
         off): parse, decode, augment + resize, shuffle, batch;
     (c) the same from S3 on moto (its own process on 127.0.0.1), streamed as
-        workers do (``pipeline.shard_stream``: fetched and verified ahead of the
+        workers do (``pipeline.data.shard_stream``: fetched and verified ahead of the
         reader into a fresh cache folder each round, the downloads overlapping
         the decoding);
     (d) the tutorial's ``ImageDataGenerator(...).flow_from_directory`` over the
@@ -67,7 +67,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from pipeline import demo_data
+from pipeline.data import demo_data
 from tests.benchmarks import accounting
 from tests.benchmarks.accounting import cpu_meter, rounds_of
 from tests.benchmarks.bench_prepare import _benchmark_env, environment, moto_server
@@ -117,7 +117,7 @@ def write_dataset(folder: str, side: int, seed: int) -> dict:
     class-per-folder tree for flow_from_directory."""
     import tensorflow as tf
 
-    from pipeline.shards import make_example
+    from pipeline.data.shards import make_example
 
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
@@ -159,7 +159,7 @@ def new_model(size: int):
     """The job's model and first phase, compiled as the training loop does."""
     import tf_keras as keras
 
-    from pipeline import model as mdl
+    from pipeline.training import model as mdl
     from pipeline.config import ModelConfig, PhaseConfig
 
     keras.utils.set_random_seed(0)
@@ -175,11 +175,11 @@ def new_model(size: int):
 def measure_pipeline(size: int, data: dict, endpoint: str, moto_pid: int, tmp: str) -> dict:
     import tensorflow as tf
 
-    from pipeline import input as inp
+    from pipeline.data import input as inp
     from pipeline import storage as st
     from pipeline.config import load_config
-    from pipeline.shard_stream import ShardCache, ShardRef, ShardStream
-    from pipeline.shards import file_sha256
+    from pipeline.data.shard_stream import ShardCache, ShardRef, ShardStream
+    from pipeline.data.shards import file_sha256
 
     storage = load_config(None, [], {"storage.endpoint_url": endpoint}).storage
     fs, _ = st.get_fs(f"s3://{BUCKET}", storage)
@@ -260,7 +260,7 @@ def profile_augment(size: int, blobs: list[bytes]) -> dict:
     sequentially over the same bytes: where the augmentation's CPU goes."""
     import tensorflow as tf
 
-    from pipeline import input as inp
+    from pipeline.data import input as inp
 
     aug = augment_settings()
     fixed = tf.constant([[1.5, 0.2, -5.0, -0.2, 1.6, 4.0, 0.0, 0.0]])
@@ -305,7 +305,7 @@ def has_scipy() -> bool:
 def measure_training(size: int, shards: list[str]) -> list[dict]:
     import tensorflow as tf
 
-    from pipeline import input as inp
+    from pipeline.data import input as inp
     from pipeline.config import DataConfig
 
     model = new_model(size)
@@ -408,7 +408,7 @@ def timed_fit(model, images: np.ndarray, labels: np.ndarray) -> dict:
 
 def ray_train_loop(config: dict) -> None:
     """The Ray Train worker: build and compile inside MultiWorkerMirroredStrategy
-    (as pipeline.train_loop does), warm up, then run one timed round whenever the
+    (as pipeline.training.worker does), warm up, then run one timed round whenever the
     driver asks for it."""
     import tensorflow as tf
 
@@ -442,7 +442,7 @@ def measure_ray(tmp: str) -> dict:
     from ray.train.tensorflow import TensorflowTrainer
 
     from pipeline.config import Config
-    from pipeline.train import worker_env
+    from pipeline.training.driver import worker_env
 
     control = Path(tmp, "control")
     control.mkdir()
@@ -451,7 +451,7 @@ def measure_ray(tmp: str) -> dict:
             ray_train_loop,
             train_loop_config={"control": str(control), "size": RAY_SIZE, "images": RAY_IMAGES, "rounds": RAY_ROUNDS},
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": CPUS}),
-            # The job's worker environment (pipeline.train.worker_env, default config).
+            # The job's worker environment (pipeline.training.driver.worker_env, default config).
             run_config=ray.train.RunConfig(name="bench-train", storage_path=os.path.join(tmp, "ray-results"),
                                            worker_runtime_env={"env_vars": worker_env(Config())}),
         )

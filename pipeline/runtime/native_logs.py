@@ -177,7 +177,7 @@ def filter_process_stderr() -> None:
     try:
         sys.stderr.flush()
         original = os.dup(2)
-        child = subprocess.Popen([sys.executable, "-u", "-c", "from pipeline.native_logs import filter_main; filter_main()"],
+        child = subprocess.Popen([sys.executable, "-u", "-c", "from pipeline.runtime.native_logs import filter_main; filter_main()"],
                                  stdin=subprocess.PIPE, stdout=original, stderr=original, close_fds=True,
                                  start_new_session=True)
     except (OSError, ValueError):

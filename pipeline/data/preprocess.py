@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.images import exif_orientation, open_image, to_rgb, upright
+from pipeline.data.images import exif_orientation, open_image, to_rgb, upright
 
 RECIPE_VERSION = 2
 ACCURATE = "INTEGER_ACCURATE"  # libjpeg's JDCT_ISLOW: the IDCT Pillow decodes with

@@ -290,7 +290,7 @@ def count_inputs(model: keras.Model) -> None:
     """Make the model count what its train and test steps actually receive.
 
     The steps then take ``(images, labels, weights, skipped)`` elements (see
-    ``pipeline.input.make_dataset(counted=True)``) and log, per epoch, summed
+    ``pipeline.data.input.make_dataset(counted=True)``) and log, per epoch, summed
     over every replica of every worker: ``examples`` (images trained on),
     ``replica_batch`` (mean images per replica per step) and
     ``skipped_records`` (undecodable records dropped by the input). Validation

@@ -27,9 +27,9 @@ from typing import Optional
 from pipeline import storage as st
 from pipeline.config import Config, PrepareConfig, StorageConfig
 from pipeline.errors import UsageError
-from pipeline.images import ImageRejected
-from pipeline.preprocess import prepare_image
-from pipeline.shards import MANIFEST_NAME, SPLITS, build_manifest, file_sha256, make_example, shard_name
+from pipeline.data.images import ImageRejected
+from pipeline.data.preprocess import prepare_image
+from pipeline.data.shards import MANIFEST_NAME, SPLITS, build_manifest, file_sha256, make_example, shard_name
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ counts records that do not decode, batches and prefetches. No Ray imports:
 testable in plain pytest.
 
 Images leave this module as float32 RGB in [0, 255] at the model's size; the
-model itself scales them to [-1, 1] (see pipeline.model), so training and
+model itself scales them to [-1, 1] (see pipeline.training.model), so training and
 scoring share one preprocessing definition that travels with the model.
 """
 
@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from pipeline import preprocess
-from pipeline.shards import ENCODED, LABEL
+from pipeline.data import preprocess
+from pipeline.data.shards import ENCODED, LABEL
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -80,7 +80,7 @@ def read_records(path) -> tf.data.Dataset:
 
 def decode_example(serialized: tf.Tensor, dct_method: str = preprocess.ACCURATE) -> tuple[tf.Tensor, tf.Tensor]:
     """A shard record -> (uint8 HxWx3 image, int32 label), with the recipe's
-    decoder (``pipeline.preprocess.decode_image``: JPEG with the accurate IDCT,
+    decoder (``pipeline.data.preprocess.decode_image``: JPEG with the accurate IDCT,
     else PNG): the pixels scoring gets from the original file. An older
     model's recipe may name another IDCT (``dct_method``)."""
     features = tf.io.parse_single_example(
@@ -93,7 +93,7 @@ def decode_example(serialized: tf.Tensor, dct_method: str = preprocess.ACCURATE)
 
 def resize(image: tf.Tensor, size: int, method: str = preprocess.AREA_THEN_BILINEAR) -> tf.Tensor:
     """uint8 HxWx3 -> float32 size x size x 3 in [0, 255]: the one resize
-    (``pipeline.preprocess.resize_image``: area average where it shrinks,
+    (``pipeline.data.preprocess.resize_image``: area average where it shrinks,
     bilinear where it enlarges), used for validation, evaluation and, through
     ``preprocess.resize_arrays``, bit for bit by scoring and predict."""
     return preprocess.resize_image(image, size, method)
@@ -112,7 +112,7 @@ def augment(image: tf.Tensor, size: int, aug: dict) -> tf.Tensor:
     Bilinear sampling only looks at the 4 nearest pixels, so shrinking by much
     more than 2x would alias. A side over ``AUGMENT_MAX_SHRINK`` x ``size`` is
     therefore first brought down to that by the area average of
-    ``pipeline.preprocess.resize_images`` (same centre-aligned geometry, so the
+    ``pipeline.data.preprocess.resize_images`` (same centre-aligned geometry, so the
     random transform means the same thing); smaller images are resampled
     directly, as before."""
     limit = AUGMENT_MAX_SHRINK * size
@@ -184,7 +184,7 @@ def make_dataset(
 
     ``files`` is a list of local TFRecord paths indexed like the manifest's
     shards (``assignment`` picks this worker's; default all), or a
-    ``pipeline.shard_stream.ShardStream`` that fetches this worker's shards as
+    ``pipeline.data.shard_stream.ShardStream`` that fetches this worker's shards as
     they are needed (it then decides the order and repetition; ``assignment``
     only contributes a record stripe). Validation (``training=False``) is never
     augmented nor shuffled.
@@ -198,7 +198,7 @@ def make_dataset(
     ``recipe`` (validation only) decodes and resizes as that recipe says: the
     promotion gate judges an older production model with the IDCT and resize
     it was trained with. Default: today's recipe."""
-    from pipeline.shard_stream import ShardStream
+    from pipeline.data.shard_stream import ShardStream
 
     assignment = assignment or Assignment(tuple(range(0 if isinstance(files, ShardStream) else len(files))))
     if isinstance(files, ShardStream):

@@ -1,5 +1,5 @@
 """Open, validate and normalise image files with Pillow (no TensorFlow): the
-steps of ``pipeline.preprocess`` that turn any accepted file into upright 8-bit
+steps of ``pipeline.data.preprocess`` that turn any accepted file into upright 8-bit
 RGB. Nothing here raises on bad data but ImageRejected, whose message is the
 reason.
 """

@@ -9,14 +9,14 @@ from typing import Optional
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.shard_stream import shard_refs
+from pipeline.data.shard_stream import shard_refs
 
 
 def split_stream(cfg: Config, manifest: dict, data: str, split: str, *, training: bool = False):
     """A split's shards streamed through this process's bounded, verified cache:
     one pass in order, or (``training``) endless shuffled passes."""
-    from pipeline import input as inp
-    from pipeline.train_loop import shard_stream, worker_cache
+    from pipeline.data import input as inp
+    from pipeline.training.worker import shard_stream, worker_cache
 
     refs = shard_refs(manifest, data, split)
     assignment = inp.assign_shards([r.examples for r in refs], 0, 1)
@@ -30,8 +30,8 @@ def eval_split(manifest: dict) -> str:
 def predict_split(model, files, image_size: int, batch_size: int = 32, recipe=None) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities) over every decodable record of ``files`` (local
     paths or a ShardStream), once, in order, decoded and resized as ``recipe``
-    (a ``pipeline.preprocess.Recipe``; default today's) says."""
-    from pipeline import input as inp
+    (a ``pipeline.data.preprocess.Recipe``; default today's) says."""
+    from pipeline.data import input as inp
 
     ds = inp.make_dataset(files, image_size=image_size, batch_size=batch_size, training=False, repeat=False,
                           recipe=recipe)
@@ -54,7 +54,7 @@ def evaluate(model, cfg: Config, manifest: dict, data: str, *, labels: Optional[
     ``recipe`` is the model's own ``preprocessing.json`` recipe: the records
     are decoded and resized the way that model was trained (an older model
     may use another JPEG IDCT or resize)."""
-    from pipeline.reports import classification_metrics
+    from pipeline.training.reports import classification_metrics
 
     split = split or eval_split(manifest)
     size = int(model.input_shape[1])

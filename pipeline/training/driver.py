@@ -20,8 +20,8 @@ from pipeline import storage as st
 from pipeline.artifact import LABELS_FILE, MODEL_FILE, PREPROCESSING_FILE, preprocessing_spec
 from pipeline.config import Config
 from pipeline.errors import JobFailed, UsageError
-from pipeline.faults import maybe_fault
-from pipeline.shards import read_manifest
+from pipeline.runtime.faults import maybe_fault
+from pipeline.data.shards import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
 
 def _check_cache_bound(cfg: Config, manifest: dict, data: str) -> None:
     """A worker keeps the shards it reads and fetches ahead pinned in its cache."""
-    from pipeline.shard_stream import stream_window
+    from pipeline.data.shard_stream import stream_window
 
     if st.is_local(data):
         return  # read in place
@@ -112,7 +112,7 @@ def _exists(uri: str, cfg: Config) -> bool:
 def _check_unfreeze(cfg: Config) -> None:
     if cfg.train.finetune.epochs == 0:
         return
-    from pipeline.model import base_layer_names, freeze_index
+    from pipeline.training.model import base_layer_names, freeze_index
 
     try:
         freeze_index(base_layer_names(), cfg.train.finetune.unfreeze_after)
@@ -152,7 +152,7 @@ def worker_env(cfg: Config) -> dict:
     Never secrets: Ray logs runtime envs. Secrets from the config travel inside
     the pickled Config object (SecretStr), which Ray neither logs nor persists;
     the fault-injection hook passes for tests."""
-    from pipeline.faults import FAULT_ENV
+    from pipeline.runtime.faults import FAULT_ENV
 
     env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     if cfg.scaling.worker_malloc_top_pad_mb:
@@ -231,7 +231,7 @@ def _fit(cfg: Config, plan: TrainPlan, workers: int, use_gpu: bool, mixed: bool,
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
-    from pipeline.train_loop import train_loop_per_worker
+    from pipeline.training.worker import train_loop_per_worker
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
@@ -279,7 +279,7 @@ def finished_checkpoint(cfg: Config, output: str, storage_path: str, storage_fs)
     when that cannot be told (a trainer then resumes as usual)."""
     import ray.train
 
-    from pipeline.train_loop import STATE_FILE
+    from pipeline.training.worker import STATE_FILE
 
     try:
         snapshot = st.read_json(st.join(output, CHECKPOINTS, RAY_CHECKPOINT_SNAPSHOT), cfg.storage)
@@ -299,7 +299,7 @@ def finished_checkpoint(cfg: Config, output: str, storage_path: str, storage_fs)
 def check_training_failure(cfg: Config, output: str, checkpoint) -> None:
     """Raise JobFailed when the workers stopped training on purpose (too many
     undecodable records), naming the shards and source files."""
-    from pipeline.train_loop import BAD_RECORDS, STATE_FILE
+    from pipeline.training.worker import BAD_RECORDS, STATE_FILE
 
     with checkpoint.as_directory() as folder:
         state = json.load(open(os.path.join(folder, STATE_FILE)))
@@ -348,7 +348,7 @@ def evaluate_models(cfg: Config, manifest: dict, data: str, model_uris: list[str
     """Ray task: metrics of each model (in inference mode) on the same split,
     each read with its own recipe (``preprocessing.json``)."""
     from pipeline.artifact import load_artifact
-    from pipeline.evaluate import evaluate
+    from pipeline.training.evaluate import evaluate
 
     out = []
     for uri in model_uris:
@@ -363,11 +363,11 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
     import numpy as np
     import tensorflow as tf
 
-    from pipeline import input as inp
-    from pipeline import model as mdl
-    from pipeline import reports
-    from pipeline.evaluate import evaluate, split_stream
-    from pipeline.train_loop import STATE_FILE, WEIGHTS_FILE
+    from pipeline.data import input as inp
+    from pipeline.training import model as mdl
+    from pipeline.training import reports
+    from pipeline.training.evaluate import evaluate, split_stream
+    from pipeline.training.worker import STATE_FILE, WEIGHTS_FILE
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     classes = manifest["classes"]

@@ -20,11 +20,11 @@ from typing import Optional
 
 import tf_keras as keras
 
-from pipeline import input as inp
+from pipeline.data import input as inp
 from pipeline import storage as st
 from pipeline.config import Config
-from pipeline.faults import maybe_fault
-from pipeline.shard_stream import ShardCache, ShardRef, ShardStream, shard_refs, stream_window
+from pipeline.runtime.faults import maybe_fault
+from pipeline.data.shard_stream import ShardCache, ShardRef, ShardStream, shard_refs, stream_window
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import tensorflow as tf
 
-    from pipeline import model as mdl
+    from pipeline.training import model as mdl
 
     cfg: Config = config["cfg"]
     manifest, data_uri = config["manifest"], config["data"]
@@ -256,7 +256,7 @@ def find_bad_records(cache: ShardCache, refs: dict, assign: dict, cfg: Config, o
     ``<output>/bad_records/rank-<rank>.json`` for the driver's message."""
     import tensorflow as tf
 
-    from pipeline.shards import SOURCE
+    from pipeline.data.shards import SOURCE
 
     bad = []
     for split in ("train", "validation"):

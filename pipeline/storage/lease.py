@@ -1,8 +1,8 @@
-"""The output lease: one score job at a time writes an output folder.
+"""Output leases: one job at a time writes an output folder.
 
 ``OUTPUT/_lease.json`` names the holder (job id, host, process), the arguments
-that decide the rows (model, images, top-k, rows per file) and is rewritten as
-a heartbeat. Every write is a compare-and-swap (``storage.write_if_unchanged``):
+that decide what the job writes (for scoring: model, images, top-k, rows per
+file) and is rewritten as a heartbeat. Every write is a compare-and-swap (``storage.write_if_unchanged``):
 created only if absent, then replaced only if unchanged since the holder's last
 write (S3: a conditional ``PutObject``, ``If-None-Match: *`` then ``If-Match``;
 local disk: under an exclusive lock; a store that ignores the conditions: the
@@ -10,7 +10,7 @@ storage module's settle-checked lease), so that only one job can win it.
 
 A job that finds a lease held by a live job stops at once with exit 2, naming
 the holder and, if they differ, its arguments. A lease is stale, and taken
-over, when its heartbeat is older than ``score.lease_timeout_s`` (measured by
+over, when its heartbeat is older than the timeout (``score.lease_timeout_s``; measured by
 the store's clock on S3) or when its holder was a process on this host that no
 longer runs. A job that finds its own lease changed by another stops before
 it commits anything more. Temporary files carry the job id, so a job removes
@@ -28,9 +28,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from pipeline import storage as st
-from pipeline.config import StorageConfig
 from pipeline.errors import JobFailed, UsageError
+from pipeline.storage.conditional import age_s, read_for_update, write_if_unchanged
+from pipeline.storage.files import join, read_bytes, remove
+from pipeline.storage.settings import StorageConfig
 
 LEASE_NAME = "_lease.json"
 
@@ -43,7 +44,7 @@ def check_holder(output: str, job_id: str, storage: StorageConfig) -> None:
     """Raise LeaseLost unless ``job_id`` still holds the lease on ``output``
     (a part task asks this just before it publishes)."""
     try:
-        data = _parse(st.read_bytes(st.join(output, LEASE_NAME), storage))
+        data = _parse(read_bytes(join(output, LEASE_NAME), storage))
     except FileNotFoundError:
         data = {}
     if data.get("holder") != job_id:
@@ -87,10 +88,11 @@ class OutputLease:
     """Take with ``acquire()``; ``check()`` raises once the lease is lost;
     ``release()`` at the end."""
 
-    def __init__(self, output: str, args: dict, storage: StorageConfig, timeout_s: float):
+    def __init__(self, output: str, args: dict, storage: StorageConfig, timeout_s: float, job: str = "score"):
         self.output, self.args, self.storage, self.timeout_s = output, args, storage, timeout_s
+        self.job = job  # the kind of job, in messages: "score", "training"
         self.job_id = uuid.uuid4().hex[:12]
-        self.uri = st.join(output, LEASE_NAME)
+        self.uri = join(output, LEASE_NAME)
         self.token: Optional[str] = None
         self.previous: Optional[dict] = None  # the stale holder taken over from
         self._lost: Optional[str] = None
@@ -115,7 +117,7 @@ class OutputLease:
         if held is not None and not self._is_stale(held):
             raise UsageError(self._held_message(held))
         if not self._replace(held.token if held else None):
-            raise UsageError(f"{self.output}: another score job took the output lease just now; try again later")
+            raise UsageError(f"{self.output}: another {self.job} job took the output lease just now; try again later")
         self.previous = held.data if held else None
         return self._started()
 
@@ -131,7 +133,7 @@ class OutputLease:
             return
         held = self._read()
         if held is not None and held.data.get("holder") == self.job_id:
-            st.remove(self.uri, self.storage)
+            remove(self.uri, self.storage)
 
     def heartbeat(self) -> None:
         """Rewrite the lease if it is still ours; marks it lost otherwise."""
@@ -155,15 +157,15 @@ class OutputLease:
 
     def _replace(self, token: Optional[str]) -> bool:
         """Write the lease if it is still what ``token`` describes (None: absent)."""
-        written = st.write_if_unchanged(self.uri, self._body(), token, self.storage)
+        written = write_if_unchanged(self.uri, self._body(), token, self.storage)
         if written is None:
             return False
         self.token = written
         return True
 
     def _read(self) -> Optional[Held]:
-        raw, token = st.read_for_update(self.uri, self.storage)
-        age = st.age_s(self.uri, self.storage) if raw is not None else None
+        raw, token = read_for_update(self.uri, self.storage)
+        age = age_s(self.uri, self.storage) if raw is not None else None
         if raw is None or age is None:
             return None
         return Held(_parse(raw), token, age)
@@ -183,9 +185,9 @@ class OutputLease:
         who = f"job {d.get('holder')} on {d.get('host')} (pid {d.get('pid')}), heartbeat {held.age_s:.0f} s ago"
         theirs = d.get("args") or {}
         if theirs == self.args:
-            return f"{self.output} is being written by another score job with the same arguments: {who}"
+            return f"{self.output} is being written by another {self.job} job with the same arguments: {who}"
         diff = ", ".join(f"{k} {theirs.get(k)!r}" for k in self.args if theirs.get(k) != self.args[k])
-        return (f"{self.output} is being written by another score job with other arguments ({diff}): {who}; "
+        return (f"{self.output} is being written by another {self.job} job with other arguments ({diff}): {who}; "
                 f"choose another --output")
 
     def _lost_message(self, held: Optional[Held]) -> str:
@@ -202,7 +204,7 @@ class OutputLease:
                 except Exception:  # noqa: BLE001 - a missed beat is retried; staleness takes a timeout
                     continue
 
-        self._thread = threading.Thread(target=beat, name="score-lease", daemon=True)
+        self._thread = threading.Thread(target=beat, name=f"{self.job}-lease", daemon=True)
         self._thread.start()
         return self
 
