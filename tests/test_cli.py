@@ -96,6 +96,38 @@ def test_read_only_refuses_writes_and_checks_outputs_without_writing(tmp_path):
 # --- --dry-run on each job ------------------------------------------------------------------
 
 @pytest.fixture
+def no_ray(monkeypatch) -> list[str]:
+    """Records (and refuses) every way a job could start or attach to Ray: the
+    jobs' ``start_ray`` (as each job imported it, and in pipeline.runtime.cluster)
+    and ``ray.init`` itself (Ray's APIs call it to start Ray on first use). A Ray
+    started by another test in this process would make ``ray.is_initialized()``
+    and ``sys.modules`` say nothing, hence the patching. Returns the calls seen:
+    a dry-run test asserts it is empty."""
+    import ray
+
+    from pipeline.runtime import cluster
+
+    calls: list[str] = []
+
+    def refuse(what: str):
+        def refused(*args, **kwargs):
+            calls.append(what)
+            raise RuntimeError(f"a dry run called {what}")
+        return refused
+
+    monkeypatch.setattr(ray, "init", refuse("ray.init"))
+    monkeypatch.setattr(cluster, "start_ray", refuse("pipeline.runtime.cluster.start_ray"))
+    for name in JOBS:
+        module = job(name)
+        if hasattr(module, "start_ray"):
+            monkeypatch.setattr(module, "start_ray", refuse(f"jobs.{name}.start_ray"))
+    was_running = ray.is_initialized()
+    yield calls
+    assert ray.is_initialized() == was_running, "Ray started during a dry run"
+    assert not calls, f"a dry run started Ray: {calls}"
+
+
+@pytest.fixture
 def images(tmp_path_factory) -> Path:
     from pipeline.data import demo_data
 
@@ -137,7 +169,7 @@ def model_dir(tmp_path_factory) -> Path:
     return root
 
 
-def test_prepare_dry_run_writes_nothing(images, tmp_path, capsys):
+def test_prepare_dry_run_writes_nothing(images, tmp_path, capsys, no_ray):
     dst = tmp_path / "shards"
     before = snapshot(images.parent)
     code, out = call("prepare", ["--src", str(images), "--dst", str(dst), "--dry-run"], capsys)
@@ -148,10 +180,11 @@ def test_prepare_dry_run_writes_nothing(images, tmp_path, capsys):
     # The same checks as a real run: a missing source is exit 2, still nothing written.
     code, out = call("prepare", ["--src", str(tmp_path / "missing"), "--dst", str(dst), "--dry-run"], capsys)
     assert code == 2 and "error:" in out and not dst.exists()
+    assert not no_ray, f"the dry run started Ray: {no_ray}"
 
 
 @pytest.mark.s3
-def test_prepare_dry_run_to_s3_writes_nothing(s3_bucket, images, capsys):
+def test_prepare_dry_run_to_s3_writes_nothing(s3_bucket, images, capsys, no_ray):
     fs, bucket = s3_bucket
     fs.put(str(images), f"{bucket}/raw", recursive=True)
     before = sorted(fs.find(bucket))
@@ -161,6 +194,7 @@ def test_prepare_dry_run_to_s3_writes_nothing(s3_bucket, images, capsys):
     code, out = call("prepare", ["--src", f"s3://{bucket}/raw", "--dst", "s3://no-such-bucket-here/shards",
                                  "--dry-run"], capsys)
     assert code == 2 and "bucket no-such-bucket-here does not exist" in out, out
+    assert not no_ray, f"the dry run started Ray: {no_ray}"
 
 
 def test_prepare_skip_existing_leaves_prepared_shards_alone(shards, images, capsys):
@@ -171,7 +205,7 @@ def test_prepare_skip_existing_leaves_prepared_shards_alone(shards, images, caps
     assert code == 2
 
 
-def test_train_dry_run_writes_nothing(shards, tmp_path, capsys):
+def test_train_dry_run_writes_nothing(shards, tmp_path, capsys, no_ray):
     output, registry = tmp_path / "runs" / "r1", tmp_path / "registry"
     # One transfer epoch and no fine-tuning: planning then needs no TensorFlow.
     argv = ["--data", str(shards), "--output", str(output), "--config", str(ROOT / "jobs/configs/demo.yaml"),
@@ -194,9 +228,10 @@ def test_train_dry_run_writes_nothing(shards, tmp_path, capsys):
     code, out = call("train", [*argv, "--set", "train.finetune.epochs=1", "--set", "train.finetune.unfreeze_after=mixed99"],
                      capsys)
     assert code == 2 and "'mixed99' is not a layer of InceptionV3" in out and "mixed10" in out, out
+    assert not no_ray, f"the dry run started Ray: {no_ray}"
 
 
-def test_score_dry_run_writes_nothing(model_dir, images, tmp_path, capsys):
+def test_score_dry_run_writes_nothing(model_dir, images, tmp_path, capsys, no_ray):
     output = tmp_path / "scores"
     before = snapshot(model_dir), snapshot(images)
     code, out = call("score", ["--model", str(model_dir), "--images", str(images), "--output", str(output),
@@ -204,9 +239,10 @@ def test_score_dry_run_writes_nothing(model_dir, images, tmp_path, capsys):
     assert code == 0, out
     assert not output.exists() and (snapshot(model_dir), snapshot(images)) == before
     assert f"score the images under {images}" in out and f"to {output}" in out
+    assert not no_ray, f"the dry run started Ray: {no_ray}"
 
 
-def test_predict_dry_run_writes_nothing(model_dir, images, tmp_path, capsys):
+def test_predict_dry_run_writes_nothing(model_dir, images, tmp_path, capsys, no_ray):
     plot = tmp_path / "plots" / "predict.png"
     files = [str(p) for p in sorted(images.rglob("*.png"))[:2]]
     code, out = call("predict", ["--model", str(model_dir), *files, "--plot", str(plot), "--dry-run"], capsys)
@@ -214,9 +250,10 @@ def test_predict_dry_run_writes_nothing(model_dir, images, tmp_path, capsys):
     assert not plot.parent.exists() and "top 5 classes of 2 images" in out
     code, out = call("predict", ["--model", str(model_dir), str(tmp_path / "gone.png"), "--dry-run"], capsys)
     assert code == 2 and "image not found" in out
+    assert not no_ray, f"the dry run started Ray: {no_ray}"
 
 
-def test_registry_dry_run_writes_nothing(model_dir, tmp_path, capsys):
+def test_registry_dry_run_writes_nothing(model_dir, tmp_path, capsys, no_ray):
     from pipeline import registry as reg
 
     storage, registry = StorageConfig(), str(tmp_path / "registry")
@@ -238,12 +275,14 @@ def test_registry_dry_run_writes_nothing(model_dir, tmp_path, capsys):
     assert code == 2
     assert snapshot(tmp_path / "registry") == before
     assert reg.read_production(registry, "flowers", storage)["version"] == second["version"]
+    assert not no_ray, f"the dry run started Ray: {no_ray}"
 
 
-def test_demo_dry_run_writes_nothing(tmp_path, capsys):
+def test_demo_dry_run_writes_nothing(tmp_path, capsys, no_ray):
     workdir = tmp_path / "demo"
     code, out = call("demo", ["--workdir", str(workdir), "--dry-run"], capsys)
     assert code == 0, out
     assert not workdir.exists()
     for step in ("jobs.prepare", "jobs.train", "jobs.predict", "jobs.score"):
         assert f"python -m {step} " in out
+    assert not no_ray, f"the dry run started Ray: {no_ray}"
