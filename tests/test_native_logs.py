@@ -58,7 +58,7 @@ def test_a_job_processes_stderr_is_filtered_by_another_process_that_outlives_a_c
     out (the filter is a separate process); the notices do not."""
     payload = ("\n".join(NOTICES + REAL + [CUINIT]) + "\n").encode()
     code = ("import os, sys\n"
-            "from pipeline import native_logs\n"
+            "from pipeline.runtime import native_logs\n"
             "native_logs.filter_process_stderr()\n"
             f"os.write(2, {payload!r})\n"
             "print('from python', file=sys.stderr)\n"
