@@ -13,6 +13,7 @@ scoring share one preprocessing definition that travels with the model.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -64,9 +65,84 @@ def examples_for(assignment: Assignment, shard_examples: Sequence[int]) -> int:
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-    """Every worker runs the same number of steps (collectives must line up);
-    datasets repeat, so uneven shards never make a worker run dry."""
-    return max(1, math.ceil(num_examples / global_batch))
+    """Global steps in an epoch: every example once, the remainder of less
+    than one global batch left out (a different remainder each epoch, see
+    ``epoch_plan``); at least one step. Every worker runs the same number of
+    steps (collectives must line up)."""
+    return max(1, num_examples // global_batch)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive records of one shard: ``count`` records from the
+    ``start``-th on, whose split-wide ids (records numbered in manifest order)
+    start at ``first_id``."""
+
+    shard: int
+    start: int
+    count: int
+    first_id: int
+
+
+def assign_records(shard_examples: Sequence[int], rank: int, world: int) -> tuple[Segment, ...]:
+    """This rank's records of a split: the split's records numbered in manifest
+    order, cut into ``world`` contiguous ranges whose sizes differ by at most
+    one (lower ranks take the extra). Disjoint and complete whatever the shard
+    count and sizes; a worker reads only the shards its range touches (whole
+    ones, plus at most two partly)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world of {world}")
+    total = sum(shard_examples)
+    base, extra = divmod(total, world)
+    begin = rank * base + min(rank, extra)
+    end = begin + base + (1 if rank < extra else 0)
+    out, offset = [], 0
+    for shard, n in enumerate(shard_examples):
+        lo, hi = max(begin, offset), min(end, offset + n)
+        if lo < hi:
+            out.append(Segment(shard, lo - offset, hi - lo, lo))
+        offset += n
+    return tuple(out)
+
+
+def epoch_plan(segments: Sequence[Segment], records: int, epoch: int, seed: int,
+               rank: int) -> list[tuple[int, int, int]]:
+    """(segment index, first record, records) read by this rank in ``epoch``,
+    the first record counted from the segment's start: its segments in an
+    order shuffled per (seed, rank, epoch), until ``records`` are planned. The
+    few records a rank holds beyond its share of whole global batches are left
+    out of the last segment planned, at a random place: a different set each
+    epoch. A rank holding fewer records than ``records`` (a split smaller than
+    one global batch) reads some twice."""
+    rng = random.Random(f"{seed}:{rank}:{epoch}")
+    order = list(range(len(segments)))
+    rng.shuffle(order)
+    out: list[tuple[int, int, int]] = []
+    left = records
+    while left > 0 and order:
+        for i in order:
+            count = segments[i].count
+            take = min(count, left)
+            if take <= 0:
+                break
+            out.append((i, rng.randrange(count - take + 1), take))
+            left -= take
+    return out
+
+
+def epoch_passes(segments: Sequence[Segment], records: int, seed: int, rank: int):
+    """The ``passes`` of this rank's ``ShardStream``: epoch -> segment indices, as ``epoch_plan``."""
+    return lambda epoch: [i for i, _, _ in epoch_plan(segments, records, epoch, seed, rank)]
+
+
+def record_key(seed: int, rank, epoch, record) -> tf.Tensor:
+    """The stateless random key of one record's augmentation: a function of
+    (seed, rank, epoch, record id) only, so two runs with the same seed and
+    workers train on the same pixels, whichever thread decoded what."""
+    key = tf.constant([seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF], tf.int64)
+    for part in (rank, epoch, record):
+        key = tf.random.experimental.stateless_fold_in(key, tf.cast(part, tf.int64))
+    return key
 
 
 # TFRecordDataset's own default (256 KiB), said explicitly: left unset, it logs
@@ -104,7 +180,7 @@ def resize(image: tf.Tensor, size: int, method: str = preprocess.AREA_THEN_BILIN
 AUGMENT_MAX_SHRINK = 2
 
 
-def augment(image: tf.Tensor, size: int, aug: dict) -> tf.Tensor:
+def augment(image: tf.Tensor, size: int, aug: dict, key: tf.Tensor) -> tf.Tensor:
     """Random rotation, shift, shear, zoom and flip, and the resize to ``size``,
     as one projective resample of the decoded image (ImageDataGenerator's
     semantics: rotation and shear in degrees, shifts and zoom as fractions).
@@ -114,7 +190,10 @@ def augment(image: tf.Tensor, size: int, aug: dict) -> tf.Tensor:
     therefore first brought down to that by the area average of
     ``pipeline.data.preprocess.resize_images`` (same centre-aligned geometry, so the
     random transform means the same thing); smaller images are resampled
-    directly, as before."""
+    directly, as before.
+
+    The random draws are stateless, from ``key`` (``record_key``): the same
+    record, epoch and seed give the same pixels."""
     limit = AUGMENT_MAX_SHRINK * size
     shape = tf.shape(image)
     image = tf.cond(
@@ -127,19 +206,22 @@ def augment(image: tf.Tensor, size: int, aug: dict) -> tf.Tensor:
     in_h, in_w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     s = tf.cast(size, tf.float32)
 
-    def uniform(limit: float) -> tf.Tensor:
-        return tf.random.uniform([], -limit, limit) if limit else tf.constant(0.0)
+    keys = tf.random.experimental.stateless_split(key, num=7)
 
-    theta = uniform(aug["rotation"]) * (math.pi / 180.0)
-    shear = uniform(aug["shear"]) * (math.pi / 180.0)
+    def draw(n: int, low: float, high: float) -> tf.Tensor:
+        return tf.random.stateless_uniform([], keys[n], low, high)
+
+    def uniform(n: int, limit: float) -> tf.Tensor:
+        return draw(n, -limit, limit) if limit else tf.constant(0.0)
+
+    theta = uniform(0, aug["rotation"]) * (math.pi / 180.0)
+    shear = uniform(1, aug["shear"]) * (math.pi / 180.0)
     zoom = aug["zoom"]
-    zx = tf.random.uniform([], 1.0 - zoom, 1.0 + zoom) if zoom else tf.constant(1.0)
-    zy = tf.random.uniform([], 1.0 - zoom, 1.0 + zoom) if zoom else tf.constant(1.0)
-    flip = (
-        tf.where(tf.random.uniform([]) < 0.5, -1.0, 1.0) if aug["horizontal_flip"] else tf.constant(1.0)
-    )
-    tx = uniform(aug["width_shift"]) * in_w
-    ty = uniform(aug["height_shift"]) * in_h
+    zx = draw(2, 1.0 - zoom, 1.0 + zoom) if zoom else tf.constant(1.0)
+    zy = draw(3, 1.0 - zoom, 1.0 + zoom) if zoom else tf.constant(1.0)
+    flip = tf.where(draw(4, 0.0, 1.0) < 0.5, -1.0, 1.0) if aug["horizontal_flip"] else tf.constant(1.0)
+    tx = uniform(5, aug["width_shift"]) * in_w
+    ty = uniform(6, aug["height_shift"]) * in_h
 
     # Output pixel o (size x size) maps to input pixel c_in + A (o - c_out) + t,
     # A = scale_to_input @ rotation @ shear @ zoom @ flip.
@@ -235,16 +317,21 @@ def make_dataset(
     dct_method = recipe.jpeg_dct_method if recipe else preprocess.ACCURATE
     resize_method = recipe.resize_method if recipe else preprocess.AREA_THEN_BILINEAR
 
-    def _load(serialized):
+    aug_seed = seed if seed is not None else random.getrandbits(62)
+
+    def _load(serialized, index):
         image, label = decode_example(serialized, dct_method)
-        image = augment(image, image_size, aug) if use_aug else resize(image, image_size, resize_method)
+        if use_aug:
+            image = augment(image, image_size, aug, record_key(aug_seed, 0, 0, index))
+        else:
+            image = resize(image, image_size, resize_method)
         return image, label
 
     if counted:
         table = tf.constant(list(class_weights) if class_weights else [1.0], tf.float32)
 
         def _load_numbered(index, serialized):
-            image, label = _load(serialized)
+            image, label = _load(serialized, index)
             return image, label, index
 
         def _count_skipped(last_index, element):
@@ -259,10 +346,131 @@ def make_dataset(
     else:
         # Callers that need the number of skipped records take it from the
         # split's size (evaluation reads a split once).
-        ds = records.map(_load, num_parallel_calls=AUTOTUNE, deterministic=ordered).ignore_errors()
+        ds = records.enumerate().map(lambda index, serialized: _load(serialized, index),
+                                     num_parallel_calls=AUTOTUNE, deterministic=ordered).ignore_errors()
     ds = ds.batch(batch_size, drop_remainder=training)
     options = tf.data.Options()
     # Each worker reads its own shards (assign_shards); tf.distribute must not
     # shard again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+# ---------------------------------------------------------------- distributed training input
+#
+# What a Ray Train worker reads (``pipeline.training.worker``): its own
+# contiguous range of each split (``assign_records``), streamed shard by shard.
+
+
+def _read_segment(path, start, count, first_id) -> tf.data.Dataset:
+    """(record id, serialized record) of one planned segment."""
+    records = read_records(path).skip(start).take(count)
+    return tf.data.Dataset.zip((tf.data.Dataset.range(first_id, first_id + count), records))
+
+
+_ITEM = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64),
+         tf.TensorSpec([], tf.int64))
+
+
+def train_input(stream, segments: Sequence[Segment], *, records_per_epoch: int, first_epoch: int, seed: int,
+                rank: int, image_size: int, batch_size: int, aug: Optional[dict], shuffle_buffer: int,
+                read_parallelism: int, class_weights: Optional[Sequence[float]] = None) -> tf.data.Dataset:
+    """This rank's endless training input, one epoch after another from
+    ``first_epoch``: in each, exactly ``records_per_epoch`` of its records
+    (``epoch_plan``: every global step then takes every example of the split
+    at most once per epoch), shuffled within the epoch, augmented with a key of
+    (seed, rank, epoch, record id), batched at ``batch_size`` (per replica).
+
+    ``stream`` is a ``ShardStream`` over ``segments``' shards whose ``passes``
+    follow ``epoch_plan``. Elements are ``(images, labels, weights, skipped,
+    real)``: ``skipped`` counts the undecodable records dropped before each
+    image (counted, never derived), ``real`` is 1 (see ``validation_input``).
+    Epochs never mix: shuffling and interleaving stay inside one epoch."""
+    use_aug = aug is not None and aug.get("enabled", False)
+    table = tf.constant(list(class_weights) if class_weights else [1.0], tf.float32)
+
+    def items(epoch):
+        epoch = int(epoch)
+        plan = epoch_plan(segments, records_per_epoch, epoch, seed, rank)
+        for (i, path), (planned, offset, take) in zip(stream.pass_items(epoch), plan):
+            assert i == planned, "the stream's passes must follow epoch_plan"
+            s = segments[i]
+            yield path, s.start + offset, take, s.first_id + offset
+
+    def one_epoch(epoch):
+        listed = tf.data.Dataset.from_generator(items, args=(epoch,), output_signature=_ITEM)
+        records = listed.interleave(_read_segment, cycle_length=max(1, min(len(segments), read_parallelism)),
+                                    num_parallel_calls=AUTOTUNE, deterministic=True)
+        shuffle_seed = (tf.constant(seed % (1 << 40), tf.int64) * 1_000_003 + rank * 10_007 + epoch) % (1 << 62)
+        records = records.shuffle(max(1, shuffle_buffer), seed=shuffle_seed, reshuffle_each_iteration=False)
+        return records.map(lambda rid, rec: (epoch, rid, rec))
+
+    def load(index, element):
+        epoch, rid, serialized = element
+        image, label = decode_example(serialized)
+        if use_aug:
+            image = augment(image, image_size, aug, record_key(seed, rank, epoch, rid))
+        else:
+            image = resize(image, image_size)
+        return image, label, index
+
+    def count_skipped(last, element):
+        image, label, index = element
+        weight = tf.gather(table, label) if class_weights else tf.constant(1.0)
+        return index, (image, label, weight, index - last - 1, tf.constant(1.0))
+
+    # Numbered before decoding and decoded in order: a gap in the numbers after
+    # ignore_errors is exactly the records that failed.
+    ds = tf.data.Dataset.range(first_epoch, 1 << 62).flat_map(one_epoch).enumerate()
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+    ds = ds.scan(tf.constant(-1, tf.int64), count_skipped).batch(batch_size, drop_remainder=True)
+    return _for_workers(ds)
+
+
+def validation_input(stream, segments: Sequence[Segment], *, image_size: int, batch_size: int, batches: int,
+                     weight: float, read_parallelism: int) -> tf.data.Dataset:
+    """One pass over this rank's validation records, in order, as exactly
+    ``batches`` batches of ``batch_size``: every rank runs the same number of
+    validation steps whatever its share (collectives line up), the last ones
+    filled with padding whose ``real`` is 0 and weight 0. Real records weigh
+    ``weight`` (padded size / real size of the whole split), which makes the
+    weighted loss and accuracy Keras reports the means over the real records
+    alone. Elements as in ``train_input``; a trailing undecodable record is
+    counted too (a marker after the last record shows the gap)."""
+    total = sum(s.count for s in segments)
+
+    def items():
+        for i, path in stream.pass_items(0):
+            s = segments[i]
+            yield path, s.start, s.count, s.first_id
+
+    listed = tf.data.Dataset.from_generator(items, output_signature=_ITEM)
+    records = listed.interleave(_read_segment, cycle_length=max(1, min(len(segments), read_parallelism)),
+                                num_parallel_calls=AUTOTUNE, deterministic=True)
+
+    def load(index, element):
+        _, serialized = element
+        image, label = decode_example(serialized)
+        return resize(image, image_size), label, index
+
+    blank = tf.zeros([image_size, image_size, 3], tf.float32)
+    marker = tf.data.Dataset.from_tensors((blank, tf.constant(0, tf.int32), tf.constant(total, tf.int64)))
+    ds = records.enumerate().map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+
+    def count_skipped(last, element):
+        image, label, index = element
+        real = tf.cast(index < total, tf.float32)
+        return index, (image, label, real * weight, index - last - 1, real)
+
+    ds = ds.concatenate(marker).scan(tf.constant(-1, tf.int64), count_skipped)
+    padding = tf.data.Dataset.from_tensors((blank, tf.constant(0, tf.int32), tf.constant(0.0),
+                                            tf.constant(0, tf.int64), tf.constant(0.0))).repeat()
+    ds = ds.concatenate(padding).take(batches * batch_size).batch(batch_size, drop_remainder=True)
+    return _for_workers(ds)
+
+
+def _for_workers(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    # Each worker reads its own records (assign_records); tf.distribute must not shard again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options).prefetch(AUTOTUNE)

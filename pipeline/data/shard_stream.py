@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
@@ -280,23 +280,36 @@ class ShardStream:
     call it after each step and when the data runs out."""
 
     def __init__(self, cache: ShardCache, refs: Sequence[ShardRef], *, shuffle: bool, repeat: bool,
-                 seed: Optional[int] = None, lookahead: int = 4, keep_open: int = 8):
+                 seed: Optional[int] = None, lookahead: int = 4, keep_open: int = 8,
+                 passes: Optional[Callable[[int], Sequence[int]]] = None):
         self.cache, self.refs = cache, list(refs)
         self.error: Optional[BaseException] = None
         self.shuffle, self.repeat, self.seed = shuffle, repeat, seed
         self.lookahead, self.keep_open = max(1, lookahead), max(1, keep_open)
+        self._passes = passes  # pass index -> indices into refs, in reading order
+        self._items: Optional[Iterator[tuple[int, int, str]]] = None
+        self._next_pass: Optional[int] = None
 
-    def order(self, pass_index: int) -> list[ShardRef]:
-        refs = list(self.refs)
+    def plan(self, pass_index: int) -> list[int]:
+        """Indices into ``refs`` that pass ``pass_index`` reads, in order: the
+        ``passes`` callable's answer, else every shard (shuffled per pass when
+        ``shuffle``)."""
+        if self._passes is not None:
+            return list(self._passes(pass_index))
+        order = list(range(len(self.refs)))
         if self.shuffle:
             seed = None if self.seed is None else self.seed * 100_003 + pass_index
-            random.Random(seed).shuffle(refs)
-        return refs
+            random.Random(seed).shuffle(order)
+        return order
 
-    def _sequence(self) -> Iterator[ShardRef]:
-        pass_index = 0
+    def order(self, pass_index: int) -> list[ShardRef]:
+        return [self.refs[i] for i in self.plan(pass_index)]
+
+    def _sequence(self, first_pass: int = 0) -> Iterator[tuple[int, int, ShardRef]]:
+        pass_index = first_pass
         while True:
-            yield from self.order(pass_index)
+            for i in self.plan(pass_index):
+                yield pass_index, i, self.refs[i]
             pass_index += 1
             if not self.repeat:
                 return
@@ -307,23 +320,49 @@ class ShardStream:
             raise self.error
 
     def paths(self) -> Iterator[str]:
+        for _, _, path in self._stream(0):
+            yield path
+
+    def pass_items(self, pass_index: int) -> Iterator[tuple[int, str]]:
+        """(index into ``refs``, local path) of pass ``pass_index`` only: the
+        items of ``plan(pass_index)``, in order. Asked for pass after pass, the
+        passes come from one stream, so the next pass's first shards are
+        fetched while this one is read; asking for any other pass (a new
+        iteration, a validation pass again) starts a new stream there. Raises
+        the stream's error when a shard cannot be had: a pass is never cut
+        short in silence."""
+        if self._items is None or self._next_pass != pass_index:
+            if self._items is not None:
+                self._items.close()
+            self._items = self._stream(pass_index)
+        self._next_pass = pass_index + 1
+        for _ in range(len(self.plan(pass_index))):
+            item = next(self._items, None)
+            if item is None:
+                break
+            yield item[1], item[2]
+        self.check()
+
+    def _stream(self, first_pass: int) -> Iterator[tuple[int, int, str]]:
+        """(pass, index, local path) from ``first_pass`` on, fetched
+        ``lookahead`` ahead, each kept pinned for ``keep_open`` yields."""
         if not self.refs:
             return
-        upcoming = self._sequence()
-        ahead: list[ShardRef] = []
+        upcoming = self._sequence(first_pass)
+        ahead: list[tuple[int, int, ShardRef]] = []
         opened: list[ShardRef] = []
         try:
             while True:
                 while len(ahead) < self.lookahead:
-                    ref = next(upcoming, None)
-                    if ref is None:
+                    item = next(upcoming, None)
+                    if item is None:
                         break
-                    self.cache.pin(ref)
-                    self.cache.prefetch(ref)
-                    ahead.append(ref)
+                    self.cache.pin(item[2])
+                    self.cache.prefetch(item[2])
+                    ahead.append(item)
                 if not ahead:
                     return
-                ref = ahead.pop(0)
+                pass_index, i, ref = ahead.pop(0)
                 try:
                     path = self.cache.local_path(ref)
                 except Exception as exc:  # noqa: BLE001 - kept for check(), see the class docstring
@@ -331,12 +370,14 @@ class ShardStream:
                     self.error = exc
                     self.cache.unpin(ref)
                     return
-                yield path
+                yield pass_index, i, path
                 opened.append(ref)
                 if len(opened) > self.keep_open:
                     self.cache.unpin(opened.pop(0))
         finally:
-            for ref in ahead + opened:
+            for _, _, ref in ahead:
+                self.cache.unpin(ref)
+            for ref in opened:
                 self.cache.unpin(ref)
 
 
