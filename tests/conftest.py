@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -117,3 +118,24 @@ def s3_bucket(s3_endpoint, request):
     fs.mkdir(name)
     yield fs, name
     fs.rm(name, recursive=True)
+
+
+@pytest.fixture
+def atomic_moto(s3_endpoint, monkeypatch):
+    """Conditional writes on moto as atomic as on AWS S3 (races on S3 need it).
+
+    moto's server checks a PutObject's If-Match / If-None-Match and then
+    stores the object in two steps, so two conditional writes racing in its
+    threads can both pass; AWS S3 applies the condition and the write as one.
+    One lock around moto's PutObject handler makes it behave like S3."""
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    original = S3Response.put_object
+
+    def put_object(self, *args, **kwargs):
+        with lock:
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Response, "put_object", put_object)
+    return s3_endpoint

@@ -202,25 +202,6 @@ def test_reference_parsing():
 # ---------------------------------------------------------------- compare-and-swap
 
 
-@pytest.fixture
-def atomic_moto(s3_endpoint, monkeypatch):
-    """moto's server checks a PutObject's If-Match / If-None-Match and then
-    stores the object in two steps, so two conditional writes racing in its
-    threads can both pass; AWS S3 applies the condition and the write as one.
-    One lock around moto's PutObject handler makes it behave like S3."""
-    from moto.s3.responses import S3Response
-
-    lock = threading.Lock()
-    original = S3Response.put_object
-
-    def put_object(self, *args, **kwargs):
-        with lock:
-            return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(S3Response, "put_object", put_object)
-    return s3_endpoint
-
-
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def registry_uri(request, tmp_path):
     """A registry folder on local disk, or a prefix in a fresh moto bucket."""
@@ -296,16 +277,39 @@ def fake_run(folder: Path, accuracy: float = 0.5) -> str:
 RACER = """
 import json, os, random, sys, time
 from pipeline import registry as reg
+from pipeline import storage as st
 from pipeline.config import StorageConfig
-registry, name, versions, seed, ready, go, seconds, min_calls, max_calls = sys.argv[1:]
+registry, name, versions, seed, ready, go, seconds, min_calls, max_calls, met, writers = sys.argv[1:]
 versions, rng, storage = json.loads(versions), random.Random(int(seed)), StorageConfig()
 reg.read_production(registry, name, storage)  # imported and connected before the start
+stats = {"writes": 0, "lost": 0, "met": False}
+real_read, real_write = st.read_for_update, st.write_if_unchanged
+
+def read_for_update(uri, storage):
+    # The first read of production.json waits until every racer has read it:
+    # all of them then hold the same token, and all but one must lose.
+    out = real_read(uri, storage)
+    if uri.endswith(reg.PRODUCTION_FILE) and not os.path.exists(os.path.join(met, seed)):
+        open(os.path.join(met, seed), "w").close()
+        end = time.time() + 15
+        while len(os.listdir(met)) < int(writers) and time.time() < end:
+            time.sleep(0.002)
+        stats["met"] = len(os.listdir(met)) >= int(writers)
+    return out
+
+def write_if_unchanged(uri, data, token, storage):
+    out = real_write(uri, data, token, storage)
+    stats["writes"] += 1
+    stats["lost"] += out is None  # another writer came first: a race this process lost
+    return out
+
+st.read_for_update, st.write_if_unchanged = read_for_update, write_if_unchanged
 open(ready, "w").close()
 while not os.path.exists(go):
     time.sleep(0.01)
 calls, end = [], time.time() + float(seconds)
 while len(calls) < int(max_calls) and (len(calls) < int(min_calls) or time.time() < end):
-    action = rng.choice(["promote", "promote", "rollback"])
+    action = rng.choice(["promote", "promote", "rollback"]) if calls else "promote"
     try:
         if action == "promote":
             pointer = reg.promote(registry, name, rng.choice(versions), storage, reason="racer")
@@ -314,7 +318,7 @@ while len(calls) < int(max_calls) and (len(calls) < int(min_calls) or time.time(
         calls.append({"ok": True, "action": action, "id": pointer["id"], "version": pointer["version"]})
     except Exception as exc:
         calls.append({"ok": False, "action": action, "error": f"{type(exc).__name__}: {exc}"})
-print(json.dumps(calls))
+print(json.dumps({"calls": calls, "stats": stats}))
 """
 
 
@@ -323,7 +327,10 @@ def test_processes_promoting_and_rolling_back_at_once_lose_nothing(registry_uri,
     threads read the pointer. Afterwards production.json's list of changes is
     one chain holding every call that reported success exactly once (and
     nothing else), replaying it gives the pointer's history, and each rollback
-    returned the version before the one it replaced."""
+    returned the version before the one it replaced. The racers' first
+    promotions all start from the same read of the pointer, and every racer
+    counts the conditional writes it lost: the test fails unless races were
+    really lost (writers that took turns would lose none)."""
     storage = StorageConfig()
     name, writers, min_calls, max_calls = "race", 4, 12, 60
     versions = [reg.register_run(registry_uri, name, fake_run(tmp_path / f"run{i}"), storage,
@@ -331,13 +338,14 @@ def test_processes_promoting_and_rolling_back_at_once_lose_nothing(registry_uri,
     first = reg.promote(registry_uri, name, versions[0], storage, reason="start")
     succeeded = {first["id"]: {"ok": True, "action": "promote", "id": first["id"], "version": versions[0]}}
 
-    go = tmp_path / "go"
+    go, met = tmp_path / "go", tmp_path / "met"
+    met.mkdir()
     procs = []
     for i in range(writers):
         ready = tmp_path / f"ready{i}"
         procs.append((ready, subprocess.Popen(
             [sys.executable, "-c", RACER, registry_uri, name, json.dumps(versions), str(i), str(ready), str(go),
-             "4", str(min_calls), str(max_calls)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+             "4", str(min_calls), str(max_calls), str(met), str(writers)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)))
     deadline = time.time() + 120
     while not all(r.exists() for r, _ in procs) and time.time() < deadline:
@@ -360,12 +368,14 @@ def test_processes_promoting_and_rolling_back_at_once_lose_nothing(registry_uri,
     for t in readers:
         t.start()
     go.touch()
-    calls = []
+    calls, stats = [], []
     try:
         for _, p in procs:
             out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err[-3000:]
-            calls.extend(json.loads(out.strip().splitlines()[-1]))
+            result = json.loads(out.strip().splitlines()[-1])
+            calls.extend(result["calls"])
+            stats.append(result["stats"])
     finally:
         done.set()
         for t in readers:
@@ -373,6 +383,10 @@ def test_processes_promoting_and_rolling_back_at_once_lose_nothing(registry_uri,
     if errors:
         raise errors[0]
     assert len(reads) >= 80  # both readers read throughout (40 each at least)
+    lost = sum(s["lost"] for s in stats)
+    assert lost >= 1, f"no racer lost a conditional write: the writers did not race ({stats})"
+    if all(s["met"] for s in stats):  # all first writes were based on one read: all but one lost
+        assert lost >= writers - 1, stats
 
     ok = [c for c in calls if c["ok"]]
     failed = [c for c in calls if not c["ok"]]
@@ -411,14 +425,33 @@ def test_processes_promoting_and_rolling_back_at_once_lose_nothing(registry_uri,
     assert sorted(v["version"] for v in index["versions"]) == sorted(versions)
     print(f"\n{registry_uri.split(':')[0] if '://' in registry_uri else 'local'}: {len(calls)} calls, "
           f"{len(ok)} succeeded ({sum(c['action'] == 'rollback' for c in ok)} rollbacks), "
-          f"{len(failed)} refused, {len(reads)} reads")
+          f"{len(failed)} refused, {len(reads)} reads, {lost} lost writes of {sum(s['writes'] for s in stats)}, "
+          f"{sum(s['met'] for s in stats)} of {writers} racers met before their first write")
 
 
 # ---------------------------------------------------------------- the gate under a race
 
 
+@pytest.fixture
+def refused_promotions(monkeypatch) -> list:
+    """Every ProductionChanged that a promotion with ``expected`` (the gate's)
+    raised: the races the gate lost, counted."""
+    real, refused = reg.promote, []
+
+    def promote(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except reg.ProductionChanged as exc:
+            refused.append((exc.expected, exc.found))
+            raise
+
+    monkeypatch.setattr(reg, "promote", promote)
+    return refused
+
+
 @pytest.mark.parametrize("meanwhile, promoted", [(0.9, False), (0.6, True)])
-def test_gate_does_not_apply_a_decision_made_against_an_old_production(tmp_path, meanwhile, promoted):
+def test_gate_does_not_apply_a_decision_made_against_an_old_production(tmp_path, meanwhile, promoted,
+                                                                      refused_promotions):
     """While the gate evaluates candidate C (0.8) against production A (0.7),
     someone promotes B. The decision "C beats A" is not applied to B: the gate
     compares C with B and promotes C only if it beats B too."""
@@ -437,6 +470,7 @@ def test_gate_does_not_apply_a_decision_made_against_an_old_production(tmp_path,
         return [accuracy[f.rsplit("/", 1)[-1]] for f in folders]
 
     outcome = reg.gate(registry, "gate", c, storage, evaluate=evaluate, tolerance=0.0, min_val_accuracy=None)
+    assert refused_promotions == [(a, b)]  # the gate's promotion against A lost the race to B's
     assert evaluated == [[c, a], [b]]  # compared again, with the new production only
     assert outcome["production_before"] == b and outcome["production_accuracy"] == meanwhile
     assert outcome["comparisons"] == 2 and outcome["promoted"] is promoted
@@ -445,7 +479,7 @@ def test_gate_does_not_apply_a_decision_made_against_an_old_production(tmp_path,
     assert [ch["version"] for ch in pointer["changes"]] == [a, b] + ([c] if promoted else [])
 
 
-def test_a_gate_whose_production_keeps_changing_gives_up_without_promoting(tmp_path):
+def test_a_gate_whose_production_keeps_changing_gives_up_without_promoting(tmp_path, refused_promotions):
     storage = StorageConfig()
     registry = str(tmp_path / "registry")
     a, b, c = (reg.register_run(registry, "gate", fake_run(tmp_path / n), storage, metrics={}, data="d")["version"]
@@ -459,6 +493,7 @@ def test_a_gate_whose_production_keeps_changing_gives_up_without_promoting(tmp_p
 
     outcome = reg.gate(registry, "gate", c, storage, evaluate=evaluate, tolerance=0.0, min_val_accuracy=None)
     assert outcome["comparisons"] == reg.GATE_ATTEMPTS and not outcome["promoted"]
+    assert refused_promotions == [(a, b), (b, a), (a, b)]  # each of the gate's promotions lost its race
     assert "changed during each of 3 comparisons (now " + b in outcome["reason"] and outcome["production"] == b
     assert reg.read_production(registry, "gate", storage)["version"] == b
 

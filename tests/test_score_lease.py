@@ -77,27 +77,74 @@ def _score(argv: list[str], **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+SCORE_RACER = """
+import json, os, sys, time
+from jobs import score
+from jobs._cli import run
+from pipeline.storage import lease
+stats_file, ready, go, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+stats, real = {"writes": 0, "lost": 0}, lease.write_if_unchanged
+
+def write_if_unchanged(uri, data, token, storage):
+    out = real(uri, data, token, storage)
+    if uri.endswith(lease.LEASE_NAME):
+        stats["writes"] += 1
+        stats["lost"] += out is None  # the lease was not what this job read: another job's came first
+    return out
+
+lease.write_if_unchanged = write_if_unchanged
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.005)
+code = run(score.main, argv)
+with open(stats_file, "w") as f:
+    json.dump(stats, f)
+sys.exit(code)
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.s3
-def test_two_jobs_with_different_models_on_one_s3_output(ray_session, tiny_model, s3_bucket, tmp_path):
+def test_two_jobs_with_different_models_on_one_s3_output(ray_session, tiny_model, atomic_moto, s3_bucket, tmp_path):
+    """Two score jobs, started together (both imported, then let go at once),
+    on one S3 output: one takes the lease and writes every row, the other loses
+    the conditional create of the lease and exits 2 with one line. Each job
+    counts the lease writes it lost, so jobs that ran one after the other (both
+    would win) fail the test as surely as two that both won the race."""
     fs, bucket = s3_bucket
     count = make_images(f"s3://{bucket}/images", per_class=4)
     other = tmp_path / "other-run"
     shutil.copytree(tiny_model, other)
     out = f"s3://{bucket}/scores"
     address = ray_session.get_runtime_context().gcs_address
-    common = ["--images", f"s3://{bucket}/images", "--output", out, "--rows-per-file", "4", "--address", address]
-    procs = [_score(["--model", model, *common]) for model in (tiny_model, str(other))]
-    results = [p.communicate(timeout=600) for p in procs]
-    codes = [p.returncode for p in procs]
-    assert sorted(codes) == [0, 2], results
-    winner = (tiny_model, str(other))[codes.index(0)]
-    loser_err = results[codes.index(2)][1]
+    common = ["--images", f"s3://{bucket}/images", "--output", out, "--rows-per-file", "4", "--address", address,
+              "-q"]
+    go = tmp_path / "go"
+    jobs = []
+    for i, model in enumerate((tiny_model, str(other))):
+        stats, ready = tmp_path / f"stats{i}.json", tmp_path / f"ready{i}"
+        proc = subprocess.Popen([sys.executable, "-c", SCORE_RACER, str(stats), str(ready), str(go),
+                                 "--model", model, *common], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        jobs.append((stats, ready, proc))
+    deadline = time.time() + 120
+    while not all(ready.exists() for _, ready, _ in jobs) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    results = [p.communicate(timeout=600) for _, _, p in jobs]
+    codes = [p.returncode for _, _, p in jobs]
+    assert sorted(codes) == [0, 2], results  # exactly one winner and one clear refusal: never [0, 0]
+    stats = [json.loads(s.read_text()) for s, _, _ in jobs]
+    winner, loser = codes.index(0), codes.index(2)
+    assert stats[loser]["lost"] >= 1, f"the refused job lost no conditional write of the lease: {stats}"
+    assert stats[winner]["lost"] == 0, stats
+    model = (tiny_model, str(other))[winner]
+    loser_err = results[loser][1]
     lines = [line for line in loser_err.splitlines() if line.strip()]
     assert len(lines) == 1 and "is being written by another score job with other arguments" in lines[0], loser_err
     table = pq.read_table(f"{bucket}/scores", filesystem=fs)
     assert table.num_rows == count and len(set(table["uri"].to_pylist())) == count
-    assert set(table["model"].to_pylist()) == {winner}
+    assert set(table["model"].to_pylist()) == {model}
     assert not fs.exists(f"{bucket}/scores/{LEASE_NAME}")  # released at the end
 
 
