@@ -5,7 +5,9 @@
         --config jobs/configs/inceptionv3_imagenet.yaml --registry s3://bucket/registry --name flowers
     python -m jobs.train --data demo_output/shards --output demo_output/runs/try --config jobs/configs/demo.yaml --dry-run
 
-Re-running the same command with the same --output resumes an interrupted run.
+Re-running the same command with the same --output resumes an interrupted run
+(a resume with another config or data is refused: train.allow_changed_resume).
+One job at a time writes a run directory (``_lease.json``).
 With --registry and --name the run is registered and promoted to production
 when it passes the gate (registry.tolerance, train.min_val_accuracy).
 """
@@ -18,7 +20,9 @@ from typing import Sequence
 from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging
 from pipeline import storage as st
 from pipeline.errors import QualityGateFailed
-from pipeline.training.driver import check_quality_gate, plan_training, run_training
+from pipeline.storage.lease import OutputLease
+from pipeline.training.driver import (check_quality_gate, lease_args, plan_training, record_attempt, run_training,
+                                      starts_own_ray)
 from pipeline.runtime.cluster import ray_target, start_ray
 
 
@@ -36,8 +40,15 @@ def main(argv: Sequence[str]) -> int:
             plan = plan_training(cfg, args.data, args.output)
         return dry_run_report("jobs.train", describe_plan(cfg, plan))
     plan = plan_training(cfg, args.data, args.output)
-    start_ray(cfg)
-    summary = run_training(cfg, plan)
+    lease = OutputLease(plan.output, lease_args(cfg, plan), cfg.storage, cfg.train.lease_timeout_s,
+                        job="training").acquire()
+    try:
+        record_attempt(cfg, plan)
+        own_ray = starts_own_ray(cfg)
+        start_ray(cfg)
+        summary = run_training(cfg, plan, lease=lease, own_ray=own_ray)
+    finally:
+        lease.release()
     print_summary(summary)
     gate = check_quality_gate(cfg, summary)
     if gate:
@@ -57,7 +68,10 @@ def describe_plan(cfg, plan) -> list[str]:
         f"phases: {phases}; base weights: {cfg.model.weights}"
         + (f", warm start from {cfg.model.init_from}" if cfg.model.init_from else ""),
         f"Ray Train workers: {workers}, on {ray_target(cfg)}",
+        f"hold the run directory's lease ({plan.output}/_lease.json) while running",
     ]
+    if plan.changes:
+        lines.append("resume with changes (train.allow_changed_resume): " + "; ".join(plan.changes))
     if cfg.train.min_val_accuracy is not None:
         lines.append(f"exit 3 if validation accuracy < train.min_val_accuracy {cfg.train.min_val_accuracy}")
     if cfg.registry.uri:

@@ -144,12 +144,27 @@ class TrainConfig(_Section):
     # passes) before the final evaluation and export. "auto": when weights is none.
     recompute_bn_stats: Union[bool, Literal["auto"]] = "auto"
     # Learning rates above are for a global batch of lr_reference_batch images
-    # (None: data.batch_size, i.e. one replica); "linear" scales them by
-    # global batch / reference (Goyal et al., 2017), "none" leaves them.
-    lr_scaling: Literal["linear", "none"] = "linear"
+    # (None: data.batch_size, i.e. one replica). With ratio = global batch /
+    # reference: "linear" multiplies them by the ratio (Goyal et al., 2017),
+    # "sqrt" by its square root, "none" leaves them; "auto": linear for SGD,
+    # square root for the adaptive optimizers (RMSprop, Adam). docs/training.md.
+    lr_scaling: Literal["auto", "linear", "sqrt", "none"] = "auto"
     lr_reference_batch: Optional[int] = Field(None, ge=1)
     # Linear warmup at the start of each phase, in epochs (fractions allowed).
-    warmup_epochs: float = Field(0.0, ge=0)
+    # None: automatic, per phase: a quarter of the phase's epochs, at most 5,
+    # when its learning rate is scaled up more than 2x, else none.
+    warmup_epochs: Optional[float] = Field(None, ge=0)
+    # A resume whose global batch differs from the checkpoint's (other worker or
+    # replica count, or data.batch_size) is refused unless this is true: then
+    # the new batch and its scaled learning rates are used and the change is
+    # recorded (state, summary.json "rescales").
+    rescale_on_resume: bool = False
+    # A resume whose config (training keys: docs/training.md) or data manifest
+    # differs from what the run started with is refused unless this is true.
+    allow_changed_resume: bool = False
+    # The run directory's lease (_lease.json): a holder whose heartbeat is older
+    # than this (or whose process on this host is gone) may be taken over.
+    lease_timeout_s: float = Field(300.0, gt=0)
     bn_stats_batches: int = Field(20, ge=1)
     checkpoints_to_keep: int = Field(2, ge=1)
 
@@ -178,6 +193,10 @@ class ScalingConfig(_Section):
     # the pad keeps it, which on CPU workers saves about a third of the step
     # time (BENCHMARKS.md, training section 1).
     worker_malloc_top_pad_mb: int = Field(256, ge=0)
+    # On a cluster that can grow (an autoscaler), how long the job waits for
+    # room for the whole worker group before it gives up (exit 1). A fixed-size
+    # cluster that cannot hold the group is refused at once (exit 2).
+    placement_timeout_s: float = Field(600.0, gt=0)
 
 
 class ScoreConfig(_Section):

@@ -3,6 +3,7 @@ switches on CPU, BatchNorm statistics re-estimation."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -71,12 +72,78 @@ def test_batch_scaling_follows_the_global_batch():
     from pipeline.config import load_config
     from pipeline.training.worker import batch_scaling
 
-    cfg = load_config(overrides=["data.batch_size=8", "train.warmup_epochs=0.5", "train.transfer.learning_rate=0.01"])
-    out = batch_scaling(cfg, workers=2, replicas=4, train_examples=100)
-    assert (out["global_batch"], out["steps_per_epoch"], out["lr_factor"]) == (32, 4, 4.0)
-    assert out["phases"]["transfer"] == {"base_learning_rate": 0.01, "learning_rate": 0.04, "warmup_steps": 2}
+    cfg = load_config(overrides=["data.batch_size=8", "train.warmup_epochs=0.5", "train.transfer.learning_rate=0.01",
+                                 "train.transfer.optimizer=sgd"])
+    out = batch_scaling(cfg, workers=2, replicas=4, train_examples=128)
+    assert (out["global_batch"], out["steps_per_epoch"], out["batch_ratio"]) == (32, 4, 4.0)
+    assert out["phases"]["transfer"] == {"optimizer": "sgd", "lr_rule": "linear", "lr_factor": 4.0,
+                                         "base_learning_rate": 0.01, "learning_rate": 0.04, "warmup_epochs": 0.5,
+                                         "warmup_steps": 2}
     same = batch_scaling(load_config(overrides=["train.lr_scaling=none"]), workers=2, replicas=4, train_examples=100)
-    assert same["lr_factor"] == 1.0
+    assert {p["lr_factor"] for p in same["phases"].values()} == {1.0}
+
+
+@pytest.mark.parametrize("setting, expected", [
+    # global batch 4 x 8 = 32, reference 8: ratio 4
+    ("auto", {"sgd": 4.0, "rmsprop": 2.0, "adam": 2.0}),
+    ("linear", {"sgd": 4.0, "rmsprop": 4.0, "adam": 4.0}),
+    ("sqrt", {"sgd": 2.0, "rmsprop": 2.0, "adam": 2.0}),
+    ("none", {"sgd": 1.0, "rmsprop": 1.0, "adam": 1.0}),
+])
+def test_learning_rate_factor_per_optimizer_kind(setting, expected):
+    from pipeline.config import load_config
+    from pipeline.training.worker import batch_scaling
+
+    for optimizer, factor in expected.items():
+        cfg = load_config(overrides=["data.batch_size=8", f"train.lr_scaling={setting}",
+                                     f"train.transfer.optimizer={optimizer}", "train.transfer.learning_rate=0.001",
+                                     "train.transfer.epochs=10", f"train.finetune.optimizer={optimizer}",
+                                     "train.finetune.epochs=40"])
+        out = batch_scaling(cfg, workers=4, replicas=4, train_examples=320)
+        for name in ("transfer", "finetune"):
+            phase = out["phases"][name]
+            assert phase["lr_factor"] == pytest.approx(factor), (setting, optimizer)
+            assert phase["learning_rate"] == pytest.approx(getattr(cfg.train, name).learning_rate * factor)
+            # Automatic warmup only above a factor of 2: a quarter of the phase, at most 5 epochs.
+            want = min(5.0, getattr(cfg.train, name).epochs / 4) if factor > 2 else 0.0
+            assert phase["warmup_epochs"] == want and phase["warmup_steps"] == math.ceil(want * 10)
+    # An explicit warmup overrides the automatic one, either way.
+    cfg = load_config(overrides=["data.batch_size=8", "train.warmup_epochs=0", "train.transfer.optimizer=sgd"])
+    assert batch_scaling(cfg, workers=4, replicas=4, train_examples=320)["phases"]["transfer"]["warmup_steps"] == 0
+    cfg = load_config(overrides=["data.batch_size=8", "train.warmup_epochs=1"])
+    assert batch_scaling(cfg, workers=1, replicas=1, train_examples=320)["phases"]["transfer"]["warmup_steps"] == 40
+
+
+def test_the_optimizer_applies_the_scaled_and_warmed_up_rate_at_every_step():
+    """The rate the compiled optimizer applies at step k (read from it, as the
+    history does) is the schedule: warmup to the scaled rate, then that rate."""
+    from pipeline.config import load_config
+    from pipeline.training.worker import batch_scaling
+
+    cfg = load_config(overrides=["data.batch_size=2", "train.transfer.optimizer=sgd",
+                                 "train.transfer.learning_rate=0.01", "train.transfer.epochs=16"])
+    scaling = batch_scaling(cfg, workers=4, replicas=4, train_examples=8)  # ratio 4, one step an epoch
+    phase = scaling["phases"]["transfer"]
+    assert (phase["learning_rate"], phase["warmup_steps"]) == (pytest.approx(0.04), 4)  # 16 / 4 epochs
+    model = keras.Sequential([keras.layers.Dense(2, activation="softmax", input_shape=(3,))])
+    mdl.compile_for(model, cfg.train.transfer, top_k=1, learning_rate=phase["learning_rate"],
+                    warmup_steps=phase["warmup_steps"])
+    expected = [0.01, 0.02, 0.03, 0.04, 0.04, 0.04]
+    assert [mdl.learning_rate_at(model.optimizer, k) for k in range(6)] == pytest.approx(expected)
+    used = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            used.append(mdl.learning_rate_at(self.model.optimizer))  # the step just taken
+
+    model.fit(np.zeros((12, 3), np.float32), np.zeros(12), batch_size=2, epochs=1, verbose=0, callbacks=[Record()])
+    assert used == pytest.approx(expected)
+    assert int(model.optimizer.iterations.numpy()) == 6
+    # The same under a loss-scale optimizer (mixed precision): the wrapped optimizer's schedule.
+    wrapped = keras.mixed_precision.LossScaleOptimizer(mdl.make_optimizer(cfg.train.transfer, 0.04, 4))
+    assert mdl.learning_rate_at(wrapped, 1) == pytest.approx(0.02)
+    adam = mdl.make_optimizer(cfg.train.transfer.model_copy(update={"optimizer": "adam"}), 0.003)
+    assert mdl.learning_rate_at(adam) == pytest.approx(0.003)
 
 
 def _trained_checkpoint(tmp_path):

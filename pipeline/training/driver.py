@@ -9,11 +9,14 @@ checkpoints/, and summary.json, written last: its presence marks a completed run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from pipeline import storage as st
@@ -27,6 +30,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 SUMMARY_FILE = "summary.json"
+# What the run's first attempt was started with (resolved config, data
+# manifest digest), and the changes later attempts were allowed to make.
+ATTEMPT_FILE = "_attempt.json"
 
 
 @dataclass
@@ -35,6 +41,8 @@ class TrainPlan:
     output: str
     manifest: dict
     resuming: bool
+    # Keys a resume changes against ATTEMPT_FILE (allowed: train.allow_changed_resume).
+    changes: list = field(default_factory=list)
 
 
 def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
@@ -81,9 +89,282 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
         raise UsageError(f"{output} holds a completed run ({SUMMARY_FILE}); choose a new --output")
     _check_cache_bound(cfg, manifest, data)
     resuming = _exists(st.join(output, CHECKPOINTS), cfg)
+    changes = check_attempt(cfg, output, data, manifest, resuming)
     st.check_writable(output, cfg.storage)
+    check_local_placement(cfg)
     _check_unfreeze(cfg)  # last: it loads TensorFlow, after every storage check
-    return TrainPlan(data, output, manifest, resuming)
+    return TrainPlan(data, output, manifest, resuming, changes)
+
+
+# ----------------------------------------------------------------- attempts
+
+# Keys that may differ between attempts of one run: where and how it runs
+# (cluster, storage, workers and their resources, caches, retries, the lease,
+# GPU switches), what happens after training (registry, quality gate), other
+# jobs' sections, and the switches that allow a changed resume. Everything else
+# (data, model, augmentation, phases, learning rates, seed...) must match.
+# data.batch_size may differ too when train.rescale_on_resume is true (the
+# global batch check then lets the new batch through).
+ATTEMPT_FREE_KEYS = (
+    "ray.", "storage.", "prepare.", "score.", "registry.", "scaling.",
+    "data.cache_dir", "data.cache_max_gb", "data.download_concurrency", "data.read_parallelism",
+    "train.max_failures", "train.checkpoints_to_keep", "train.lease_timeout_s", "train.mixed_precision",
+    "train.xla", "train.min_val_accuracy", "train.rescale_on_resume", "train.allow_changed_resume",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not (prefix == "train." and key == "class_weights"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def attempt_record(cfg: Config, data: str, manifest: dict) -> dict:
+    """What decides what a run trains: its resolved config (secrets redacted) and data manifest."""
+    return {"data": data, "manifest_sha256": manifest_digest(manifest), "config": cfg.to_dict(redact=True)}
+
+
+def compared_config(cfg: Config, config: dict) -> dict:
+    """The dotted keys of ``config`` that must match between attempts."""
+    free = ATTEMPT_FREE_KEYS + (("data.batch_size",) if cfg.train.rescale_on_resume else ())
+    return {k: v for k, v in _flat(config).items() if not any(k == f or (f.endswith(".") and k.startswith(f))
+                                                              for f in free)}
+
+
+def attempt_changes(cfg: Config, first: dict, now: dict) -> list[str]:
+    """'key: first -> now' for each compared key (and the data manifest) that differs."""
+    changes = []
+    if first.get("manifest_sha256") != now["manifest_sha256"]:
+        changes.append(f"data manifest: {first.get('data')} (sha256 {str(first.get('manifest_sha256'))[:12]}) -> "
+                       f"{now['data']} (sha256 {now['manifest_sha256'][:12]})")
+    before, after = compared_config(cfg, first.get("config") or {}), compared_config(cfg, now["config"])
+    for key in sorted(set(before) | set(after)):
+        if before.get(key, "<unset>") != after.get(key, "<unset>"):
+            changes.append(f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}")
+    return changes
+
+
+def check_attempt(cfg: Config, output: str, data: str, manifest: dict, resuming: bool) -> list[str]:
+    """A resume must train what the run started with: UsageError naming the
+    differences from ATTEMPT_FILE unless train.allow_changed_resume; returns them."""
+    if not resuming:
+        return []
+    try:
+        first = st.read_json(st.join(output, ATTEMPT_FILE), cfg.storage)
+    except FileNotFoundError:
+        return []  # a run from before the record was kept
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read {st.join(output, ATTEMPT_FILE)}: {st.describe_error(exc)}") from None
+    changes = attempt_changes(cfg, first, attempt_record(cfg, data, manifest))
+    if changes and not cfg.train.allow_changed_resume:
+        more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
+        raise UsageError(f"{output}: this resume differs from the run's first attempt ({ATTEMPT_FILE}): "
+                         f"{'; '.join(changes[:3])}{more}; resume with the same config and data, or set "
+                         "train.allow_changed_resume=true")
+    return changes
+
+
+def record_attempt(cfg: Config, plan: TrainPlan) -> None:
+    """Write ATTEMPT_FILE at the start of a run (under its lease); a resume
+    allowed to change keys appends them and becomes the new reference."""
+    uri = st.join(plan.output, ATTEMPT_FILE)
+    now = attempt_record(cfg, plan.data, plan.manifest)
+    try:
+        previous = st.read_json(uri, cfg.storage) if plan.resuming else None
+    except FileNotFoundError:
+        previous = None
+    if previous is not None and not plan.changes:
+        return
+    accepted = (previous or {}).get("accepted_changes", [])
+    if previous is not None:
+        accepted = accepted + [{"time": time.time(), "changes": plan.changes}]
+        log.warning("train: resuming with changes (train.allow_changed_resume): %s", "; ".join(plan.changes))
+    st.write_json(uri, {**now, "started": time.time(), "accepted_changes": accepted}, cfg.storage)
+
+
+def lease_args(cfg: Config, plan: TrainPlan) -> dict:
+    """What the output lease names: two jobs with these equal are the same job."""
+    config = json.dumps(compared_config(cfg, cfg.to_dict(redact=True)), sort_keys=True, default=str)
+    return {"data": plan.data, "manifest_sha256": manifest_digest(plan.manifest)[:16],
+            "config_sha256": hashlib.sha256(config.encode("utf-8")).hexdigest()[:16]}
+
+
+# ---------------------------------------------------------------- placement
+
+def starts_own_ray(cfg: Config) -> bool:
+    """Whether start_ray will start a private local Ray for this job (no
+    ray.address, no RAY_ADDRESS, no Ray started on this machine with ``ray
+    start``, none initialised in this process): its size is then this machine."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    ray_module = sys.modules.get("ray")
+    if ray_module is not None and ray_module.is_initialized():
+        return False
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # noqa: BLE001 - cannot tell: the check after Ray starts decides
+        return False
+
+
+def local_resources() -> dict:
+    """CPUs and GPUs a local Ray started on this machine gets (Ray's own count:
+    CPUs within container limits, else os.cpu_count(); visible NVIDIA GPUs)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+    except Exception:  # noqa: BLE001
+        cpus = float(os.cpu_count() or 1)
+    gpus = 0.0
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        visible = manager.get_current_process_visible_accelerator_ids()
+        found = manager.get_current_node_num_accelerators()
+        gpus = float(min(found, len(visible)) if visible is not None else found)
+    except Exception:  # noqa: BLE001
+        pass
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def controller_cpus() -> float:
+    """CPUs Ray Train takes beside the workers: Train V2 (Ray's default) runs
+    its controller with 0 CPUs; the V1 trainer actor takes 1."""
+    return 0.0 if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").strip().lower() not in ("0", "false") else 1.0
+
+
+def worker_bundle(cfg: Config, use_gpu: bool) -> dict:
+    bundle = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu and cfg.scaling.gpus_per_worker:
+        bundle["GPU"] = cfg.scaling.gpus_per_worker
+    return bundle
+
+
+def _describe_need(workers: int, bundle: dict) -> str:
+    each = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
+    total = ", ".join(f"{v * workers:g} {k}s" for k, v in bundle.items())
+    return f"{workers} worker{'s' if workers != 1 else ''} x {each} = {total}"
+
+
+def _fits(nodes: list[dict], bundle: dict, workers: int, extra_cpus: float = 0.0) -> bool:
+    """Whether ``workers`` bundles fit the nodes' resources (each bundle on one node)."""
+    placed = 0
+    for i, node in enumerate(nodes):
+        per = [math.floor((node.get(k, 0.0) - (extra_cpus if k == "CPU" and i == 0 else 0.0)) / v + 1e-9)
+               for k, v in bundle.items() if v > 0]
+        placed += max(0, min(per)) if per else workers
+    return placed >= workers
+
+
+def check_local_placement(cfg: Config) -> None:
+    """For the job's own local Ray (a fixed size: this machine), refuse a worker
+    group that cannot be placed, before Ray starts."""
+    if not starts_own_ray(cfg):
+        return
+    have = local_resources()
+    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else have["GPU"] > 0
+    if use_gpu and have["GPU"] == 0:
+        raise UsageError("scaling.use_gpu is true but this machine, where the job starts its own Ray, has no GPUs")
+    workers = cfg.scaling.num_workers
+    if workers is None:
+        workers = max(1, int(have["GPU"] // (cfg.scaling.gpus_per_worker or 1))) if use_gpu else 1
+    bundle = worker_bundle(cfg, use_gpu)
+    reserve = controller_cpus()
+    if not _fits([have], bundle, workers, extra_cpus=reserve):
+        held = ", ".join(f"{have[k]:g} {k}s" for k in bundle)
+        extra = f" (+ {reserve:g} CPU for Ray Train's trainer)" if reserve else ""
+        raise UsageError(f"scaling: {_describe_need(workers, bundle)}{extra} do not fit the local Ray this job "
+                         f"starts, which has this machine's {held}; lower scaling.num_workers or "
+                         "scaling.cpus_per_worker/gpus_per_worker, or set ray.address to a larger cluster")
+
+
+def cluster_growth(own_ray: bool) -> tuple[str, Optional[dict]]:
+    """("fixed" | "autoscaler" | "unknown", the autoscaler's maximum resources
+    when it reports them). The job's own local Ray is fixed. Otherwise: an
+    autoscaler that publishes its node types (autoscaler v2: KubeRay, the
+    cluster launcher with v2) reports its limits, which Ray Train reads too; the
+    v1 autoscaler reports node types in its status: a cluster whose every node
+    type is the read-only monitor's "node_<node id>" (a cluster started by hand
+    with ``ray start``, or by ray.init()) cannot grow; other node types mean an
+    autoscaler that can add nodes. No report at all: unknown (waited on, like an
+    autoscaler, for at most scaling.placement_timeout_s)."""
+    if own_ray:
+        return "fixed", None
+    try:
+        from ray._private import state as ray_state
+
+        limits = ray_state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001
+        limits = None
+    if limits:
+        return "autoscaler", {k: float(v) for k, v in limits.items()}
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get("__autoscaling_status")
+        mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {} if raw else {}
+    except Exception:  # noqa: BLE001
+        mapping = {}
+    if not mapping:
+        return "unknown", None
+    if all(kind == f"node_{node}" for node, kind in mapping.items()):
+        return "fixed", None
+    return "autoscaler", None
+
+
+def ensure_placeable(cfg: Config, workers: int, use_gpu: bool, own_ray: bool = False) -> None:
+    """Before the worker group starts: a cluster that cannot grow and cannot
+    hold it is a UsageError (exit 2) naming the resources; a group that does not
+    fit now is waited for once (a placement group the autoscaler sees), for at
+    most scaling.placement_timeout_s, then JobFailed (exit 1)."""
+    import ray
+
+    bundle = worker_bundle(cfg, use_gpu)
+    nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+    totals = {k: sum(n.get(k, 0.0) for n in nodes) for k in bundle}
+    have = ", ".join(f"{totals[k]:g} {k}s" for k in bundle)
+    growth, limits = cluster_growth(own_ray)
+    reserve = controller_cpus()
+    if not _fits(nodes, bundle, workers, extra_cpus=reserve):
+        if growth == "fixed":
+            raise UsageError(f"scaling: {_describe_need(workers, bundle)} do not fit this Ray cluster, which has no "
+                             f"autoscaler: its {len(nodes)} node(s) have {have}; lower scaling.num_workers or "
+                             "scaling.cpus_per_worker/gpus_per_worker")
+        if limits is not None and any(v * workers > limits.get(k, 0.0) for k, v in bundle.items()):
+            most = ", ".join(f"{limits.get(k, 0.0):g} {k}s" for k in bundle)
+            raise UsageError(f"scaling: {_describe_need(workers, bundle)} exceed what this cluster's autoscaler "
+                             f"may ever provide ({most}); lower scaling.num_workers or the resources per worker")
+    available = ray.available_resources()
+    if _fits(nodes, bundle, workers, extra_cpus=reserve) and all(
+            available.get(k, 0.0) >= v * workers for k, v in bundle.items()):
+        return
+    timeout = cfg.scaling.placement_timeout_s
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    log.warning("train: waiting up to %.0f s (scaling.placement_timeout_s) for room for %s on the cluster (%s now, "
+                "%s free)%s", timeout, _describe_need(workers, bundle), have,
+                ", ".join(f"{available.get(k, 0.0):g} {k}s" for k in bundle),
+                "; the autoscaler may add nodes" if growth != "fixed" else "")
+    group = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
+    try:
+        ready = group.wait(timeout_seconds=timeout)
+    finally:
+        remove_placement_group(group)
+    if not ready:
+        raise JobFailed(f"the cluster did not make room for {_describe_need(workers, bundle)} within "
+                        f"scaling.placement_timeout_s={timeout:g} s ({have} now); lower scaling.num_workers, or "
+                        "check the autoscaler's limits and its log")
 
 
 def _check_cache_bound(cfg: Config, manifest: dict, data: str) -> None:
@@ -162,7 +443,34 @@ def worker_env(cfg: Config) -> dict:
     return env
 
 
-def run_training(cfg: Config, plan: TrainPlan) -> dict:
+def expected_global_batch(cfg: Config, workers: int, use_gpu: bool) -> int:
+    """data.batch_size times the replicas: one per worker on CPU, one per whole
+    GPU of a worker (MultiWorkerMirroredStrategy mirrors over its local GPUs)."""
+    per_worker = max(1, int(cfg.scaling.gpus_per_worker)) if use_gpu else 1
+    return cfg.data.batch_size * workers * per_worker
+
+
+def check_resume_batch(cfg: Config, output: str, state: dict, global_batch: int) -> Optional[dict]:
+    """A resume at another global batch than the checkpoint's is a UsageError
+    unless train.rescale_on_resume; returns {"from", "to"} when it rescales."""
+    rescales = state.get("rescales") or []
+    in_force = rescales[-1]["scaling"] if rescales else state.get("scaling")
+    if not in_force or in_force.get("global_batch") == global_batch:
+        return None
+    before = in_force["global_batch"]
+    if not cfg.train.rescale_on_resume:
+        raise UsageError(
+            f"{output}: the checkpoint was trained at a global batch of {before} ({in_force.get('workers')} "
+            f"worker(s), {in_force.get('replicas')} replica(s) x {in_force.get('per_replica_batch')}), this attempt "
+            f"would train at {global_batch} (data.batch_size {cfg.data.batch_size}); resume with the same workers "
+            "and batch, or set train.rescale_on_resume=true to go on at the new batch and its learning rates")
+    log.warning("train: rescaling on resume: global batch %d -> %d (train.rescale_on_resume)", before, global_batch)
+    return {"from": before, "to": global_batch}
+
+
+def run_training(cfg: Config, plan: TrainPlan, *, lease=None, own_ray: bool = False) -> dict:
+    """``lease``: the run directory's OutputLease (checked before publishing);
+    ``own_ray``: Ray was started by this job (a cluster of this machine's size)."""
     import ray
 
     started = time.time()
@@ -182,8 +490,16 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
         checkpoint, state = finished
         log.info("train: every epoch is in the last checkpoint (%s); publishing it", checkpoint.path.rsplit("/", 1)[-1])
     else:
+        last = last_checkpoint_state(cfg, plan.output) if plan.resuming else None
+        if last is not None:
+            check_resume_batch(cfg, plan.output, last[1], expected_global_batch(cfg, workers, use_gpu))
+        ensure_placeable(cfg, workers, use_gpu, own_ray)
+        if lease is not None:
+            lease.check()
         checkpoint, state = _fit(cfg, plan, workers, use_gpu, mixed, xla, storage_path, storage_fs), None
     check_training_failure(cfg, plan.output, checkpoint)
+    if lease is not None:
+        lease.check()
     train_seconds = time.time() - started
 
     finalize = ray.remote(finalize_run).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
@@ -192,6 +508,8 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
         outputs.update(resumed=True, resumed_from={"phase_index": state["phase_index"], "epoch": state["epoch"],
                                                    "training_done": True})
     maybe_fault("published")
+    if lease is not None:
+        lease.check()
     registered = None
     if cfg.registry.uri:
         registered = register_and_gate(cfg, plan, outputs["metrics"], use_gpu)
@@ -205,6 +523,7 @@ def run_training(cfg: Config, plan: TrainPlan) -> dict:
         "workers": workers,
         "use_gpu": use_gpu,
         "scaling": outputs["scaling"],
+        "rescales": outputs.get("rescales", []),
         "resumed": outputs["resumed"],
         "resumed_from": outputs["resumed_from"],
         "epochs": len(outputs["history"]),
@@ -272,6 +591,21 @@ def _fit(cfg: Config, plan: TrainPlan, workers: int, use_gpu: bool, mixed: bool,
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
+def last_checkpoint_state(cfg: Config, output: str) -> Optional[tuple[str, dict]]:
+    """(name, loop state) of the checkpoint a new trainer would resume from,
+    from Ray Train's own record; None when there is none or it cannot be read."""
+    from pipeline.training.worker import STATE_FILE
+
+    try:
+        snapshot = st.read_json(st.join(output, CHECKPOINTS, RAY_CHECKPOINT_SNAPSHOT), cfg.storage)
+        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        state = st.read_json(st.join(output, CHECKPOINTS, name, STATE_FILE), cfg.storage)
+        int(state["phase_index"]), int(state["epoch"])
+    except Exception:  # noqa: BLE001 - no snapshot yet, another layout: the trainer decides
+        return None
+    return name, state
+
+
 def finished_checkpoint(cfg: Config, output: str, storage_path: str, storage_fs):
     """(the checkpoint a new trainer would resume from, its loop state) when
     that state leaves nothing to train under ``cfg`` (every epoch of every
@@ -279,15 +613,11 @@ def finished_checkpoint(cfg: Config, output: str, storage_path: str, storage_fs)
     when that cannot be told (a trainer then resumes as usual)."""
     import ray.train
 
-    from pipeline.training.worker import STATE_FILE
-
-    try:
-        snapshot = st.read_json(st.join(output, CHECKPOINTS, RAY_CHECKPOINT_SNAPSHOT), cfg.storage)
-        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-        state = st.read_json(st.join(output, CHECKPOINTS, name, STATE_FILE), cfg.storage)
-        index, epoch = int(state["phase_index"]), int(state["epoch"])
-    except Exception:  # noqa: BLE001 - no snapshot yet, another layout: the trainer decides
+    last = last_checkpoint_state(cfg, output)
+    if last is None:
         return None
+    name, state = last
+    index, epoch = int(state["phase_index"]), int(state["epoch"])
     # As the training loop walks the phases after a restore.
     left = [i for i, (_, phase) in enumerate(cfg.train.phases()) if i > index or (i == index and epoch < phase.epochs)]
     if left and not state.get("failure"):
@@ -422,6 +752,7 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
         "resumed_from": state.get("resumed_from"),
         "bn_batches": bn_batches,
         "scaling": state.get("scaling"),
+        "rescales": [{k: v for k, v in r.items()} for r in state.get("rescales") or []],
         "images_per_s": round(float(np.median(speeds)), 2) if speeds else None,
         "files": sorted(f for f in files if not f.startswith("tensorboard/")) + ["tensorboard/"],
     }

@@ -197,6 +197,64 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"rate": self.rate, "warmup_steps": self.warmup_steps}
 
 
+# Optimizers that divide each step by a running estimate of the gradient's
+# scale: their step grows about with the square root of the batch, not linearly
+# (Hoffer et al., 2017; Malladi et al., 2022), so "auto" scales them by sqrt.
+ADAPTIVE_OPTIMIZERS = frozenset({"rmsprop", "adam"})
+# Automatic warmup (train.warmup_epochs: null): when a phase's rate is scaled up
+# more than WARMUP_ABOVE_FACTOR times, a quarter of its epochs, at most 5.
+WARMUP_ABOVE_FACTOR = 2.0
+AUTO_WARMUP_FRACTION = 0.25
+AUTO_WARMUP_MAX_EPOCHS = 5.0
+
+
+def lr_rule(optimizer: str, lr_scaling: str) -> str:
+    """The scaling rule a phase uses: "linear", "sqrt" or "none" (``auto``:
+    linear for SGD, sqrt for the adaptive optimizers)."""
+    if lr_scaling == "auto":
+        return "sqrt" if optimizer in ADAPTIVE_OPTIMIZERS else "linear"
+    return lr_scaling
+
+
+def lr_factor(rule: str, batch_ratio: float) -> float:
+    """What the rule multiplies a learning rate by for global batch / reference = ``batch_ratio``."""
+    if rule == "linear":
+        return float(batch_ratio)
+    if rule == "sqrt":
+        return float(batch_ratio) ** 0.5
+    if rule == "none":
+        return 1.0
+    raise ValueError(f"unknown learning-rate scaling rule {rule!r}")
+
+
+def warmup_epochs_for(setting: Optional[float], factor: float, phase_epochs: int) -> float:
+    """``train.warmup_epochs`` when set; else (auto) a quarter of the phase's
+    epochs, at most 5, when the rate is scaled up more than 2x, else 0."""
+    if setting is not None:
+        return float(setting)
+    if factor > WARMUP_ABOVE_FACTOR:
+        return min(AUTO_WARMUP_MAX_EPOCHS, AUTO_WARMUP_FRACTION * phase_epochs)
+    return 0.0
+
+
+def learning_rate_at(optimizer, step: Optional[int] = None) -> float:
+    """The learning rate ``optimizer`` applies at ``step`` (its schedule, if it
+    has one, evaluated there); default: the rate its last step used, i.e. at
+    ``iterations - 1`` (a step reads the rate before counting itself). A loss
+    scale optimizer (mixed precision) answers for the optimizer it wraps."""
+    import tensorflow as tf
+
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = getattr(inner, "_learning_rate", None)
+    if rate is None:
+        rate = inner.learning_rate
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        if step is None:
+            step = max(0, int(inner.iterations.numpy()) - 1)
+        return float(rate(tf.constant(step, tf.int64)))
+    return float(keras.backend.get_value(rate))
+
+
 def make_optimizer(phase: PhaseConfig, learning_rate: Optional[float] = None,
                    warmup_steps: int = 0) -> keras.optimizers.Optimizer:
     """The phase's optimizer at ``learning_rate`` (default: the phase's own),
@@ -215,7 +273,10 @@ def compile_for(model: keras.Model, phase: PhaseConfig, *, top_k: int, jit_compi
     model.compile(
         optimizer=make_optimizer(phase, learning_rate, warmup_steps),
         loss="sparse_categorical_crossentropy",
-        metrics=[
+        # Weighted like the loss: validation padding weighs 0 (see
+        # pipeline.data.input.validation_input); with train.class_weights the
+        # training accuracy is class-weighted too.
+        weighted_metrics=[
             "accuracy",
             keras.metrics.SparseTopKCategoricalAccuracy(k=top_k, name="top_k_accuracy"),
         ],
@@ -289,8 +350,9 @@ def recompute_bn_statistics(model: keras.Model, batches) -> int:
 def count_inputs(model: keras.Model) -> None:
     """Make the model count what its train and test steps actually receive.
 
-    The steps then take ``(images, labels, weights, skipped)`` elements (see
-    ``pipeline.data.input.make_dataset(counted=True)``) and log, per epoch, summed
+    The steps then take ``(images, labels, weights, skipped[, real])`` elements (see
+    ``pipeline.data.input.make_dataset(counted=True)`` and ``train_input``;
+    ``real`` 0 marks validation padding, not counted) and log, per epoch, summed
     over every replica of every worker: ``examples`` (images trained on),
     ``replica_batch`` (mean images per replica per step) and
     ``skipped_records`` (undecodable records dropped by the input). Validation
@@ -305,8 +367,9 @@ def count_inputs(model: keras.Model) -> None:
     train_step, test_step = model.train_step, model.test_step
 
     def counted(data):
-        images, labels, weights, skip = data
-        n = tf.cast(tf.shape(labels)[0], tf.float32)
+        images, labels, weights, skip = data[:4]
+        # A fifth element marks real images (1) against validation padding (0).
+        n = tf.reduce_sum(data[4]) if len(data) > 4 else tf.cast(tf.shape(labels)[0], tf.float32)
         examples.update_state(n)
         replica_batch.update_state(n)
         skipped.update_state(tf.cast(tf.reduce_sum(skip), tf.float32))

@@ -44,7 +44,11 @@ class LoopState:
     best_val_loss: Optional[float] = None
     wait: int = 0  # epochs without val_loss improvement in this phase
     resumed_from: Optional[dict] = None
-    scaling: Optional[dict] = None  # batch sizes and learning rates as run
+    # Batch sizes and learning rates the run started with (batch_scaling), kept
+    # across resumes: a resume at another global batch is refused by the driver
+    # unless train.rescale_on_resume, and then recorded in ``rescales``.
+    scaling: Optional[dict] = None
+    rescales: list = field(default_factory=list)
     failure: Optional[str] = None  # set when training must stop (bad records)
 
 
@@ -95,21 +99,53 @@ def class_weights(cfg: Config, manifest: dict) -> Optional[dict[int, float]]:
 
 
 def batch_scaling(cfg: Config, workers: int, replicas: int, train_examples: int) -> dict:
-    """Per-replica and global batch, steps per epoch, and each phase's learning
-    rate after scaling with the global batch, and its warmup steps."""
+    """Per-replica and global batch, steps per epoch, and per phase: the rule
+    its optimizer scales by (``train.lr_scaling``; "auto": linear for SGD,
+    sqrt for RMSprop and Adam), its learning rate after scaling with the global
+    batch, and its warmup (``train.warmup_epochs``; None: automatic)."""
+    from pipeline.training.model import lr_factor, lr_rule, warmup_epochs_for
+
     per_replica = cfg.data.batch_size
     global_batch = per_replica * replicas
     steps = inp.steps_per_epoch(train_examples, global_batch)
     reference = cfg.train.lr_reference_batch or per_replica
-    factor = global_batch / reference if cfg.train.lr_scaling == "linear" else 1.0
-    phases = {
-        name: {"base_learning_rate": phase.learning_rate, "learning_rate": phase.learning_rate * factor,
-               "warmup_steps": int(math.ceil(cfg.train.warmup_epochs * steps))}
-        for name, phase in cfg.train.phases()
-    }
+    ratio = global_batch / reference
+    phases = {}
+    for name, phase in cfg.train.phases():
+        rule = lr_rule(phase.optimizer, cfg.train.lr_scaling)
+        factor = lr_factor(rule, ratio)
+        warmup = warmup_epochs_for(cfg.train.warmup_epochs, factor, phase.epochs)
+        phases[name] = {"optimizer": phase.optimizer, "lr_rule": rule, "lr_factor": factor,
+                        "base_learning_rate": phase.learning_rate, "learning_rate": phase.learning_rate * factor,
+                        "warmup_epochs": warmup, "warmup_steps": int(math.ceil(warmup * steps))}
     return {"workers": workers, "replicas": replicas, "per_replica_batch": per_replica,
             "global_batch": global_batch, "steps_per_epoch": steps, "lr_scaling": cfg.train.lr_scaling,
-            "lr_reference_batch": reference, "lr_factor": factor, "phases": phases}
+            "lr_reference_batch": reference, "batch_ratio": ratio, "phases": phases}
+
+
+def scaling_in_force(state: LoopState) -> Optional[dict]:
+    """The scaling the last attempt ran with: the start's, or the last rescale's."""
+    return state.rescales[-1]["scaling"] if state.rescales else state.scaling
+
+
+def adopt_scaling(state: LoopState, scaling: dict, rescale_allowed: bool) -> Optional[dict]:
+    """Keep the scaling the run started with in ``state``; a restored run at
+    another global batch records a rescale (returned), which the driver lets
+    through only with train.rescale_on_resume."""
+    before = scaling_in_force(state)
+    if before is None:
+        state.scaling = scaling
+        return None
+    if before["global_batch"] == scaling["global_batch"]:
+        return None
+    if not rescale_allowed:
+        raise RuntimeError(f"the checkpoint was trained at a global batch of {before['global_batch']}, this "
+                           f"attempt runs at {scaling['global_batch']}; set train.rescale_on_resume=true")
+    rescale = {"phase_index": state.phase_index, "epoch": state.epoch, "after_epochs": len(state.history),
+               "from_global_batch": before["global_batch"], "to_global_batch": scaling["global_batch"],
+               "scaling": scaling}
+    state.rescales.append(rescale)
+    return rescale
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -178,7 +214,10 @@ def train_loop_per_worker(config: dict) -> None:
         state.resumed_from = {"phase_index": state.phase_index, "epoch": state.epoch}
         if rank == 0:
             log.info("resuming from checkpoint: phase %d, %d epochs done", state.phase_index, state.epoch)
-    state.scaling = scaling
+    rescale = adopt_scaling(state, scaling, cfg.train.rescale_on_resume)
+    if rescale and rank == 0:
+        log.info("rescaled on resume: global batch %d -> %d (train.rescale_on_resume)",
+                 rescale["from_global_batch"], rescale["to_global_batch"])
 
     phases = cfg.train.phases()
     top_k = min(cfg.train.top_k, len(manifest["classes"]))
@@ -318,6 +357,8 @@ COUNTED = ("examples", "replica_batch", "skipped_records", "val_examples", "val_
 def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
     import ray.train
 
+    from pipeline.training.model import learning_rate_at
+
     seconds = time.time() - cb._started
     entry = {"phase": cb.phase, "epoch": epoch + 1}
     for key in ("loss", "accuracy", "top_k_accuracy", "val_loss", "val_accuracy", "val_top_k_accuracy"):
@@ -333,6 +374,11 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
         # was skipped (a gap at the very end of a pass has no later record to show it).
         entry["val_skipped_records"] = max(0, cb.val_total - entry["val_examples"])
     entry["images_per_s"] = round(entry.get("examples", 0) / seconds, 2) if seconds > 0 else None
+    # Read from the optimizer: its schedule (warmup, scaled rate) at the step
+    # this epoch's last update used.
+    optimizer = cb._model_ref.optimizer
+    entry["learning_rate"] = learning_rate_at(optimizer)
+    entry["optimizer_step"] = int(getattr(optimizer, "inner_optimizer", optimizer).iterations.numpy())
     entry["seconds"] = round(seconds, 2)
     state = cb.state
     state.history.append(entry)
@@ -385,6 +431,8 @@ def _epoch_line(e: dict, epochs: int) -> str:
                        ("val_accuracy", "val_acc"), ("val_top_k_accuracy", "val_top_k")):
         if key in e:
             parts.append(f"{label} {e[key]:.4f}")
+    if e.get("learning_rate") is not None:
+        parts.append(f"lr {e['learning_rate']:.3g}")
     parts.append(f"| {e.get('examples', 0)} images, {e['images_per_s']} img/s, {e['seconds']:.1f}s")
     if e.get("skipped_records") or e.get("val_skipped_records"):
         parts.append(f"| {e.get('skipped_records', 0) + e.get('val_skipped_records', 0)} undecodable records skipped")
