@@ -62,8 +62,9 @@ def test_shard_assignment_is_disjoint_and_complete(tmp_path, counts, world):
     assert max(loads) - min(loads) <= max(counts)
 
 
-def test_steps_per_epoch_never_zero():
-    assert inp.steps_per_epoch(10, 4) == 3
+def test_steps_per_epoch_leaves_out_less_than_one_global_batch_and_is_never_zero():
+    assert inp.steps_per_epoch(10, 4) == 2
+    assert inp.steps_per_epoch(12, 4) == 3
     assert inp.steps_per_epoch(1, 64) == 1
 
 
@@ -100,8 +101,8 @@ def test_flip_only_is_an_exact_mirror_and_happens_both_ways():
     aug = {**AUG_ON, "rotation": 0, "width_shift": 0, "height_shift": 0, "shear": 0, "zoom": 0}
     original, mirrored = image.numpy().astype(np.float32), image.numpy()[:, ::-1].astype(np.float32)
     kinds = set()
-    for _ in range(24):
-        out = inp.augment(image, SIZE, aug).numpy()
+    for i in range(24):
+        out = inp.augment(image, SIZE, aug, inp.record_key(0, 0, 0, i)).numpy()
         if np.array_equal(out, original):
             kinds.add("same")
         elif np.allclose(out, mirrored, atol=1e-3):
@@ -113,7 +114,7 @@ def test_flip_only_is_an_exact_mirror_and_happens_both_ways():
 
 def test_augment_is_one_resample_to_the_model_size():
     big = tf.constant(np.random.default_rng(0).integers(0, 255, (120, 90, 3), dtype=np.uint8))
-    outs = [inp.augment(big, 75, AUG_ON).numpy() for _ in range(4)]
+    outs = [inp.augment(big, 75, AUG_ON, inp.record_key(0, 0, 0, i)).numpy() for i in range(4)]
     for out in outs:
         assert out.shape == (75, 75, 3) and out.dtype == np.float32
         assert 0.0 <= out.min() and out.max() <= 255.0
@@ -121,7 +122,7 @@ def test_augment_is_one_resample_to_the_model_size():
     # with every range at zero it is exactly the plain resize's geometry (centre-aligned)
     still = {**AUG_ON, "rotation": 0, "width_shift": 0, "height_shift": 0, "shear": 0, "zoom": 0,
              "horizontal_flip": False}
-    same = inp.augment(tf.constant(decoded(jpeg(3)).astype(np.uint8)), SIZE, still).numpy()
+    same = inp.augment(tf.constant(decoded(jpeg(3)).astype(np.uint8)), SIZE, still, inp.record_key(0, 0, 0, 0)).numpy()
     np.testing.assert_allclose(same, decoded(jpeg(3)), atol=1e-3)
 
 
@@ -175,7 +176,7 @@ def test_augment_does_not_alias_a_much_larger_image():
     still = {**AUG_ON, "rotation": 0, "width_shift": 0, "height_shift": 0, "shear": 0, "zoom": 0,
              "horizontal_flip": False}
     image = tf.constant(noise((1000, 975), seed=1))
-    out = inp.augment(image, 75, still).numpy()
+    out = inp.augment(image, 75, still, inp.record_key(0, 0, 0, 0)).numpy()
     assert out.shape == (75, 75, 3) and out.std() < 12
     plain = inp.resize(image, 75).numpy()
     assert np.abs(out - plain).mean() < 3  # the same picture, nearly the same pixels

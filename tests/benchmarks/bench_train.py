@@ -275,7 +275,7 @@ def profile_augment(size: int, blobs: list[bytes]) -> dict:
             interpolation="BILINEAR", fill_mode="NEAREST")[0]
 
     def augmented(b):
-        return inp.augment(decode(b), size, aug)
+        return inp.augment(decode(b), size, aug, inp.record_key(0, 0, 0, 0))
 
     out = {}
     for name, fn in (("decode", decode), ("decode_resample", resample), ("decode_augment", augmented)):
