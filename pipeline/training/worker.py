@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -70,6 +71,15 @@ def shard_stream(cache: ShardCache, refs: list[ShardRef], assignment: inp.Assign
     lookahead, keep_open = stream_window(cfg.data.download_concurrency, cfg.data.read_parallelism)
     return ShardStream(cache, mine, shuffle=training and not striped, repeat=training, seed=seed,
                        lookahead=lookahead, keep_open=keep_open)
+
+
+def segment_stream(cache: ShardCache, refs: list[ShardRef], segments, cfg: Config, *, passes,
+                   repeat: bool) -> ShardStream:
+    """The shards of ``segments`` (one per segment, in segment order): read per
+    ``passes`` (epoch -> segment indices) when training, one pass in order otherwise."""
+    lookahead, keep_open = stream_window(cfg.data.download_concurrency, cfg.data.read_parallelism)
+    return ShardStream(cache, [refs[seg.shard] for seg in segments], shuffle=False, repeat=repeat,
+                       lookahead=lookahead, keep_open=keep_open, passes=passes)
 
 
 def fetch_to_local(uri: str, storage, suffix: str = "") -> str:
@@ -167,43 +177,58 @@ def train_loop_per_worker(config: dict) -> None:
     n_train = manifest["splits"]["train"]["num_examples"]
     scaling = batch_scaling(cfg, world, strategy.num_replicas_in_sync, n_train)
     global_batch, steps = scaling["global_batch"], scaling["steps_per_epoch"]
-    seed = None if cfg.data.seed is None else cfg.data.seed + rank
+    # Unseeded runs take a seed from their output folder: a resumed run (the
+    # same folder) reads and augments exactly as the first attempt would have.
+    seed = cfg.data.seed if cfg.data.seed is not None else zlib.crc32(config["output"].encode())
     weights = class_weights(cfg, manifest)
     table = [weights.get(i, 1.0) for i in range(len(manifest["classes"]))] if weights else None
 
-    # Each worker streams only its own shards, fetched ahead of the reader.
+    # Each worker streams only the shards of its own records, fetched ahead of the reader.
     cache = worker_cache(cfg, f"rank-{rank}")
     refs = {split: shard_refs(manifest, data_uri, split) for split in ("train", "validation")}
-    assign = {split: inp.assign_shards([r.examples for r in refs[split]], rank, world) for split in refs}
-    if rank == 0 and len(refs["train"]) < world:
-        log.warning("%d training shards for %d workers: every worker reads every shard and keeps its stripe "
-                    "of records; prepare more shards (prepare.min_shards) to split the downloads",
-                    len(refs["train"]), world)
+    assign = {split: inp.assign_records([r.examples for r in refs[split]], rank, world) for split in refs}
+    local_replicas = max(1, strategy.num_replicas_in_sync // world)
+    worker_batch = cfg.data.batch_size * local_replicas
+    records_per_epoch = steps * worker_batch  # this worker's part of every epoch
+    if rank == 0 and n_train < global_batch:
+        log.warning("%d training images, fewer than one global batch of %d: an epoch reads some twice",
+                    n_train, global_batch)
 
     streams: list[ShardStream] = []  # checked after every step (ShardStream.check)
 
-    def train_input(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        # One dataset per worker, batched per replica: the global step takes
-        # data.batch_size images on every replica.
-        stream = shard_stream(cache, refs["train"], assign["train"], cfg, training=True, seed=seed)
-        streams.append(stream)
-        return inp.make_dataset(
-            stream, assignment=assign["train"], image_size=cfg.data.image_size,
-            batch_size=context.get_per_replica_batch_size(global_batch), training=True,
-            aug=cfg.augment.model_dump(), shuffle_buffer=cfg.data.shuffle_buffer, seed=seed,
-            read_parallelism=cfg.data.read_parallelism, counted=True, class_weights=table,
-        )
+    def training_data(first_epoch: int):
+        """The distributed training input from global epoch ``first_epoch`` on."""
+        def make(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            segments = assign["train"]
+            stream = segment_stream(cache, refs["train"], segments, cfg,
+                                    passes=inp.epoch_passes(segments, records_per_epoch, seed, rank), repeat=True)
+            streams.append(stream)
+            return inp.train_input(
+                stream, segments, records_per_epoch=records_per_epoch, first_epoch=first_epoch, seed=seed,
+                rank=rank, image_size=cfg.data.image_size,
+                batch_size=context.get_per_replica_batch_size(global_batch), aug=cfg.augment.model_dump(),
+                shuffle_buffer=cfg.data.shuffle_buffer, read_parallelism=cfg.data.read_parallelism,
+                class_weights=table)
+        return strategy.distribute_datasets_from_function(make)
 
-    train_ds = strategy.distribute_datasets_from_function(train_input)
-    val_ds = None
-    if refs["validation"]:
-        # One pass over this worker's validation shards per epoch; Keras spreads
-        # each batch over the replicas and lets workers with fewer images idle.
-        stream = shard_stream(cache, refs["validation"], assign["validation"], cfg, training=False, seed=None)
-        streams.append(stream)
-        val_ds = inp.make_dataset(stream, assignment=assign["validation"], image_size=cfg.data.image_size,
-                                  batch_size=global_batch, training=False, repeat=False,
-                                  read_parallelism=cfg.data.read_parallelism, counted=True)
+    val_ds, val_steps = None, None
+    n_val = manifest["splits"]["validation"]["num_examples"]
+    if refs["validation"] and n_val:
+        # One pass over this worker's validation records per epoch, batched per
+        # replica; every worker runs the same number of steps (padded batches).
+        val_steps = max(1, math.ceil(math.ceil(n_val / world) / worker_batch))
+        val_weight = val_steps * global_batch / n_val
+
+        def validation_input(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            segments = assign["validation"]
+            stream = segment_stream(cache, refs["validation"], segments, cfg, passes=None, repeat=False)
+            streams.append(stream)
+            return inp.validation_input(stream, segments, image_size=cfg.data.image_size,
+                                        batch_size=context.get_per_replica_batch_size(global_batch),
+                                        batches=val_steps * local_replicas, weight=val_weight,
+                                        read_parallelism=cfg.data.read_parallelism)
+
+        val_ds = strategy.distribute_datasets_from_function(validation_input)
 
     state = LoopState()
     ckpt_dir = None
@@ -276,12 +301,14 @@ def train_loop_per_worker(config: dict) -> None:
         reporter = Reporter(name, index, phase.epochs, state, cfg, rank, model,
                             bad_records=lambda: find_bad_records(cache, refs, assign, cfg, config["output"], rank),
                             val_total=manifest["splits"]["validation"]["num_examples"])
+        first_epoch = sum(p.epochs for _, p in phases[:index]) + state.epoch  # counted over both phases
         model.fit(
-            train_ds,
+            training_data(first_epoch),
             epochs=phase.epochs,
             initial_epoch=state.epoch,
             steps_per_epoch=steps,
             validation_data=val_ds,
+            validation_steps=val_steps,
             callbacks=[StreamCheck(streams), reporter],
             verbose=0,
         )
@@ -299,11 +326,10 @@ def find_bad_records(cache: ShardCache, refs: dict, assign: dict, cfg: Config, o
 
     bad = []
     for split in ("train", "validation"):
-        for i in assign[split].shards:
-            ref = refs[split][i]
-            for position, record in enumerate(inp.read_records(cache.local_path(ref))):
-                if assign[split].record_stride > 1 and position % assign[split].record_stride != assign[split].record_offset:
-                    continue
+        for segment in assign[split]:
+            ref = refs[split][segment.shard]
+            records = inp.read_records(cache.local_path(ref)).skip(segment.start).take(segment.count)
+            for position, record in enumerate(records, start=segment.start):
                 try:
                     inp.decode_example(record)
                 except tf.errors.InvalidArgumentError as exc:
@@ -369,10 +395,6 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
         if key in logs:
             value = float(logs[key])
             entry[key] = int(round(value)) if key != "replica_batch" else round(value, 3)
-    if "val_examples" in entry:
-        # Validation reads its split exactly once, so whatever it did not get
-        # was skipped (a gap at the very end of a pass has no later record to show it).
-        entry["val_skipped_records"] = max(0, cb.val_total - entry["val_examples"])
     entry["images_per_s"] = round(entry.get("examples", 0) / seconds, 2) if seconds > 0 else None
     # Read from the optimizer: its schedule (warmup, scaled rate) at the step
     # this epoch's last update used.
