@@ -6,7 +6,9 @@ shards that include one undecodable validation record:
   an epoch trains on the whole training split (within one global batch, also
   when the global batch does not divide it); validation covers its split
   exactly once, the undecodable record skipped and counted;
-- the learning rate follows the global batch (linear rule);
+- the learning rate follows the global batch (train.lr_scaling auto: square
+  root for the transfer phase's RMSprop, linear for fine-tuning's SGD), and
+  history.json records the rate each epoch used, read from the optimizer;
 - 2 workers x B and 1 worker x 2B give the same loss curve on the head-only
   phase (full-batch steps, so data order cannot matter);
 - a 2-worker run is a complete run directory that loads and predicts;
@@ -128,8 +130,9 @@ def counted(out: str) -> list[dict]:
     return json.load(open(os.path.join(out, "summary.json")))["history"]
 
 
-# The reference batch is twice the global batch of the runs compared below, so
-# that the linear rule halves their learning rate: 1e-3 * 16 / 32.
+# The reference batch is twice the global batch of the runs compared below:
+# RMSprop's rate is scaled by sqrt(16 / 32), SGD's by 16 / 32 (no warmup below 2x).
+TRANSFER_LR, FINETUNE_LR = 1e-3 * 0.5 ** 0.5, 1e-4 * 0.5
 COMPARED = ["--set", "train.transfer.epochs=3", "--set", "train.lr_reference_batch=32",
             "--set", "data.max_bad_record_fraction=0.5"]
 
@@ -152,8 +155,10 @@ def one_worker_full_batch(shards_with_bad_record, tmp_path_factory):
 def test_one_worker_counts(one_worker_full_batch):
     summary = json.load(open(os.path.join(one_worker_full_batch, "summary.json")))
     assert summary["scaling"]["global_batch"] == 16 and summary["scaling"]["replicas"] == 1
-    assert summary["scaling"]["phases"]["transfer"]["learning_rate"] == pytest.approx(5e-4)
+    assert summary["scaling"]["phases"]["transfer"]["learning_rate"] == pytest.approx(TRANSFER_LR)
+    assert summary["scaling"]["phases"]["transfer"]["lr_rule"] == "sqrt" and summary["rescales"] == []
     for epoch in summary["history"]:
+        assert epoch["learning_rate"] == pytest.approx(TRANSFER_LR), epoch  # read from the optimizer
         assert epoch["replica_batch"] == 16 and epoch["examples"] == TRAIN, epoch
         # 6 + 1 good validation images once; the broken one skipped and counted
         assert epoch["val_examples"] == VAL + 1 and epoch["val_skipped_records"] == 1, epoch
@@ -170,9 +175,14 @@ def test_two_workers_train_on_the_whole_split_at_the_true_global_batch_and_match
     scaling = summary["scaling"]
     assert (scaling["workers"], scaling["replicas"], scaling["per_replica_batch"], scaling["global_batch"]) == (2, 2, 8, 16)
     assert scaling["steps_per_epoch"] == 1
-    # Linear rule on the global batch of 16 (not a worker's 8): 1e-3 * 16 / 32.
-    assert scaling["phases"]["transfer"]["learning_rate"] == pytest.approx(5e-4)
+    # Scaled on the global batch of 16 (not a worker's 8).
+    assert scaling["phases"]["transfer"]["learning_rate"] == pytest.approx(TRANSFER_LR)
+    assert scaling["phases"]["finetune"]["learning_rate"] == pytest.approx(FINETUNE_LR)
     history = summary["history"]
+    for epoch in history:  # the rate the optimizer applied, per phase
+        assert epoch["learning_rate"] == pytest.approx(TRANSFER_LR if epoch["phase"] == "transfer" else FINETUNE_LR)
+    assert json.load(open(os.path.join(out, "history.json")))["finetune"][0]["learning_rate"] == \
+        pytest.approx(FINETUNE_LR)
     for epoch in history:
         # Counted inside the steps: 8 images per replica, the 16 training images
         # once per epoch, the 7 good validation images once, the broken one counted.
@@ -226,7 +236,7 @@ def test_bad_record_over_the_limit_fails_naming_the_shard(shards_with_bad_record
     assert not os.path.exists(os.path.join(out, "summary.json"))
     state = checkpointed_state(out)
     assert (state["scaling"]["replicas"], state["scaling"]["global_batch"]) == (2, 10)
-    assert state["scaling"]["phases"]["transfer"]["learning_rate"] == pytest.approx(1e-3 * 10 / 16)
+    assert state["scaling"]["phases"]["transfer"]["learning_rate"] == pytest.approx(1e-3 * (10 / 16) ** 0.5)
     (epoch,) = state["history"]  # stopped after the first epoch
     assert epoch["replica_batch"] == 5, epoch
     # the split once, plus less than one global batch
