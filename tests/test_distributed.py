@@ -2,16 +2,17 @@
 actually receive (real TensorflowTrainer runs on CPU, tiny model input), on
 shards that include one undecodable validation record:
 
-- 1 and 2 workers: every replica gets ``data.batch_size`` images per step, and
-  an epoch trains on the whole training split (within one global batch, also
-  when the global batch does not divide it); validation covers its split
-  exactly once, the undecodable record skipped and counted;
+- 1 and 3 workers, on uneven shards (training 5/5/4/4, validation 3/3/2 over
+  3 workers): every replica gets ``data.batch_size`` images per step, and an
+  epoch trains on the whole training split (less than one global batch left
+  out when the global batch does not divide it); validation covers its split
+  exactly once at every worker count, the undecodable record skipped and counted;
 - the learning rate follows the global batch (train.lr_scaling auto: square
   root for the transfer phase's RMSprop, linear for fine-tuning's SGD), and
   history.json records the rate each epoch used, read from the optimizer;
-- 2 workers x B and 1 worker x 2B give the same loss curve on the head-only
+- 3 workers x B and 1 worker x 3B give the same loss curve on the head-only
   phase (full-batch steps, so data order cannot matter);
-- a 2-worker run is a complete run directory that loads and predicts;
+- a 3-worker run is a complete run directory that loads and predicts;
 - with ``data.max_bad_record_fraction=0`` the job fails with exit 1 naming the
   shard and the source file.
 """
@@ -37,7 +38,7 @@ from pipeline.data.shards import file_sha256, make_example
 pytestmark = pytest.mark.slow
 
 CLASSES = ["circle", "square"]
-TRAIN, VAL = 16, 6  # images per split (8 and 3 per class)
+TRAIN, VAL = 18, 6  # images per split (9 and 3 per class)
 RUN_FILES = ["model.keras", "labels.json", "preprocessing.json", "config.yaml", "history.json", "metrics.json",
              "training.png", "confusion.png", "summary.json"]
 # Head-only, deterministic: no augmentation, no shuffling, no dropout, seeded init.
@@ -72,7 +73,7 @@ def base_weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def split_shards(ray_session, tmp_path_factory, base_weights):
-    """16 training images in 4 shards of 4, 6 validation images in 2 shards."""
+    """18 training images in 4 uneven shards, 6 validation images in 2 shards."""
     root = tmp_path_factory.mktemp("dist-data")
     demo_data.generate(str(root / "images" / "train"), per_class=TRAIN // 2, size=80, classes=CLASSES)
     demo_data.generate(str(root / "images" / "validation"), per_class=VAL // 2, size=80, seed=1, classes=CLASSES)
@@ -81,7 +82,7 @@ def split_shards(ray_session, tmp_path_factory, base_weights):
                                   "--set", "prepare.min_examples_per_shard=3"]) == 0
     shutil.copy(base_weights, root / "no_top.h5")
     manifest = json.load(open(os.path.join(dst, "manifest.json")))
-    assert [s["examples"] for s in manifest["splits"]["train"]["shards"]] == [4, 4, 4, 4]
+    assert sorted(s["examples"] for s in manifest["splits"]["train"]["shards"]) == [4, 4, 5, 5]
     return dst
 
 
@@ -131,9 +132,9 @@ def counted(out: str) -> list[dict]:
 
 
 # The reference batch is twice the global batch of the runs compared below:
-# RMSprop's rate is scaled by sqrt(16 / 32), SGD's by 16 / 32 (no warmup below 2x).
+# RMSprop's rate is scaled by sqrt(18 / 36), SGD's by 18 / 36 (no warmup below 2x).
 TRANSFER_LR, FINETUNE_LR = 1e-3 * 0.5 ** 0.5, 1e-4 * 0.5
-COMPARED = ["--set", "train.transfer.epochs=3", "--set", "train.lr_reference_batch=32",
+COMPARED = ["--set", "train.transfer.epochs=3", "--set", "train.lr_reference_batch=36",
             "--set", "data.max_bad_record_fraction=0.5"]
 
 
@@ -146,7 +147,7 @@ def one_worker_full_batch(shards_with_bad_record, tmp_path_factory):
     here = os.getcwd()
     os.chdir(out.parent)
     try:
-        assert train(os.path.relpath(data), "run", 1, 16, *COMPARED) == 0
+        assert train(os.path.relpath(data), "run", 1, TRAIN, *COMPARED) == 0
     finally:
         os.chdir(here)
     return str(out)
@@ -154,28 +155,28 @@ def one_worker_full_batch(shards_with_bad_record, tmp_path_factory):
 
 def test_one_worker_counts(one_worker_full_batch):
     summary = json.load(open(os.path.join(one_worker_full_batch, "summary.json")))
-    assert summary["scaling"]["global_batch"] == 16 and summary["scaling"]["replicas"] == 1
+    assert summary["scaling"]["global_batch"] == TRAIN and summary["scaling"]["replicas"] == 1
     assert summary["scaling"]["phases"]["transfer"]["learning_rate"] == pytest.approx(TRANSFER_LR)
     assert summary["scaling"]["phases"]["transfer"]["lr_rule"] == "sqrt" and summary["rescales"] == []
     for epoch in summary["history"]:
         assert epoch["learning_rate"] == pytest.approx(TRANSFER_LR), epoch  # read from the optimizer
-        assert epoch["replica_batch"] == 16 and epoch["examples"] == TRAIN, epoch
+        assert epoch["replica_batch"] == TRAIN and epoch["examples"] == TRAIN, epoch
         # 6 + 1 good validation images once; the broken one skipped and counted
         assert epoch["val_examples"] == VAL + 1 and epoch["val_skipped_records"] == 1, epoch
     assert summary["metrics"]["examples"] == VAL + 1 and summary["metrics"]["skipped_records"] == 1
 
 
-def test_two_workers_train_on_the_whole_split_at_the_true_global_batch_and_match_one_worker(
+def test_three_workers_on_uneven_shards_train_on_the_whole_split_at_the_true_global_batch_and_match_one_worker(
         split_shards, shards_with_bad_record, one_worker_full_batch, tmp_path, capsys):
     data, _ = shards_with_bad_record
     out = str(tmp_path / "run")
-    assert train(data, out, 2, 8, *COMPARED, "--set", "train.finetune.epochs=1",
+    assert train(data, out, 3, 6, *COMPARED, "--set", "train.finetune.epochs=1",
                  "--set", "train.finetune.unfreeze_after=mixed9") == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     scaling = summary["scaling"]
-    assert (scaling["workers"], scaling["replicas"], scaling["per_replica_batch"], scaling["global_batch"]) == (2, 2, 8, 16)
+    assert (scaling["workers"], scaling["replicas"], scaling["per_replica_batch"], scaling["global_batch"]) == (3, 3, 6, 18)
     assert scaling["steps_per_epoch"] == 1
-    # Scaled on the global batch of 16 (not a worker's 8).
+    # Scaled on the global batch of 18 (not a worker's 6).
     assert scaling["phases"]["transfer"]["learning_rate"] == pytest.approx(TRANSFER_LR)
     assert scaling["phases"]["finetune"]["learning_rate"] == pytest.approx(FINETUNE_LR)
     history = summary["history"]
@@ -184,14 +185,15 @@ def test_two_workers_train_on_the_whole_split_at_the_true_global_batch_and_match
     assert json.load(open(os.path.join(out, "history.json")))["finetune"][0]["learning_rate"] == \
         pytest.approx(FINETUNE_LR)
     for epoch in history:
-        # Counted inside the steps: 8 images per replica, the 16 training images
-        # once per epoch, the 7 good validation images once, the broken one counted.
-        assert epoch["replica_batch"] == 8, epoch
+        # Counted inside the steps: 6 images per replica, the 18 training images
+        # once per epoch, the 7 good validation images once (the 8 validation
+        # records over 3 workers as 3, 3 and 2), the broken one counted.
+        assert epoch["replica_batch"] == 6, epoch
         assert epoch["examples"] == TRAIN, epoch
         assert epoch["val_examples"] == VAL + 1 and epoch["val_skipped_records"] == 1, epoch
     assert json.load(open(os.path.join(out, "history.json")))["transfer"][0]["examples"] == TRAIN
 
-    # Each full-batch step sees all 16 images either way: the same losses.
+    # Each full-batch step sees all 18 images either way: the same losses.
     one = [e["loss"] for e in counted(one_worker_full_batch)]
     two = [e["loss"] for e in history if e["phase"] == "transfer"]
     assert len(one) == len(two) == 3
@@ -224,8 +226,8 @@ def test_two_workers_train_on_the_whole_split_at_the_true_global_batch_and_match
 
 
 def test_bad_record_over_the_limit_fails_naming_the_shard(shards_with_bad_record, tmp_path, capsys):
-    """2 workers x 5: a global batch of 10 does not divide the 16 training
-    images, so an epoch is ceil(16 / 10) = 2 steps; the epoch that met the
+    """2 workers x 5: a global batch of 10 does not divide the 18 training
+    images, so an epoch is 18 // 10 = 1 step; the epoch that met the
     undecodable record is checkpointed with its counts, then the job stops."""
     data, bad_shard = shards_with_bad_record
     out = str(tmp_path / "run")
@@ -239,6 +241,6 @@ def test_bad_record_over_the_limit_fails_naming_the_shard(shards_with_bad_record
     assert state["scaling"]["phases"]["transfer"]["learning_rate"] == pytest.approx(1e-3 * (10 / 16) ** 0.5)
     (epoch,) = state["history"]  # stopped after the first epoch
     assert epoch["replica_batch"] == 5, epoch
-    # the split once, plus less than one global batch
-    assert TRAIN <= epoch["examples"] == 20 < TRAIN + 10, epoch
+    # the split once, less than one global batch left out
+    assert TRAIN - 10 < epoch["examples"] == 10 <= TRAIN, epoch
     assert epoch["val_examples"] == VAL + 1 and epoch["val_skipped_records"] == 1, epoch

@@ -178,3 +178,15 @@ def test_validation_reads_every_example_once_in_equal_steps_on_every_rank(tmp_pa
     assert skipped == len(bad)
     # Real images weigh what makes the weighted mean the mean over real images.
     assert sum(weights) == pytest.approx(weight * (total - len(bad)))
+
+
+def test_seed_zero_with_the_global_seed_set_as_the_worker_sets_it(tmp_path):
+    """The worker seeds TensorFlow (keras.utils.set_random_seed(data.seed))
+    before it builds its input: seed 0 must work there too."""
+    tf.random.set_seed(0)
+    try:
+        refs = write_shards(tmp_path, [5, 7])
+        epochs, _ = rank_train(tmp_path, refs, 0, 1, per_replica=4, epochs=1, seed=0, aug=AUG)
+        assert len(set(epochs[0][0])) == 12
+    finally:
+        tf.random.set_seed(None)

@@ -156,14 +156,16 @@ def _trained_checkpoint(tmp_path):
     return model, path
 
 
-def test_restore_is_verified_weights_and_optimizer_slots(tmp_path):
+def test_restore_is_verified_weights_and_optimizer_slots(tmp_path, monkeypatch):
     saved, path = _trained_checkpoint(tmp_path)
     fresh = mdl.build_model(3, SIZE, TINY)
     mdl.set_phase(fresh, "finetune", "mixed9")
     mdl.compile_for(fresh, PhaseConfig(optimizer="sgd", learning_rate=0.01, momentum=0.9), top_k=2)
     fresh.optimizer.build(fresh.trainable_variables)
-    n = mdl.restore_verified(fresh, path, with_optimizer=True)
-    assert n == len(fresh.variables) + len(fresh.optimizer.variables)
+    counts = mdl.restore_verified(fresh, path, with_optimizer=True)
+    # Every model variable, the step count, and one momentum slot ("m") per trainable variable, by name.
+    assert counts == {"variables": len(fresh.variables), "trainable": len(fresh.trainable_variables),
+                      "iterations": 1, "m": len(fresh.trainable_variables)}
     slots = [v for v in fresh.optimizer.variables if v.name.startswith("m/")]
     assert slots and any(np.abs(v.numpy()).sum() > 0 for v in slots)  # momentum really came back
     for a, b in zip(saved.optimizer.variables, fresh.optimizer.variables):
@@ -177,6 +179,20 @@ def test_restore_is_verified_weights_and_optimizer_slots(tmp_path):
     mdl.compile_for(unbuilt, PhaseConfig(optimizer="sgd", learning_rate=0.01, momentum=0.9), top_k=2)
     with pytest.raises(mdl.RestoreError, match="did not restore completely"):
         mdl.restore_verified(unbuilt, path, with_optimizer=True)
+    # An optimizer whose slot for one trainable variable is not there after the
+    # restore (TensorFlow's own matching would also refuse a checkpoint that
+    # lacks it; this is the check by name behind it): named, not a partial resume.
+    real_slots = mdl.optimizer_slots
+
+    def one_slot_short(optimizer):
+        slots = real_slots(optimizer)
+        slots["m"] = slots["m"][:-1]
+        return slots
+
+    monkeypatch.setattr(mdl, "optimizer_slots", one_slot_short)
+    with pytest.raises(mdl.RestoreError, match="no 'm' slot for 1 trainable variables"):
+        mdl.restore_verified(fresh, path, with_optimizer=True)
+    monkeypatch.undo()
     # A model of another shape: refused even when only the model is restored.
     other = mdl.build_model(4, SIZE, TINY)
     with pytest.raises(mdl.RestoreError):

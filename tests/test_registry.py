@@ -177,8 +177,11 @@ def test_worker_failures_raised_and_sigkilled_resume_from_the_last_checkpoint(tr
     # the finetune phase (index 1), at least 2 of its epochs done: after the SIGKILL, not the raise
     assert resumed["phase_index"] == 1 and resumed["epoch"] >= 2 and resumed["optimizer_restored"] is True
     model = load_keras_file(os.path.join(worse, "model.keras"))
-    # every model variable, plus the optimizer's step count and momentum slots
-    assert resumed["variables_verified"] > len(model.variables) + 1
+    # every model variable, the optimizer's step count, and SGD's momentum slot
+    # ("m") for every trainable variable of the fine-tuning phase, by name
+    verified = resumed["verified"]
+    assert verified["variables"] == len(model.variables) and verified["iterations"] == 1
+    assert verified["m"] == verified["trainable"] > 0
     assert json.load(open(os.path.join(worse, "metrics.json")))["examples"] > 0
 
 

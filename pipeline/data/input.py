@@ -368,6 +368,12 @@ def _read_segment(path, start, count, first_id) -> tf.data.Dataset:
     return tf.data.Dataset.zip((tf.data.Dataset.range(first_id, first_id + count), records))
 
 
+def _permuted(batch, key):
+    ids, records = batch
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(ids)[0]), seed=key)
+    return tf.gather(ids, order), tf.gather(records, order)
+
+
 _ITEM = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64),
          tf.TensorSpec([], tf.int64))
 
@@ -380,6 +386,7 @@ def train_input(stream, segments: Sequence[Segment], *, records_per_epoch: int, 
     (``epoch_plan``: every global step then takes every example of the split
     at most once per epoch), shuffled within the epoch, augmented with a key of
     (seed, rank, epoch, record id), batched at ``batch_size`` (per replica).
+    Shuffling permutes blocks of ``shuffle_buffer`` records, statelessly.
 
     ``stream`` is a ``ShardStream`` over ``segments``' shards whose ``passes``
     follow ``epoch_plan``. Elements are ``(images, labels, weights, skipped,
@@ -401,9 +408,12 @@ def train_input(stream, segments: Sequence[Segment], *, records_per_epoch: int, 
         listed = tf.data.Dataset.from_generator(items, args=(epoch,), output_signature=_ITEM)
         records = listed.interleave(_read_segment, cycle_length=max(1, min(len(segments), read_parallelism)),
                                     num_parallel_calls=AUTOTUNE, deterministic=True)
-        shuffle_seed = (tf.constant(seed % (1 << 40), tf.int64) * 1_000_003 + rank * 10_007 + epoch) % (1 << 62)
-        records = records.shuffle(max(1, shuffle_buffer), seed=shuffle_seed, reshuffle_each_iteration=False)
-        return records.map(lambda rid, rec: (epoch, rid, rec))
+        # Shuffled in blocks of shuffle_buffer records by a stateless
+        # permutation keyed on (seed, rank, epoch, block): reproducible, and
+        # independent of TensorFlow's global seed.
+        blocks = records.batch(max(1, shuffle_buffer)).enumerate()
+        records = blocks.map(lambda block, batch: _permuted(batch, record_key(seed, rank, epoch, -1 - block)))
+        return records.unbatch().map(lambda rid, rec: (epoch, rid, rec))
 
     def load(index, element):
         epoch, rid, serialized = element

@@ -383,12 +383,47 @@ class RestoreError(RuntimeError):
     """A checkpoint did not restore completely."""
 
 
-def restore_verified(model: keras.Model, path: str, *, with_optimizer: bool) -> int:
+def required_slots(optimizer) -> tuple[str, ...]:
+    """The slots tf_keras' optimizers keep per trainable variable, by name."""
+    kind = type(optimizer).__name__
+    if kind == "RMSprop":
+        return ("velocity", "momentum") if getattr(optimizer, "momentum", 0) else ("velocity",)
+    return {"SGD": ("m",), "Adam": ("m", "v")}.get(kind, ())
+
+
+def optimizer_slots(optimizer) -> dict[str, list]:
+    """The optimizer's slot variables by slot name (``m``, ``v``, ``velocity``,
+    ``momentum``: the first part of their names), its step count left out."""
+    out: dict[str, list] = {}
+    for variable in optimizer.variables:
+        name = variable.name.split("/", 1)
+        if len(name) == 2:
+            out.setdefault(name[0], []).append(variable)
+    return out
+
+
+def local_value(variable):
+    """What this replica holds: under a distribution strategy, the local copy
+    of a mirrored or sync-on-read variable. Reading a sync-on-read variable
+    (BatchNorm's moving statistics) as a whole all-reduces the replicas'
+    copies and divides, which is not the stored value in the last bit with 3
+    or more replicas."""
+    import tensorflow as tf
+
+    if isinstance(variable, tf.distribute.DistributedValues):
+        return variable.values[0].numpy()
+    return variable.numpy()
+
+
+def restore_verified(model: keras.Model, path: str, *, with_optimizer: bool) -> dict:
     """Restore a ``save_weights`` checkpoint and prove it: TensorFlow's own
     matching must account for every object (``with_optimizer``: every value in
-    the checkpoint, optimizer slots included; else every model variable), and
-    then every variable in memory must equal a tensor read back from the file.
-    Returns the number of variables verified; raises RestoreError otherwise."""
+    the checkpoint, optimizer slots included; else every model variable), every
+    variable in memory (this replica's copy) must equal a tensor read back from
+    the file, and with the optimizer, every trainable variable must have each
+    slot its optimizer keeps (named in the error when one is missing). Returns
+    counts of what was verified: ``variables`` (model), ``trainable``,
+    ``iterations`` and one entry per slot name; raises RestoreError otherwise."""
     import hashlib
 
     import numpy as np
@@ -415,16 +450,34 @@ def restore_verified(model: keras.Model, path: str, *, with_optimizer: bool) -> 
             continue
         fp = fingerprint(reader.get_tensor(key))
         stored[fp] = stored.get(fp, 0) + 1
-    variables = list(model.variables)
-    if with_optimizer:
-        variables += list(model.optimizer.variables)
-    for variable in variables:
-        fp = fingerprint(variable.numpy())
+
+    def verify(variable, what: str) -> None:
+        fp = fingerprint(local_value(variable))
         if not stored.get(fp):
-            raise RestoreError(f"checkpoint {path}: {variable.name} {tuple(variable.shape)} differs from every "
-                               "value stored in the checkpoint")
+            raise RestoreError(f"checkpoint {path}: {what} {variable.name} {tuple(variable.shape)} differs from "
+                               "every value stored in the checkpoint")
         stored[fp] -= 1
-    return len(variables)
+
+    for variable in model.variables:
+        verify(variable, "variable")
+    counts = {"variables": len(model.variables), "trainable": len(model.trainable_variables)}
+    if with_optimizer:
+        optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+        verify(optimizer.iterations, "optimizer step count")
+        counts["iterations"] = 1
+        slots = optimizer_slots(optimizer)
+        trainable = {v.name.split(":")[0] for v in model.trainable_variables}
+        for name in required_slots(optimizer):
+            have = {v.name.split("/", 1)[1].split(":")[0] for v in slots.get(name, [])}
+            missing = sorted(trainable - have)
+            if missing:
+                raise RestoreError(f"checkpoint {path}: the {type(optimizer).__name__} optimizer has no '{name}' "
+                                   f"slot for {len(missing)} trainable variables, e.g. {missing[0]}")
+        for name, variables in slots.items():
+            for variable in variables:
+                verify(variable, f"optimizer slot '{name}'")
+            counts[name] = len(variables)
+    return counts
 
 
 def save_model(model: keras.Model, path: str) -> None:

@@ -281,9 +281,10 @@ def train_loop_per_worker(config: dict) -> None:
             entered = state.phase_index
         with strategy.scope():
             verified = mdl.restore_verified(model, os.path.join(ckpt_dir, WEIGHTS_FILE), with_optimizer=mid_phase)
-        state.resumed_from.update(variables_verified=verified, optimizer_restored=mid_phase)
+        state.resumed_from.update(verified=verified, optimizer_restored=mid_phase)
         if rank == 0:
-            log.info("restored and verified %d variables%s", verified, " (optimizer included)" if mid_phase else "")
+            log.info("restored and verified %d model variables%s", verified["variables"],
+                     f" and the optimizer ({verified})" if mid_phase else "")
 
     for index, (name, phase) in enumerate(phases):
         if state.failure or index < state.phase_index:
