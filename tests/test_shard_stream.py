@@ -1,7 +1,7 @@
 """Each worker streams only its own shards from object storage, through a
 bounded cache that verifies every shard against the manifest: bytes counted at
-a proxy in front of the moto S3 server, disk use sampled while reading, stale
-and truncated shards."""
+a proxy in front of the moto S3 server, downloads held back until the first
+batch is out, disk use accounted at every change, stale and truncated shards."""
 
 from __future__ import annotations
 
@@ -55,7 +55,41 @@ def labels_read(stream: ShardStream, assignment, examples: int) -> list[int]:
     return [int(y[0]) for _, y in ds.take(examples)]
 
 
+# tf.data takes up to three paths from the stream before its first element
+# comes out (its own read-ahead: the interleave's next input, from_generator's
+# next item): the first batch may need that many shards, never more.
+FIRST_BATCH_SHARDS = 3
+
+
+def hold_downloads(cache: ShardCache, allowed: int, timeout: float = 30.0):
+    """Let only the downloads of the first ``allowed`` shards the stream asks
+    for run; every other download waits until the returned event is set (so
+    read-ahead may ask for more shards, but none of them arrives meanwhile).
+    Returns (event, held): ``held`` lists the downloads that waited in vain
+    (``timeout`` s each): what the reader needed before the event."""
+    released, held, asked = threading.Event(), [], []
+    prefetch, download = cache.prefetch, cache._download
+
+    def note_order(ref):
+        if ref not in asked:
+            asked.append(ref)
+        return prefetch(ref)
+
+    def gated(ref, path):
+        if ref not in asked[:allowed] and not released.wait(timeout):
+            held.append(ref.name)
+        return download(ref, path)
+
+    cache.prefetch, cache._download = note_order, gated
+    return released, held
+
+
 def test_each_worker_fetches_only_its_own_shards_and_starts_before_the_rest(s3_endpoint, s3_bucket, tmp_path):
+    """The first batch needs only the first few of a worker's 6 shards: every
+    download after the first FIRST_BATCH_SHARDS is held back until that batch
+    is out, so the count of shards fetched by then cannot grow with tf.data's
+    read-ahead, and a stream that fetched more before starting would wait for
+    them in vain."""
     fs, bucket = s3_bucket
     counts = [3] * 12
     entries = put_shards(fs, f"{bucket}/shards", tmp_path, counts)
@@ -72,9 +106,15 @@ def test_each_worker_fetches_only_its_own_shards_and_starts_before_the_rest(s3_e
             ds = iter(inp.make_dataset(stream, assignment=assignment, image_size=SIZE, batch_size=1,
                                        training=True, shuffle_buffer=1, seed=0, read_parallelism=1))
             before = proxy.stats()["body_bytes"]
-            first = next(ds)
-            # The first image came while most of this worker's 6 shards were not fetched yet.
-            assert cache.stats["fetches"] < len(assignment.shards) - 1, cache.stats
+            released, held = hold_downloads(cache, FIRST_BATCH_SHARDS)
+            try:
+                first = next(ds)
+                # The first image came when at most 3 of this worker's 6 shards were fetched.
+                fetched_first = cache.stats["fetches"]
+            finally:
+                released.set()
+            assert not held and 1 <= fetched_first <= FIRST_BATCH_SHARDS < len(assignment.shards), \
+                (held, cache.stats)
             ids = [int(first[1][0])] + [int(next(ds)[1][0]) for _ in range(inp.examples_for(assignment, counts) - 1)]
             fetched.append(proxy.stats()["body_bytes"] - before)
             seen.append(ids)
@@ -96,28 +136,18 @@ def test_cache_stays_within_its_bound_while_reading(s3_endpoint, s3_bucket, tmp_
     cache = ShardCache(str(root), storage_at(s3_endpoint), max_bytes=bound, concurrency=2)
     stream = ShardStream(cache, refs_for(entries, f"s3://{bucket}/shards"), shuffle=True, repeat=True, seed=1,
                          lookahead=2, keep_open=3)
-    peak, stop = [0], threading.Event()
-
-    def sample():  # disk use as the filesystem sees it, temporary downloads included
-        while not stop.is_set():
-            try:
-                used = sum(e.stat().st_size for e in os.scandir(root) if e.is_file())
-            except FileNotFoundError:
-                used = 0
-            peak[0] = max(peak[0], used)
-            stop.wait(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     try:
         labels = labels_read(stream, inp.assign_shards(counts, 0, 1), 3 * sum(counts))
+        # The cache accounts each block written, each file replaced or removed:
+        # its count is what is on disk (and its high-water mark is exact, where
+        # sampling the folder could miss a short overshoot).
+        on_disk = sum(e.stat().st_size for e in os.scandir(root) if e.is_file() and e.name != ".lock")
+        assert cache.disk_bytes() == on_disk
     finally:
-        stop.set()
-        sampler.join()
         cache.close()
     assert sorted(labels) == sorted(list(range(sum(counts))) * 3)  # three full passes
     assert cache.stats["evictions"] > 0  # the bound was really in play
-    assert 0 < peak[0] <= bound, (peak[0], bound)
+    assert bound - largest < cache.stats["peak_bytes"] <= bound, (cache.stats, bound)
 
 
 def test_truncated_cached_shard_is_fetched_again_and_a_changed_one_is_refused(s3_endpoint, s3_bucket, tmp_path):

@@ -100,6 +100,10 @@ class ShardCache:
         self._waiting: list[int] = []  # tickets of downloads waiting for room
         self._tickets = 0
         self._verified_local: set[tuple] = set()
+        # Bytes of this cache's files on disk (verified copies and downloads in
+        # progress), updated at every write, replace and removal;
+        # ``peak_bytes`` is its high-water mark.
+        self._disk = 0
         self.stats = {"fetched_bytes": 0, "fetches": 0, "hits": 0, "refetches": 0, "evictions": 0,
                       "peak_bytes": 0}
         for name in sorted(os.listdir(root), key=lambda n: os.path.getmtime(os.path.join(root, n))):
@@ -108,6 +112,7 @@ class ShardCache:
                 _unlink(path)  # a download cut short by a killed worker
             elif name.endswith(".tfrecord") and os.path.isfile(path):
                 self._resident[name] = os.path.getsize(path)
+                self._on_disk(self._resident[name])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -151,7 +156,28 @@ class ShardCache:
         with self._cond:
             return sum(self._resident.values())
 
+    def disk_bytes(self) -> int:
+        """Bytes of this cache's files on disk now, downloads in progress included
+        (``stats["peak_bytes"]``: the most there ever were)."""
+        with self._cond:
+            return self._disk
+
     # -- internals ----------------------------------------------------------
+
+    def _on_disk(self, delta: int) -> None:
+        """Account a change of the bytes on disk (caller holds ``_cond``, or is the constructor)."""
+        self._disk += delta
+        self.stats["peak_bytes"] = max(self.stats["peak_bytes"], self._disk)
+
+    def _remove(self, name: str) -> None:
+        """Delete a cached file and account for it (caller holds ``_cond``)."""
+        path = os.path.join(self.root, name)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            return
+        _unlink(path)
+        self._on_disk(-size)
 
     def _key(self, ref: ShardRef) -> str:
         return ref.uri if st.is_local(ref.uri) else ref.cache_key
@@ -204,25 +230,32 @@ class ShardCache:
         tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         digest = hashlib.sha256()
         got = 0
+        written = 0  # bytes of ``tmp`` on disk
         try:
             with fs.open(remote, "rb", block_size=CHUNK) as src, open(tmp, "wb") as dst:
                 while block := src.read(CHUNK):
                     dst.write(block)
                     digest.update(block)
                     got += len(block)
-            os.replace(tmp, path)
+                    with self._cond:
+                        self._on_disk(len(block))
+                        written += len(block)
+            with self._cond:
+                self._remove(os.path.basename(path))  # a copy replaced (none is expected)
+                os.replace(tmp, path)
+                written = 0  # now the cached file's bytes
         except FileNotFoundError:
             raise ShardError(f"shard {ref.uri} named by manifest.json is missing") from None
         finally:
             _unlink(tmp)
             with self._cond:
+                self._on_disk(-written)
                 self._reserved -= ref.bytes
                 self.stats["fetched_bytes"] += got
                 self.stats["fetches"] += 1
                 if os.path.exists(path):
                     self._resident[ref.cache_key] = got
                     self._resident.move_to_end(ref.cache_key)
-                self.stats["peak_bytes"] = max(self.stats["peak_bytes"], sum(self._resident.values()))
                 self._cond.notify_all()
         return got, digest.hexdigest()
 
@@ -248,7 +281,7 @@ class ShardCache:
                             used -= self._resident.pop(victim)
                             self._futures.pop(victim, None)
                             self.stats["evictions"] += 1
-                            _unlink(os.path.join(self.root, victim))
+                            self._remove(victim)
                         if used + incoming <= self.max_bytes:
                             self._reserved += incoming
                             return
@@ -262,7 +295,7 @@ class ShardCache:
     def _drop(self, name: str) -> None:
         with self._cond:
             self._resident.pop(name, None)
-            _unlink(os.path.join(self.root, name))
+            self._remove(name)
             self._cond.notify_all()
 
 
