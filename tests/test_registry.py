@@ -55,11 +55,13 @@ def trained(learnable_shards, tmp_path_factory):
 
 
 def through_failures(data: str, out: Path, raised: Path, extra: list[str]) -> dict:
-    """One training run (lr 0: nothing is learned), two worker failures: an
-    exception raised right after epoch 2 (finetune 1) was checkpointed, then,
-    once checkpoint 3 is registered, a SIGKILL of the restarted worker's process
-    mid-epoch. Returns what the test checks: the exit code, the checkpoints
-    seen, the workers found."""
+    """One training run on 3 workers (lr 0: nothing is learned; the records of
+    4 training and 4 validation shards split unevenly over the workers), two
+    worker failures: an exception raised right after epoch 2 (finetune 1) was
+    checkpointed, then, once checkpoint 3 is registered, a SIGKILL of one of the
+    restarted workers' processes mid-epoch. The resume restores 3 replicas,
+    each compared with the checkpoint. Returns what the test checks: the exit
+    code, the checkpoints seen, the workers found."""
     result: dict = {}
 
     def train():
@@ -67,7 +69,8 @@ def through_failures(data: str, out: Path, raised: Path, extra: list[str]) -> di
             result["code"] = run(train_job.main, [
                 "--data", data, "--output", str(out), *QUICK, "--set", "train.max_failures=2",
                 "--set", "train.transfer.epochs=1", "--set", "train.finetune.epochs=4",
-                "--set", "train.transfer.learning_rate=0", "--set", "train.finetune.learning_rate=0", *extra])
+                "--set", "train.transfer.learning_rate=0", "--set", "train.finetune.learning_rate=0",
+                "--set", "scaling.num_workers=3", "--set", "scaling.cpus_per_worker=0.5", *extra])
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             result["error"] = repr(exc)
 
@@ -84,8 +87,8 @@ def through_failures(data: str, out: Path, raised: Path, extra: list[str]) -> di
             seen.update(checkpoints(out))
             time.sleep(0.2)
         workers = live_train_workers() if raised.exists() and len(seen) >= 3 else []
-        if len(workers) == 1:
-            os.kill(workers[0], signal.SIGKILL)  # mid-epoch 4 (finetune 3), a real process kill
+        if len(workers) == 3:
+            os.kill(workers[1], signal.SIGKILL)  # mid-epoch 4 (finetune 3), a real process kill
         job.join(900)
     return {**result, "raised": raised.exists(), "seen": sorted(seen), "workers": workers}
 
@@ -165,10 +168,10 @@ def test_worker_failures_raised_and_sigkilled_resume_from_the_last_checkpoint(tr
     promoted is not a failure)."""
     _, _, worse, _, failures = trained
     assert failures["raised"], failures  # the raise really happened
-    assert len(failures["seen"]) >= 3 and len(failures["workers"]) == 1, failures  # and the SIGKILL
+    assert len(failures["seen"]) >= 3 and len(failures["workers"]) == 3, failures  # and the SIGKILL
     assert failures.get("code") == 0, failures
     summary = json.load(open(os.path.join(worse, "summary.json")))
-    assert summary["resumed"] is True
+    assert summary["resumed"] is True and summary["scaling"]["replicas"] == 3
     # every epoch exactly once: each failed epoch was redone, nothing before it
     assert epochs_of(summary) == [("transfer", 1)] + [("finetune", i) for i in (1, 2, 3, 4)]
     # Killed inside the phase: the model and the SGD optimizer (momentum slots,
