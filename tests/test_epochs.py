@@ -190,3 +190,42 @@ def test_seed_zero_with_the_global_seed_set_as_the_worker_sets_it(tmp_path):
         assert len(set(epochs[0][0])) == 12
     finally:
         tf.random.set_seed(None)
+
+
+def test_class_weights_reach_the_loss_the_train_step_computes(tmp_path):
+    """``train.class_weights`` as the worker passes them (a table by label):
+    the loss a train step reports is the class-weighted mean, not the plain one."""
+    import tf_keras as keras
+
+    from pipeline.config import PhaseConfig
+    from pipeline.training import model as mdl
+
+    refs = write_shards(tmp_path, [4, 4])  # labels are the record ids 0..7
+    table = [3.0 if i % 2 == 0 else 0.5 for i in range(8)]
+
+    def first_step_loss(class_weights):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.Rescaling(1 / 255.0),
+                                  keras.layers.Flatten(), keras.layers.Dense(8, activation="softmax")])
+        mdl.compile_for(model, PhaseConfig(optimizer="sgd", learning_rate=0.0, momentum=0.0), top_k=1)
+        mdl.count_inputs(model)
+        segments = inp.assign_records([4, 4], 0, 1)
+        cache = ShardCache(str(tmp_path / f"cw-{class_weights is None}"), StorageConfig())
+        stream = ShardStream(cache, [refs[s.shard] for s in segments], shuffle=False, repeat=True,
+                             passes=inp.epoch_passes(segments, 8, 1, 0))
+        ds = inp.train_input(stream, segments, records_per_epoch=8, first_epoch=0, seed=1, rank=0, image_size=SIZE,
+                             batch_size=8, aug=None, shuffle_buffer=1, read_parallelism=1,
+                             class_weights=class_weights)
+        x, y, w, _, _ = next(iter(ds))
+        logged = model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0).history["loss"][0]
+        per_example = keras.losses.sparse_categorical_crossentropy(y, model(x)).numpy()
+        cache.close()
+        return logged, per_example, w.numpy(), y.numpy()
+
+    plain, per_example, ones, _ = first_step_loss(None)
+    weighted, per_example_w, w, y = first_step_loss(table)
+    np.testing.assert_allclose(per_example, per_example_w, rtol=1e-6)  # the same model, the same batch
+    assert list(ones) == [1.0] * 8 and list(w) == [table[i] for i in y]
+    assert plain == pytest.approx(float(np.mean(per_example)), rel=1e-5)
+    assert weighted == pytest.approx(float(np.sum(w * per_example) / len(w)), rel=1e-5)
+    assert weighted != pytest.approx(plain, rel=1e-3)

@@ -313,3 +313,50 @@ def test_a_fixed_cluster_refuses_and_an_autoscaler_is_waited_for_then_given_up(m
         driver.ensure_placeable(cfg, 3, False)
     assert waited == [0.1, "removed"]
     assert sum("waiting up to" in r.getMessage() for r in caplog.records) == 1
+
+
+# ---------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_stops_after_patience_and_ends_on_the_best_epochs_weights(tmp_path):
+    """The worker's early stopping (``EarlyStop``, driven by val_loss after
+    every epoch): no stop while val_loss improves, a stop after ``patience``
+    worse epochs, with the weights of the best epoch put back; in between,
+    the best weights written beside a checkpoint, the model left as it is."""
+    import numpy as np
+    import tf_keras as keras
+
+    from pipeline.training.worker import EarlyStop, LoopState
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    state = LoopState()
+    early = EarlyStop(2, state)
+    weights_at = {}
+    losses = {1: 1.0, 2: 0.5, 3: 0.7, 4: 0.8}
+    stopped = []
+    for epoch, val_loss in losses.items():
+        model.set_weights([np.full(w.shape, float(epoch), np.float32) for w in model.get_weights()])
+        weights_at[epoch] = model.get_weights()
+        if epoch == 3:
+            stop = early.update(model, epoch, val_loss)
+            early.save_best(model, str(tmp_path / "best" / "model"))
+            for a, b in zip(model.get_weights(), weights_at[3]):  # the model keeps epoch 3's weights
+                np.testing.assert_array_equal(a, b)
+            saved = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            saved.load_weights(str(tmp_path / "best" / "model")).expect_partial()
+            for a, b in zip(saved.get_weights(), weights_at[2]):
+                np.testing.assert_array_equal(a, b)
+        else:
+            stop = early.update(model, epoch, val_loss)
+        stopped.append(stop)
+    assert stopped == [False, False, False, True]
+    assert (state.best_epoch, state.best_val_loss, state.wait) == (2, 0.5, 2)
+    for a, b in zip(model.get_weights(), weights_at[2]):
+        np.testing.assert_array_equal(a, b)
+
+    # A restarted group (counters from the checkpoint's state, best weights from its file) ends the same way.
+    resumed = EarlyStop(2, LoopState(best_val_loss=0.5, best_epoch=2, wait=1), best_weights=weights_at[2])
+    model.set_weights(weights_at[3])
+    assert resumed.update(model, 4, 0.9) is True
+    for a, b in zip(model.get_weights(), weights_at[2]):
+        np.testing.assert_array_equal(a, b)

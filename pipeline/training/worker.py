@@ -43,6 +43,7 @@ class LoopState:
     epoch: int = 0  # epochs completed in that phase
     history: list = field(default_factory=list)
     best_val_loss: Optional[float] = None
+    best_epoch: Optional[int] = None  # the phase's epoch (1-based) with the best val_loss
     wait: int = 0  # epochs without val_loss improvement in this phase
     resumed_from: Optional[dict] = None
     # Batch sizes and learning rates the run started with (batch_scaling), kept
@@ -272,6 +273,7 @@ def train_loop_per_worker(config: dict) -> None:
             donor = fetch_to_local(cfg.model.init_from, cfg.storage, ".keras")  # resolved by the driver
             mdl.warm_start(model, donor)
     entered = None
+    resumed_best = None
     if ckpt_dir is not None:
         # Inside a phase, its optimizer (slots, step count) is restored too; at a
         # phase boundary only the model, since the next phase starts afresh.
@@ -279,6 +281,13 @@ def train_loop_per_worker(config: dict) -> None:
         if mid_phase:
             enter_phase(state.phase_index)
             entered = state.phase_index
+        best_file = os.path.join(ckpt_dir, BEST_WEIGHTS_FILE)
+        if mid_phase and state.wait > 0 and os.path.exists(best_file + ".index"):
+            # The phase's best epoch came before the last checkpoint: its
+            # weights, for an early stop still to come.
+            with strategy.scope():
+                model.load_weights(best_file).expect_partial()
+                resumed_best = model.get_weights()
         with strategy.scope():
             verified = mdl.restore_verified(model, os.path.join(ckpt_dir, WEIGHTS_FILE), with_optimizer=mid_phase)
         state.resumed_from.update(verified=verified, optimizer_restored=mid_phase)
@@ -291,6 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         if index > state.phase_index:
             state.phase_index, state.epoch, state.best_val_loss, state.wait = index, 0, None, 0
+            state.best_epoch = None
         if state.epoch >= phase.epochs:
             continue
         trainable = enter_phase(index) if entered != index else None
@@ -301,7 +311,9 @@ def train_loop_per_worker(config: dict) -> None:
                      cfg.data.batch_size, scaling["replicas"], scaling["phases"][name]["learning_rate"], steps)
         reporter = Reporter(name, index, phase.epochs, state, cfg, rank, model,
                             bad_records=lambda: find_bad_records(cache, refs, assign, cfg, config["output"], rank),
-                            val_total=manifest["splits"]["validation"]["num_examples"])
+                            val_total=manifest["splits"]["validation"]["num_examples"],
+                            best_weights=resumed_best if index == state.phase_index else None)
+        resumed_best = None
         first_epoch = sum(p.epochs for _, p in phases[:index]) + state.epoch  # counted over both phases
         model.fit(
             training_data(first_epoch),
@@ -358,12 +370,57 @@ class StreamCheck(keras.callbacks.Callback):
     on_train_batch_end = on_test_batch_end = on_epoch_end = _check
 
 
+BEST_WEIGHTS_FILE = "best/model"
+
+
+class EarlyStop:
+    """Early stopping on val_loss that ends the phase with the weights of its
+    best epoch. The counters live in the loop state (they survive a restart);
+    the best weights are kept in memory and, while later epochs are worse,
+    written beside each checkpoint (``BEST_WEIGHTS_FILE``) so that a restarted
+    worker group still ends on them."""
+
+    def __init__(self, patience: Optional[int], state: LoopState, best_weights: Optional[list] = None):
+        self.patience, self.state, self.best_weights = patience, state, best_weights
+
+    def update(self, model, epoch: int, val_loss: Optional[float]) -> bool:
+        """After ``epoch`` (1-based): True when training must stop, the best
+        weights then already put back into ``model``."""
+        state = self.state
+        if not self.patience or val_loss is None:
+            return False
+        if state.best_val_loss is None or val_loss < state.best_val_loss - 1e-4:
+            state.best_val_loss, state.best_epoch, state.wait = val_loss, epoch, 0
+            self.best_weights = model.get_weights()
+            return False
+        state.wait += 1
+        if state.wait < self.patience:
+            return False
+        if self.best_weights is not None:
+            model.set_weights(self.best_weights)
+        return True
+
+    def save_best(self, model, path: str) -> None:
+        """Write the best weights to ``path`` (a checkpoint of this epoch is
+        not the best one); the model keeps its own weights."""
+        if self.state.wait == 0 or self.best_weights is None:
+            return
+        current = model.get_weights()
+        model.set_weights(self.best_weights)
+        try:
+            model.save_weights(path)
+        finally:
+            model.set_weights(current)
+
+
 class Reporter(keras.callbacks.Callback):
     """Per-epoch line, early stopping whose counters survive a restart, the
     bad-record limit, and a checkpoint + ``ray.train.report`` after every epoch."""
 
-    def __init__(self, phase, phase_index, epochs, state, cfg, rank, model, bad_records, val_total):
+    def __init__(self, phase, phase_index, epochs, state, cfg, rank, model, bad_records, val_total,
+                 best_weights=None):
         super().__init__()
+        self.early = EarlyStop(cfg.train.early_stopping_patience, state, best_weights)
         self.val_total = val_total  # validation covers its split once per epoch
         self.phase, self.phase_index, self.epochs = phase, phase_index, epochs
         self.state, self.cfg, self.rank = state, cfg, rank
@@ -407,18 +464,11 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
     state.history.append(entry)
     state.epoch = epoch + 1
 
-    patience = cb.cfg.train.early_stopping_patience
-    stop = False
-    if patience and "val_loss" in entry:
-        if state.best_val_loss is None or entry["val_loss"] < state.best_val_loss - 1e-4:
-            state.best_val_loss, state.wait = entry["val_loss"], 0
-        else:
-            state.wait += 1
-            stop = state.wait >= patience
-    if stop:
+    if cb.early.update(cb._model_ref, epoch + 1, entry.get("val_loss")):
         cb._model_ref.stop_training = True
         state.epoch = cb.epochs  # the phase is over; a resume moves on
         entry["early_stopped"] = True
+        entry["restored_best_epoch"] = state.best_epoch if cb.early.best_weights is not None else None
     skipped = entry.get("skipped_records", 0) + entry.get("val_skipped_records", 0)
     read = entry.get("examples", 0) + entry.get("val_examples", 0) + skipped
     limit = cb.cfg.data.max_bad_record_fraction
@@ -439,6 +489,8 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
         # collective under MultiWorkerMirroredStrategy, so a rank-0-only save
         # would wait forever for the others. Only rank 0's copy is reported.
         cb._model_ref.save_weights(os.path.join(tmp, WEIGHTS_FILE))
+        if not entry.get("early_stopped"):
+            cb.early.save_best(cb._model_ref, os.path.join(tmp, BEST_WEIGHTS_FILE))
         checkpoint = None
         if cb.rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
