@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -193,6 +194,22 @@ def test_restore_is_verified_weights_and_optimizer_slots(tmp_path, monkeypatch):
     with pytest.raises(mdl.RestoreError, match="no 'm' slot for 1 trainable variables"):
         mdl.restore_verified(fresh, path, with_optimizer=True)
     monkeypatch.undo()
+    # A checkpoint that lacks a slot (its optimizer kept none for the last
+    # trainable variable): the restored optimizer's slot would stay zero, a
+    # partial resume; refused.
+    short = mdl.build_model(3, SIZE, TINY)
+    mdl.set_phase(short, "finetune", "mixed9")
+    mdl.compile_for(short, PhaseConfig(optimizer="sgd", learning_rate=0.01, momentum=0.9), top_k=2)
+    short.set_weights(saved.get_weights())
+    short.optimizer.build(short.trainable_variables[:-1])
+    for a, b in zip(saved.optimizer.variables, short.optimizer.variables):
+        b.assign(a)
+    short_path = str(tmp_path / "short" / "model")
+    short.save_weights(short_path)
+    assert len(short.optimizer.variables) == len(saved.optimizer.variables) - 1
+    missing = "m/" + fresh.trainable_variables[-1].name.split(":")[0]
+    with pytest.raises(mdl.RestoreError, match=re.escape(missing)):  # the slot, by name
+        mdl.restore_verified(fresh, short_path, with_optimizer=True)
     # A model of another shape: refused even when only the model is restored.
     other = mdl.build_model(4, SIZE, TINY)
     with pytest.raises(mdl.RestoreError):
