@@ -458,9 +458,14 @@ def restore_verified(model: keras.Model, path: str, *, with_optimizer: bool) -> 
                                "every value stored in the checkpoint")
         stored[fp] -= 1
 
-    for variable in model.variables:
+    # Metric accumulators (the input counters of count_inputs, reset every
+    # epoch) are not training state: a sync-on-read SUM is restored as the
+    # stored total split over the replicas, so no replica holds the stored value.
+    counters = {id(v) for m in getattr(model, "_input_counters", []) + list(model.metrics) for v in m.variables}
+    weights = [v for v in model.variables if id(v) not in counters]
+    for variable in weights:
         verify(variable, "variable")
-    counts = {"variables": len(model.variables), "trainable": len(model.trainable_variables)}
+    counts = {"variables": len(weights), "trainable": len(model.trainable_variables)}
     if with_optimizer:
         optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
         verify(optimizer.iterations, "optimizer step count")
