@@ -19,6 +19,7 @@ import sys
 from typing import Sequence
 
 from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging
+from pipeline.errors import JobFailed
 from pipeline.scoring.commit import SUMMARY_NAME
 from pipeline.scoring.execute import run_score
 from pipeline.scoring.plan import plan_score
@@ -75,6 +76,8 @@ def main(argv: Sequence[str]) -> int:
     finally:
         lease.release()
     print_summary(summary)
+    if summary["images"] and not summary["scored"]:
+        raise JobFailed(f"none of the {summary['images']} images could be scored; the error rows say why")
     return 0
 
 

@@ -215,6 +215,14 @@ class ScoreConfig(_Section):
     read_batch: int = Field(64, ge=1)
     # Larger files get an error row instead of being read.
     max_file_mb: float = Field(64.0, gt=0)
+    # A read that fails for a reason of the moment (throttling, timeouts, 5xx,
+    # connection or credential errors) is retried with backoff for this long;
+    # then its part fails (retried as a task, then the job exits 1), never an
+    # error row.
+    read_retry_s: float = Field(120.0, gt=0)
+    # A part whose share of error rows (files missing, too large, undecodable)
+    # is above this fails the job instead of being committed. None: no limit.
+    max_error_fraction: Optional[float] = Field(None, ge=0, le=1)
     # Decoded-size limit (PIL's decompression-bomb threshold by default).
     max_pixels: int = Field(89_478_485, ge=1)
     # Protocols a URI list may name besides its own and the output's (e.g. ["s3"]

@@ -21,7 +21,15 @@ fault, picked among ``kinds``:
   a response is lost on the way back; a retry then repeats a request that
   already took effect.
 
-``"slowdown"`` and ``"drop"`` never reach upstream. ``stats()`` counts requests,
+``"slowdown"`` and ``"drop"`` never reach upstream.
+
+``fail_object_reads(kind, seconds, match)`` answers every object GET (not a
+listing) whose path contains ``match`` with one fault for ``seconds`` from the
+first such GET on,
+as a store does while credentials are lapsing or a prefix is throttled:
+``"expired"`` (403 ``ExpiredToken``), ``"slowdown"`` (503 ``SlowDown``),
+``"drop"`` (connection closed, no answer) or ``"stall"`` (no answer until the
+client gives up, bounded by the window). ``stats()`` counts requests,
 faults by kind, requests forwarded (answer relayed), ``aborted`` ones
 (upstream failed, or the client left mid-answer) and the response body bytes
 relayed (``body_bytes``), so tests can prove faults really happened and count
@@ -45,6 +53,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional, Sequence
 from urllib.parse import urlsplit
 
+EXPIRED_BODY = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    "<Error><Code>ExpiredToken</Code><Message>The provided token has expired.</Message>"
+    "<RequestId>{rid}</RequestId><HostId>faultproxy</HostId></Error>"
+)
 SLOWDOWN_BODY = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
     "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
@@ -73,9 +86,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         proxy = self.server.proxy
         body, chunked = self._read_body()
-        fault = proxy._decide(self.command, self.path)
+        fault = proxy._window_fault(self.command, self.path) or proxy._decide(self.command, self.path)
         if fault == "slowdown":
             self._slowdown()
+            return
+        if fault == "expired":
+            self._error(403, "Forbidden", EXPIRED_BODY)
+            return
+        if fault == "stall":
+            time.sleep(max(0.0, proxy._window_end - time.monotonic()))
+            self._hang_up()
             return
         try:
             if fault != "drop":
@@ -112,8 +132,11 @@ class _Handler(BaseHTTPRequestHandler):
         return (self.rfile.read(length) if length else b""), False
 
     def _slowdown(self) -> None:
-        body = SLOWDOWN_BODY.format(rid=uuid.uuid4().hex[:16].upper()).encode()
-        self.send_response_only(503, "Slow Down")
+        self._error(503, "Slow Down", SLOWDOWN_BODY)
+
+    def _error(self, status: int, reason: str, template: str) -> None:
+        body = template.format(rid=uuid.uuid4().hex[:16].upper()).encode()
+        self.send_response_only(status, reason)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("x-amz-request-id", "faultproxy")
@@ -211,6 +234,7 @@ class FaultProxy:
         self._counts = {"requests": 0, "forwarded": 0, "aborted": 0, "slowdown": 0, "drop": 0, "lost": 0,
                         "body_bytes": 0}
         self._by_method: dict[str, int] = {}
+        self._window_kind, self._window_match, self._window_end, self._window_seconds = "", "", 0.0, 0.0
         self._connections: set = set()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
@@ -242,6 +266,27 @@ class FaultProxy:
         with self._lock:
             self._connections.discard(sock)
 
+    def fail_object_reads(self, kind: str, seconds: float, match: str = "") -> None:
+        """Every object GET whose path contains ``match`` gets fault ``kind``
+        for ``seconds`` from the first such GET on (listings pass)."""
+        if kind not in ("expired", "slowdown", "drop", "stall"):
+            raise ValueError(f"unknown window fault {kind!r}")
+        with self._lock:
+            self._window_kind, self._window_match = kind, match
+            self._window_seconds, self._window_end = seconds, float("inf")  # from the first such read on
+
+    def _window_fault(self, method: str, path: str) -> Optional[str]:
+        if method != "GET" or "list-type=" in path or time.monotonic() >= self._window_end:
+            return None
+        if self._window_match not in path or path.rstrip("/").count("/") < 2:  # a bucket, not an object
+            return None
+        with self._lock:
+            if self._window_end == float("inf"):
+                self._window_end = time.monotonic() + self._window_seconds
+            self._counts["requests"] += 1
+            self._counts[f"window_{self._window_kind}"] = self._counts.get(f"window_{self._window_kind}", 0) + 1
+            return self._window_kind
+
     def set_fault_rate(self, p: float) -> None:
         with self._lock:
             self.p = p
@@ -250,7 +295,8 @@ class FaultProxy:
         """{"requests", "forwarded", "aborted", "slowdown", "drop", "lost", "faults", "by_method"}."""
         with self._lock:
             out = dict(self._counts)
-            out["faults"] = out["slowdown"] + out["drop"] + out["lost"]
+            out["faults"] = out["slowdown"] + out["drop"] + out["lost"] + sum(
+                v for k, v in out.items() if k.startswith("window_"))
             out["by_method"] = dict(self._by_method)
             return out
 

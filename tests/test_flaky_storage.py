@@ -381,3 +381,92 @@ def test_unusable_storage_exits_2_with_one_line_within_30s(job, case, request, s
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     assert expected in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- failures of the moment are never answers
+
+
+def score_through(px, model: str, src: str, out: str, *extra: str) -> int:
+    from jobs import score as score_job
+
+    return run(score_job.main, ["--model", model, "--images", src, "--output", out, *via(px),
+                                "--rows-per-file", "6", "--batch-size", "6", "--set", "score.read_batch=6",
+                                "--set", "storage.read_timeout_s=2", "--set", "storage.max_attempts=2", *extra])
+
+
+def read_scores(fs, prefix: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(fs.glob(f"{prefix}/*.parquet"))
+    return pa.concat_tables(pq.read_table(p, filesystem=fs) for p in parts) if parts else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["expired", "slowdown", "drop"])
+def test_a_window_of_failing_image_reads_stores_no_error_rows(kind, ray_session, s3_bucket, s3_endpoint,
+                                                              tiny_model_dir, tmp_path):
+    """Every image GET answered with 403 ExpiredToken (credentials lapsing),
+    503 SlowDown or a reset connection, for 4 s from the first one: every image
+    is scored, no error row. The storage client does not retry a 403 at all
+    (the job's own read retries carry it: this case fails when they are taken
+    out); SlowDown and resets it retries itself for about 20 s (measured
+    through this proxy with 2 attempts per request), which the job keeps."""
+    fs, bucket = s3_bucket
+    fs.put(tiny_model_dir + "/", f"{bucket}/model/", recursive=True)
+    src, count = upload_images(fs, bucket, tmp_path, per_class=2)
+    with FaultProxy(s3_endpoint, p=0) as px:
+        px.fail_object_reads(kind, 4.0, match="/raw/")
+        code = score_through(px, f"s3://{bucket}/model", src, f"s3://{bucket}/scores-{kind}")
+        stats = px.settled_stats()
+    assert stats[f"window_{kind}"] > 0, stats  # the fault really met the job's reads
+    assert code == 0
+    table = read_scores(fs, f"{bucket}/scores-{kind}")
+    assert table.num_rows == count and table["error"].null_count == count
+
+
+@pytest.mark.slow
+def test_reads_that_keep_failing_fail_the_job_and_commit_nothing(ray_session, s3_bucket, s3_endpoint,
+                                                                 tiny_model_dir, tmp_path, capsys):
+    """Past score.read_retry_s (retried as a task too) the job exits 1 naming
+    the cause; no part is committed and _summary.json says failed."""
+    from pipeline.scoring.commit import SUMMARY_NAME
+
+    fs, bucket = s3_bucket
+    fs.put(tiny_model_dir + "/", f"{bucket}/model/", recursive=True)
+    src, _ = upload_images(fs, bucket, tmp_path, per_class=1)
+    out = f"s3://{bucket}/scores-expired"
+    capsys.readouterr()
+    with FaultProxy(s3_endpoint, p=0) as px:
+        px.fail_object_reads("expired", 600.0, match="/raw/")
+        code = score_through(px, f"s3://{bucket}/model", src, out, "--set", "score.read_retry_s=1")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "score.read_retry_s" in err and ("ExpiredToken" in err or "expired" in err), err[-2000:]
+    assert read_scores(fs, f"{bucket}/scores-expired") is None
+    assert json.loads(fs.cat_file(f"{bucket}/scores-expired/{SUMMARY_NAME}"))["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_job_that_scores_nothing_and_a_part_over_the_error_limit_fail(ray_session, s3_bucket, tiny_model_dir,
+                                                                        tmp_path, capsys):
+    from jobs import score as score_job
+
+    fs, bucket = s3_bucket
+    fs.put(tiny_model_dir + "/", f"{bucket}/model/", recursive=True)
+    for i in range(3):
+        fs.pipe_file(f"{bucket}/junk/bad-{i}.jpg", b"not an image at all")
+    common = ["--model", f"s3://{bucket}/model", "--set", "score.read_batch=4"]
+    # Every image an error row: the rows are written (they are the answer), and the job does not exit 0.
+    assert run(score_job.main, [*common, "--images", f"s3://{bucket}/junk", "--output",
+                                f"s3://{bucket}/scores-junk"]) == 1
+    assert "none of the 3 images could be scored" in capsys.readouterr().err
+    assert read_scores(fs, f"{bucket}/scores-junk").num_rows == 3
+    # A part with more error rows than score.max_error_fraction is not committed.
+    src, count = upload_images(fs, bucket, tmp_path, per_class=1)
+    fs.pipe_file(f"{bucket}/raw/circle/zz-bad.jpg", b"not an image")
+    assert run(score_job.main, [*common, "--images", src, "--output", f"s3://{bucket}/scores-limit",
+                                "--set", "score.max_error_fraction=0.1"]) == 1
+    assert "score.max_error_fraction=0.1" in capsys.readouterr().err
+    assert read_scores(fs, f"{bucket}/scores-limit") is None or \
+        "circle" not in "".join(read_scores(fs, f"{bucket}/scores-limit")["uri"].to_pylist())

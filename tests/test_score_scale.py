@@ -35,7 +35,8 @@ def test_thousands_of_files_in_nested_prefixes_one_row_each(ray_session, tiny_mo
     images = sorted(f"s3://{k}" for k in objects if k.lower().endswith((".jpg", ".png")))
     out = f"s3://{bucket}/scores"
     argv = ["--model", tiny_model, "--images", f"s3://{bucket}/images", "--output", out, "--rows-per-file", "100"]
-    assert run(score_job.main, argv) == 0
+    # Every row an error (empty files): the rows are written, and the job exits 1.
+    assert run(score_job.main, argv) == 1
 
     summary = json.loads(fs.cat_file(f"{bucket}/scores/{SUMMARY_NAME}"))
     assert summary["images"] == len(images) == 2001 and summary["ignored_files"] == 4

@@ -5,13 +5,19 @@ the model's recipe (``pipeline.data.preprocess``: the pixels and resize training
 and evaluation used) and rounds the resized images to uint8, a quarter of the
 float32 bytes, which is what travels through Ray's object store to the
 predictor; the predictor converts back to float32. A file that cannot be
-scored gets a one-line reason instead (its image stays zeros). Never raises
-for a bad file.
+scored gets a one-line reason instead (its image stays zeros): the reason is
+always a property of the file (not found, too large, undecodable, rejected).
+A read that fails for a reason of the moment (throttling, timeouts, 5xx,
+connection or credential errors) is retried with backoff and jitter for
+``score.read_retry_s``, then raises ``TransientReadError``: the part fails,
+never a stored error row.
 """
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -26,13 +32,21 @@ from pipeline.data.preprocess import Recipe, file_pixels, model_inputs
 NO_ERROR = ""
 
 
+class TransientReadError(RuntimeError):
+    """A file that kept failing to read for a reason of the moment."""
+
+
+# Failures that say something about the file itself: an error row.
+PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """float32 model inputs in [0, 255] -> the nearest uint8 values."""
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
 def read_and_decode(batch: dict, *, storage: StorageConfig, recipe: Recipe, max_bytes: int, max_pixels: int,
-                    resize_bytes: int = 64 << 20) -> dict:
+                    resize_bytes: int = 64 << 20, retry_s: float = 120.0) -> dict:
     """{uri, size} -> {uri, image: uint8 [N, size, size, 3], error}. Decoded
     images wait for their resize, which runs per group of one shape, up to
     ``resize_bytes`` of them at a time."""
@@ -50,7 +64,7 @@ def read_and_decode(batch: dict, *, storage: StorageConfig, recipe: Recipe, max_
         pending.clear()
         pending_bytes = 0
 
-    for i, raw in enumerate(read_files(uris, batch["size"], storage, max_bytes)):
+    for i, raw in enumerate(read_files(uris, batch["size"], storage, max_bytes, retry_s)):
         if isinstance(raw, str):
             errors[i] = raw
             continue
@@ -68,22 +82,42 @@ def read_and_decode(batch: dict, *, storage: StorageConfig, recipe: Recipe, max_
     return {"uri": np.array(uris, dtype=object), "image": images, "error": errors}
 
 
-def read_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int) -> list:
-    """Bytes per URI, or a one-line reason; fetched concurrently."""
+def read_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, retry_s: float = 120.0) -> list:
+    """Bytes per URI, or a one-line reason that is a property of the file;
+    fetched concurrently. Raises TransientReadError when a file could not be
+    read for ``retry_s`` seconds for any other reason."""
+
+    def attempt(uri: str, size: int):
+        fs, path = st.get_fs(uri, storage)
+        if size < 0:
+            size = fs.size(path)
+        if size > max_bytes:
+            return f"file too large: {size / 2**20:.1f} MiB is over score.max_file_mb ({max_bytes / 2**20:g} MiB)"
+        return fs.cat_file(path)
 
     def fetch(item: tuple[str, int]):
         uri, size = item
-        try:
-            fs, path = st.get_fs(uri, storage)
-            if size < 0:
-                size = fs.size(path)
-            if size > max_bytes:
-                return f"file too large: {size / 2**20:.1f} MiB is over score.max_file_mb ({max_bytes / 2**20:g} MiB)"
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            return "cannot read: file not found"
-        except Exception as exc:  # noqa: BLE001
-            return f"cannot read: {st.describe_error(exc)}"
+        deadline = time.monotonic() + retry_s
+        backoff = 0.2
+        while True:
+            try:
+                return attempt(uri, size)
+            except FileNotFoundError:
+                return "cannot read: file not found"
+            except PERMANENT as exc:
+                return f"cannot read: {st.describe_error(exc)}"
+            except OSError as exc:
+                if st.is_local(uri):  # a local disk's answer is about the file (permissions, a broken link)
+                    return f"cannot read: {st.describe_error(exc)}"
+                transient = exc
+            except Exception as exc:  # noqa: BLE001 - of the moment: retried, then the part fails
+                transient = exc
+            wait = random.uniform(0, backoff)  # full jitter
+            if time.monotonic() + wait > deadline:
+                raise TransientReadError(f"cannot read {uri} for {retry_s:g} s (score.read_retry_s): "
+                                         f"{st.describe_error(transient)}") from None
+            time.sleep(wait)
+            backoff = min(backoff * 2, 10.0)
 
     items = list(zip(uris, (int(s) for s in sizes)))
     if len(items) <= 1:

@@ -33,7 +33,7 @@ from pipeline.config import Config, StorageConfig
 from pipeline.runtime.faults import maybe_fault
 from pipeline.data.preprocess import Recipe
 from pipeline.scoring.commit import SUMMARY_NAME, error_counts, publish_part, remove_temp_files, to_table
-from pipeline.scoring.decode import NO_ERROR, read_and_decode
+from pipeline.scoring.decode import NO_ERROR, TransientReadError, read_and_decode
 from pipeline.storage.lease import OutputLease, check_holder
 from pipeline.scoring.parts import PartSpec, read_plan_chunk
 from pipeline.scoring.plan import ScorePlan, prepare_parts
@@ -41,6 +41,13 @@ from pipeline.scoring.progress import Progress
 
 log = logging.getLogger(__name__)
 BATCHES_AHEAD = 4  # model batches a part task keeps in flight
+
+
+DECODE_RETRIES = 2  # a decode task whose reads kept failing is run again this many times
+
+
+class TooManyErrors(RuntimeError):
+    """A part whose error rows exceed score.max_error_fraction."""
 
 
 def pool_sizes(cfg: Config) -> tuple[int, int, int]:
@@ -56,11 +63,12 @@ def pool_sizes(cfg: Config) -> tuple[int, int, int]:
 
 
 def decode_files(uris: list, sizes: list, storage: StorageConfig, recipe: Recipe, max_bytes: int,
-                 max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+                 max_pixels: int, retry_s: float) -> tuple[np.ndarray, np.ndarray]:
     """A Ray task: (errors, uint8 images of the files that decoded, in order)
-    for a group of files."""
+    for a group of files; TransientReadError when a file could not be read for
+    ``retry_s`` (the task is then retried)."""
     out = read_and_decode({"uri": uris, "size": sizes}, storage=storage, recipe=recipe, max_bytes=max_bytes,
-                          max_pixels=max_pixels)
+                          max_pixels=max_pixels, retry_s=retry_s)
     errors = out["error"]
     return errors, out["image"][errors == NO_ERROR]
 
@@ -74,13 +82,14 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
     uris = table.column("uri").to_pylist()
     sizes = table.column("size").to_pylist()
     batch, group = settings["batch_size"], settings["read_batch"]
-    decode = ray.remote(decode_files).options(num_cpus=1, num_returns=2, max_retries=3)
+    decode = ray.remote(decode_files).options(num_cpus=1, num_returns=2, max_retries=DECODE_RETRIES,
+                                              retry_exceptions=[TransientReadError])
     starts = list(range(0, len(uris), batch))
 
     def submit(start: int) -> list:
         end = min(start + batch, len(uris))
         return [decode.remote(uris[s : min(s + group, end)], sizes[s : min(s + group, end)], storage,
-                              settings["recipe"], settings["max_bytes"], settings["max_pixels"])
+                              settings["recipe"], settings["max_bytes"], settings["max_pixels"], settings["retry_s"])
                 for s in range(start, end, group)]
 
     decoding = [submit(s) for s in starts[:BATCHES_AHEAD]]
@@ -115,6 +124,13 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
     rows = to_table({"uri": uris, "top_k_index": np.concatenate(index_parts),
                      "top_k_scores": np.concatenate(score_parts), "error": np.concatenate(error_parts)},
                     plan["labels"], plan["model"])
+    limit = settings.get("max_error_fraction")
+    failed = int(np.sum(np.concatenate(error_parts) != NO_ERROR))
+    if limit is not None and uris and failed > limit * len(uris):
+        reasons = Counter(e for e in np.concatenate(error_parts) if e != NO_ERROR).most_common(3)
+        raise TooManyErrors(f"{spec.name}: {failed} of {len(uris)} images could not be scored, over "
+                            f"score.max_error_fraction={limit} ({'; '.join(f'{n} {r}' for r, n in reasons)}); "
+                            "not committed")
     maybe_fault("score-part-ready")
     if plan.get("lease_job"):
         check_holder(plan["output"], plan["lease_job"], storage)
@@ -173,6 +189,14 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
         actors = start_predictors(cfg, plan, allow_unsafe)
         try:
             written = _dispatch(cfg, plan, todo, actors, progress, lease, write_running)
+        except BaseException as exc:
+            # A reader can tell a failed output from a running one.
+            try:
+                st.write_json(summary_uri, {**params, "status": "failed", "error": str(exc).strip()[-500:],
+                                            "progress": progress.to_dict()}, storage)
+            except Exception:  # noqa: BLE001 - the job's own error is the one to report
+                pass
+            raise
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -220,7 +244,8 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
     shared = {"plan_dir": plan.plan_dir, "output": plan.output, "labels": plan.labels, "model": plan.model,
               "lease_job": lease.job_id if lease else ""}
     settings = {"batch_size": sc.batch_size, "read_batch": sc.read_batch, "recipe": plan.recipe,
-                "max_bytes": int(sc.max_file_mb * 2**20), "max_pixels": sc.max_pixels, "top_k": plan.top_k}
+                "max_bytes": int(sc.max_file_mb * 2**20), "max_pixels": sc.max_pixels, "top_k": plan.top_k,
+                "retry_s": sc.read_retry_s, "max_error_fraction": sc.max_error_fraction}
     task = ray.remote(score_part).options(num_cpus=0, max_retries=3)
     actors_ref = ray.put(actors)
     shared_ref, settings_ref = ray.put(shared), ray.put(settings)
@@ -263,5 +288,8 @@ def _result(ref) -> dict:
 
     try:
         return ray.get(ref)
-    except LeaseLost as exc:  # Ray's error for a task that raised it is also a LeaseLost
-        raise JobFailed(str(exc).strip().splitlines()[-1].split("LeaseLost: ", 1)[-1]) from None
+    except (LeaseLost, TransientReadError, TooManyErrors) as exc:
+        # Ray's error for a task that raised one of these is also one: its
+        # last line is the original message.
+        name = next(t.__name__ for t in (LeaseLost, TransientReadError, TooManyErrors) if isinstance(exc, t))
+        raise JobFailed(str(exc).strip().splitlines()[-1].split(f"{name}: ", 1)[-1]) from None
