@@ -295,6 +295,10 @@ def test_score_local_tree(ray_session, tiny_model, tmp_path):
     assert summary["images"] == summary["scored"] == count and summary["errors"] == 0
     assert summary["files"] == summary["files_written"] == 3 and summary["images_per_s"] > 0
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(Path(p).name for p in summary["parquet"])
+    # Nothing but the parts ends in .parquet, plan chunks included: a recursive glob reads one schema.
+    assert sorted(p.name for p in out.rglob("*.parquet")) == sorted(Path(p).name for p in summary["parquet"])
+    import duckdb
+    assert duckdb.connect().execute(f"select count(*) from read_parquet('{out}/**/*.parquet')").fetchone()[0] == count
     uris = [str(p) for p in sorted(src.rglob("*.*"))]
     check_scores(pq.read_table(out), tiny_model, uris, top_k=2)
 

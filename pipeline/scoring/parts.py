@@ -24,6 +24,9 @@ from pipeline.config import StorageConfig
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
 PLAN_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64())])
+# Plan chunks are Parquet files too, under another suffix: a recursive
+# ``**/*.parquet`` over an output reads the scores and nothing else.
+PLAN_CHUNK_SUFFIX = ".plan"
 PART_NAME = re.compile(r"^part-\d{5,}-[0-9a-f]{8}\.parquet$")
 
 
@@ -64,8 +67,8 @@ def write_plan_chunk(plan_dir: str, uris: Sequence[str], sizes: Sequence[int], s
     with st.local_scratch() as scratch:
         local = os.path.join(scratch, "plan.parquet")
         pq.write_table(table, local)
-        st.publish_file(local, st.join(plan_dir, f"{d[:16]}.parquet"), storage)
-    return {"index": index, "rows": len(uris), "digest": d, "plan_file": f"{d[:16]}.parquet",
+        st.publish_file(local, st.join(plan_dir, f"{d[:16]}{PLAN_CHUNK_SUFFIX}"), storage)
+    return {"index": index, "rows": len(uris), "digest": d, "plan_file": f"{d[:16]}{PLAN_CHUNK_SUFFIX}",
             "first": uris[0] if uris else ""}
 
 
