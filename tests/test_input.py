@@ -1,5 +1,6 @@
-"""The tf.data pipeline alone, no Ray: shard assignment, exact pixels without
-augmentation, unaugmented validation, the one-resample augmentation."""
+"""The tf.data pipeline alone, no Ray: exact pixels without augmentation,
+unaugmented validation, the one-resample augmentation (which records each
+worker reads, and when: tests/test_epochs.py)."""
 
 from __future__ import annotations
 
@@ -39,29 +40,6 @@ def write_shards(tmp_path, counts: list[int], size=(SIZE, SIZE)) -> list[str]:
     return files
 
 
-def ids_seen(files, assignment, **kw) -> list[int]:
-    ds = inp.make_dataset(files, assignment=assignment, image_size=SIZE, batch_size=4, training=False,
-                          repeat=False, **kw)
-    return [int(x) for _, y in ds for x in y.numpy()]
-
-
-@pytest.mark.parametrize("counts, world", [([5, 3, 7], 2), ([4, 4, 4, 4, 1], 3), ([6, 2], 4), ([9], 3), ([3, 3], 2)],
-                         ids=["uneven", "five-over-three", "fewer-shards-than-workers", "one-shard", "even"])
-def test_shard_assignment_is_disjoint_and_complete(tmp_path, counts, world):
-    files = write_shards(tmp_path, counts)
-    seen, loads = [], []
-    for rank in range(world):
-        a = inp.assign_shards(counts, rank, world)
-        ids = ids_seen(files, a)
-        assert len(ids) == inp.examples_for(a, counts)  # manifest counts predict what is read
-        assert ids, f"rank {rank} got no data"
-        seen.extend(ids)
-        loads.append(len(ids))
-    assert sorted(seen) == list(range(sum(counts)))
-    # balanced by examples: no worker reads more than the lightest plus one shard
-    assert max(loads) - min(loads) <= max(counts)
-
-
 def test_steps_per_epoch_leaves_out_less_than_one_global_batch_and_is_never_zero():
     assert inp.steps_per_epoch(10, 4) == 2
     assert inp.steps_per_epoch(12, 4) == 3
@@ -75,7 +53,7 @@ def decoded(data: bytes) -> np.ndarray:
 
 def test_augmentation_off_gives_exact_pixels(tmp_path):
     files = write_shards(tmp_path, [6])
-    ds = inp.make_dataset(files, assignment=inp.assign_shards([1], 0, 1), image_size=SIZE, batch_size=6,
+    ds = inp.make_dataset(files, image_size=SIZE, batch_size=6,
                           training=True, aug={**AUG_ON, "enabled": False}, shuffle_buffer=1, repeat=False)
     images, labels = next(iter(ds))
     for image, rid in zip(images.numpy(), labels.numpy()):
@@ -86,7 +64,7 @@ def test_validation_is_never_augmented(tmp_path):
     files = write_shards(tmp_path, [5])
     runs = []
     for _ in range(2):
-        ds = inp.make_dataset(files, assignment=inp.assign_shards([1], 0, 1), image_size=SIZE, batch_size=5,
+        ds = inp.make_dataset(files, image_size=SIZE, batch_size=5,
                               training=False, aug=AUG_ON, repeat=False)
         images, labels = next(iter(ds))
         runs.append(images.numpy())
@@ -128,7 +106,7 @@ def test_augment_is_one_resample_to_the_model_size():
 
 def test_augment_runs_inside_tf_data_graph(tmp_path):
     files = write_shards(tmp_path, [4], size=(48, 40))
-    ds = inp.make_dataset(files, assignment=inp.assign_shards([1], 0, 1), image_size=SIZE, batch_size=2,
+    ds = inp.make_dataset(files, image_size=SIZE, batch_size=2,
                           training=True, aug=AUG_ON, shuffle_buffer=4)
     images, labels = next(iter(ds))
     assert images.shape == (2, SIZE, SIZE, 3) and labels.dtype == tf.int32

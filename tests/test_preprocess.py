@@ -98,7 +98,7 @@ def prepare_shard(tmp_path, files: dict[str, bytes], max_side) -> tuple[str, lis
 
 def evaluation_inputs(shard: str, count: int, recipe=None) -> np.ndarray:
     """What evaluation (and the gate) feed the model: make_dataset, validation mode."""
-    ds = inp.make_dataset([shard], assignment=inp.Assignment((0,)), image_size=SIZE, batch_size=count,
+    ds = inp.make_dataset([shard], image_size=SIZE, batch_size=count,
                           training=False, repeat=False, recipe=recipe)
     images, labels = next(iter(ds))
     assert labels.numpy().tolist() == list(range(count))  # every record decoded, in order

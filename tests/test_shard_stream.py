@@ -47,10 +47,10 @@ def storage_at(endpoint: str) -> StorageConfig:
     return StorageConfig(endpoint_url=endpoint, max_attempts=2)
 
 
-def labels_read(stream: ShardStream, assignment, examples: int) -> list[int]:
+def labels_read(stream: ShardStream, examples: int) -> list[int]:
     """The first ``examples`` labels of the training input over ``stream``, read
     one shard at a time without record shuffling, so passes do not overlap."""
-    ds = inp.make_dataset(stream, assignment=assignment, image_size=SIZE, batch_size=1, training=True,
+    ds = inp.make_dataset(stream, image_size=SIZE, batch_size=1, training=True,
                           shuffle_buffer=1, seed=0, read_parallelism=1)
     return [int(y[0]) for _, y in ds.take(examples)]
 
@@ -99,11 +99,11 @@ def test_each_worker_fetches_only_its_own_shards_and_starts_before_the_rest(s3_e
         refs = refs_for(entries, f"s3://{bucket}/shards")
         fetched, seen = [], []
         for rank in range(2):
-            assignment = inp.assign_shards(counts, rank, 2)
+            segments = inp.assign_records(counts, rank, 2)  # 6 whole shards each
+            mine = [refs[seg.shard] for seg in segments]
             cache = ShardCache(str(tmp_path / f"cache-{rank}"), storage, concurrency=2)
-            stream = ShardStream(cache, [refs[i] for i in assignment.shards], shuffle=True, repeat=True, seed=rank,
-                                 lookahead=2, keep_open=6)
-            ds = iter(inp.make_dataset(stream, assignment=assignment, image_size=SIZE, batch_size=1,
+            stream = ShardStream(cache, mine, shuffle=True, repeat=True, seed=rank, lookahead=2, keep_open=6)
+            ds = iter(inp.make_dataset(stream, image_size=SIZE, batch_size=1,
                                        training=True, shuffle_buffer=1, seed=0, read_parallelism=1))
             before = proxy.stats()["body_bytes"]
             released, held = hold_downloads(cache, FIRST_BATCH_SHARDS)
@@ -113,9 +113,9 @@ def test_each_worker_fetches_only_its_own_shards_and_starts_before_the_rest(s3_e
                 fetched_first = cache.stats["fetches"]
             finally:
                 released.set()
-            assert not held and 1 <= fetched_first <= FIRST_BATCH_SHARDS < len(assignment.shards), \
+            assert not held and 1 <= fetched_first <= FIRST_BATCH_SHARDS < len(mine), \
                 (held, cache.stats)
-            ids = [int(first[1][0])] + [int(next(ds)[1][0]) for _ in range(inp.examples_for(assignment, counts) - 1)]
+            ids = [int(first[1][0])] + [int(next(ds)[1][0]) for _ in range(sum(seg.count for seg in segments) - 1)]
             fetched.append(proxy.stats()["body_bytes"] - before)
             seen.append(ids)
             cache.close()
@@ -137,7 +137,7 @@ def test_cache_stays_within_its_bound_while_reading(s3_endpoint, s3_bucket, tmp_
     stream = ShardStream(cache, refs_for(entries, f"s3://{bucket}/shards"), shuffle=True, repeat=True, seed=1,
                          lookahead=2, keep_open=3)
     try:
-        labels = labels_read(stream, inp.assign_shards(counts, 0, 1), 3 * sum(counts))
+        labels = labels_read(stream, 3 * sum(counts))
         # The cache accounts each block written, each file replaced or removed:
         # its count is what is on disk (and its high-water mark is exact, where
         # sampling the folder could miss a short overshoot).
@@ -279,8 +279,7 @@ def test_prepare_overwrite_with_new_labels_is_what_the_next_run_reads_on_the_sam
         refs = shard_refs(manifest, dst, "train")
         cache = worker_cache(cfg, "rank-0")
         try:
-            stream = shard_stream(cache, refs, inp.assign_shards([r.examples for r in refs], 0, 1), cfg,
-                                  training=False, seed=None)
+            stream = shard_stream(cache, refs, cfg, training=False, seed=None)
             ds = inp.make_dataset(stream, image_size=SIZE, batch_size=64, training=False, repeat=False)
             seen = [manifest["classes"][int(y)] for _, labels in ds for y in labels]
         finally:

@@ -1,9 +1,11 @@
-"""The tf.data input pipeline over prepared shards, in three small steps:
-``assign_shards`` (which records a worker reads), ``decode_example`` (record to
-uint8 image + label) and ``augment`` / ``resize`` (one resample per image), then
-``make_dataset`` (over local files or a worker's ``ShardStream``) skips and
-counts records that do not decode, batches and prefetches. No Ray imports:
-testable in plain pytest.
+"""The tf.data input pipeline over prepared shards, in small steps:
+``assign_records`` and ``epoch_plan`` (which records a worker reads, and in
+which epoch), ``decode_example`` (record to uint8 image + label) and
+``augment`` / ``resize`` (one resample per image). ``train_input`` and
+``validation_input`` build a Ray Train worker's datasets; ``make_dataset``
+reads every record of local files or a ``ShardStream`` in one process
+(evaluation, the promotion gate, tools). Records that do not decode are
+skipped and counted. No Ray imports: testable in plain pytest.
 
 Images leave this module as float32 RGB in [0, 255] at the model's size; the
 model itself scales them to [-1, 1] (see pipeline.training.model), so training and
@@ -23,45 +25,6 @@ from pipeline.data import preprocess
 from pipeline.data.shards import ENCODED, LABEL
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """What one worker reads: whole shard files, and (when there are fewer shards
-    than workers) every ``record_stride``-th record starting at ``record_offset``."""
-
-    shards: tuple[int, ...]
-    record_stride: int = 1
-    record_offset: int = 0
-
-
-def assign_shards(shard_examples: Sequence[int], rank: int, world: int) -> Assignment:
-    """Disjoint and complete across ranks, balanced by examples: shards go,
-    largest first, to the rank with the fewest examples so far (ties to the
-    lower rank), so that every worker's pass is about N / world records. With
-    fewer shards than workers every worker reads all shards and keeps its own
-    stripe of records, so no worker is ever left without data."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} outside world of {world}")
-    num_shards = len(shard_examples)
-    if num_shards >= world:
-        load = [0] * world
-        owned: list[list[int]] = [[] for _ in range(world)]
-        for i in sorted(range(num_shards), key=lambda i: (-shard_examples[i], i)):
-            r = min(range(world), key=lambda r: (load[r], r))
-            load[r] += shard_examples[i]
-            owned[r].append(i)
-        return Assignment(tuple(sorted(owned[rank])))
-    return Assignment(tuple(range(num_shards)), record_stride=world, record_offset=rank)
-
-
-def examples_for(assignment: Assignment, shard_examples: Sequence[int]) -> int:
-    """How many records a worker sees per pass, from manifest counts alone."""
-    if assignment.record_stride == 1:
-        return sum(shard_examples[i] for i in assignment.shards)
-    # Records are striped over the concatenation of all shards, in order.
-    total = sum(shard_examples[i] for i in assignment.shards)
-    return len(range(assignment.record_offset, total, assignment.record_stride))
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -249,7 +212,6 @@ def augment(image: tf.Tensor, size: int, aug: dict, key: tf.Tensor) -> tf.Tensor
 def make_dataset(
     files,
     *,
-    assignment: Optional[Assignment] = None,
     image_size: int,
     batch_size: int,
     training: bool,
@@ -262,14 +224,13 @@ def make_dataset(
     class_weights: Optional[Sequence[float]] = None,
     recipe: Optional[preprocess.Recipe] = None,
 ) -> tf.data.Dataset:
-    """Batches of float32 images in [0, 255] and int32 labels for one worker.
+    """Batches of float32 images in [0, 255] and int32 labels over every record
+    of ``files``, in one process.
 
-    ``files`` is a list of local TFRecord paths indexed like the manifest's
-    shards (``assignment`` picks this worker's; default all), or a
-    ``pipeline.data.shard_stream.ShardStream`` that fetches this worker's shards as
-    they are needed (it then decides the order and repetition; ``assignment``
-    only contributes a record stripe). Validation (``training=False``) is never
-    augmented nor shuffled.
+    ``files`` is a list of local TFRecord paths, or a
+    ``pipeline.data.shard_stream.ShardStream`` that fetches its shards as they
+    are needed (it then decides the order and repetition). Validation
+    (``training=False``) is never augmented nor shuffled.
 
     A record that fails to decode is skipped, never an error. With ``counted``
     each element is ``(images, labels, weights, skipped)``: ``weights`` from
@@ -282,16 +243,14 @@ def make_dataset(
     it was trained with. Default: today's recipe."""
     from pipeline.data.shard_stream import ShardStream
 
-    assignment = assignment or Assignment(tuple(range(0 if isinstance(files, ShardStream) else len(files))))
     if isinstance(files, ShardStream):
         paths = tf.data.Dataset.from_generator(files.paths, output_signature=tf.TensorSpec([], tf.string))
         num_paths = len(files.refs)
     else:
-        chosen = [files[i] for i in assignment.shards]
-        num_paths = len(chosen)
-        paths = tf.data.Dataset.from_tensor_slices(tf.constant(chosen, tf.string)) if chosen else \
+        num_paths = len(files)
+        paths = tf.data.Dataset.from_tensor_slices(tf.constant(list(files), tf.string)) if files else \
             tf.data.Dataset.from_tensor_slices(tf.constant([], tf.string))
-        if training and assignment.record_stride == 1 and num_paths > 1:
+        if training and num_paths > 1:
             paths = paths.shuffle(num_paths, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             paths = paths.repeat()
@@ -299,16 +258,12 @@ def make_dataset(
     # batches in every run, whichever reader thread is faster). Unseeded
     # training takes records as they come.
     ordered = not training or seed is not None
-    if assignment.record_stride > 1:
-        # A fixed order, so that the workers' stripes stay disjoint.
-        records = paths.flat_map(read_records).shard(assignment.record_stride, assignment.record_offset)
-    else:
-        records = paths.interleave(
-            read_records,
-            cycle_length=max(1, min(num_paths, read_parallelism)),
-            num_parallel_calls=AUTOTUNE,
-            deterministic=ordered,
-        )
+    records = paths.interleave(
+        read_records,
+        cycle_length=max(1, min(num_paths, read_parallelism)),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=ordered,
+    )
     if training:
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     use_aug = training and aug is not None and aug.get("enabled", False)
@@ -349,11 +304,7 @@ def make_dataset(
         ds = records.enumerate().map(lambda index, serialized: _load(serialized, index),
                                      num_parallel_calls=AUTOTUNE, deterministic=ordered).ignore_errors()
     ds = ds.batch(batch_size, drop_remainder=training)
-    options = tf.data.Options()
-    # Each worker reads its own shards (assign_shards); tf.distribute must not
-    # shard again.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(options).prefetch(AUTOTUNE)
+    return _for_workers(ds)
 
 
 # ---------------------------------------------------------------- distributed training input

@@ -335,9 +335,6 @@ class ShardStream:
             random.Random(seed).shuffle(order)
         return order
 
-    def order(self, pass_index: int) -> list[ShardRef]:
-        return [self.refs[i] for i in self.plan(pass_index)]
-
     def _sequence(self, first_pass: int = 0) -> Iterator[tuple[int, int, ShardRef]]:
         pass_index = first_pass
         while True:

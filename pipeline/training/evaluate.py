@@ -15,12 +15,10 @@ from pipeline.data.shard_stream import shard_refs
 def split_stream(cfg: Config, manifest: dict, data: str, split: str, *, training: bool = False):
     """A split's shards streamed through this process's bounded, verified cache:
     one pass in order, or (``training``) endless shuffled passes."""
-    from pipeline.data import input as inp
     from pipeline.training.worker import shard_stream, worker_cache
 
     refs = shard_refs(manifest, data, split)
-    assignment = inp.assign_shards([r.examples for r in refs], 0, 1)
-    return shard_stream(worker_cache(cfg, "evaluation"), refs, assignment, cfg, training=training, seed=cfg.data.seed)
+    return shard_stream(worker_cache(cfg, "evaluation"), refs, cfg, training=training, seed=cfg.data.seed)
 
 
 def eval_split(manifest: dict) -> str:

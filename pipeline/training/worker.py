@@ -62,15 +62,12 @@ def worker_cache(cfg: Config, name: str) -> ShardCache:
                       max_bytes=int(cfg.data.cache_max_gb * 1e9), concurrency=cfg.data.download_concurrency)
 
 
-def shard_stream(cache: ShardCache, refs: list[ShardRef], assignment: inp.Assignment, cfg: Config, *,
-                 training: bool, seed: Optional[int]) -> ShardStream:
-    """The shards of ``assignment`` in reading order: shuffled endless passes
-    for training, one pass in order otherwise (and always in order when the
-    worker keeps a stripe of records: the stripes must stay disjoint)."""
-    mine = [refs[i] for i in assignment.shards]
-    striped = assignment.record_stride > 1
+def shard_stream(cache: ShardCache, refs: list[ShardRef], cfg: Config, *, training: bool,
+                 seed: Optional[int]) -> ShardStream:
+    """Every shard of ``refs`` for one process (evaluation, the gate):
+    shuffled endless passes for training, one pass in order otherwise."""
     lookahead, keep_open = stream_window(cfg.data.download_concurrency, cfg.data.read_parallelism)
-    return ShardStream(cache, mine, shuffle=training and not striped, repeat=training, seed=seed,
+    return ShardStream(cache, refs, shuffle=training, repeat=training, seed=seed,
                        lookahead=lookahead, keep_open=keep_open)
 
 
@@ -311,7 +308,6 @@ def train_loop_per_worker(config: dict) -> None:
                      cfg.data.batch_size, scaling["replicas"], scaling["phases"][name]["learning_rate"], steps)
         reporter = Reporter(name, index, phase.epochs, state, cfg, rank, model,
                             bad_records=lambda: find_bad_records(cache, refs, assign, cfg, config["output"], rank),
-                            val_total=manifest["splits"]["validation"]["num_examples"],
                             best_weights=resumed_best if index == state.phase_index else None)
         resumed_best = None
         first_epoch = sum(p.epochs for _, p in phases[:index]) + state.epoch  # counted over both phases
@@ -417,11 +413,9 @@ class Reporter(keras.callbacks.Callback):
     """Per-epoch line, early stopping whose counters survive a restart, the
     bad-record limit, and a checkpoint + ``ray.train.report`` after every epoch."""
 
-    def __init__(self, phase, phase_index, epochs, state, cfg, rank, model, bad_records, val_total,
-                 best_weights=None):
+    def __init__(self, phase, phase_index, epochs, state, cfg, rank, model, bad_records, best_weights=None):
         super().__init__()
         self.early = EarlyStop(cfg.train.early_stopping_patience, state, best_weights)
-        self.val_total = val_total  # validation covers its split once per epoch
         self.phase, self.phase_index, self.epochs = phase, phase_index, epochs
         self.state, self.cfg, self.rank = state, cfg, rank
         self._model_ref = model

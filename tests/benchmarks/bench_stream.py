@@ -86,12 +86,12 @@ def put_dataset(endpoint: str, tmp: str, shards: int) -> list:
     return refs
 
 
-def _dataset(stream, assignment=None):
+def _dataset(stream):
     from pipeline.data import input as inp
     from pipeline.config import Config
 
     d = Config().data
-    return inp.make_dataset(stream, assignment=assignment, image_size=75, batch_size=d.batch_size, training=True,
+    return inp.make_dataset(stream, image_size=75, batch_size=d.batch_size, training=True,
                             aug={"enabled": False}, shuffle_buffer=d.shuffle_buffer, seed=0,
                             read_parallelism=d.read_parallelism, counted=True)
 
@@ -129,13 +129,13 @@ def bytes_per_worker(endpoint: str, tmp: str) -> dict:
     counts = [r.examples for r in refs]
     out = []
     for rank in range(2):
-        assignment = inp.assign_shards(counts, rank, 2)
+        segments = inp.assign_records(counts, rank, 2)
         with FaultProxy(endpoint, p=0) as proxy:
             cache = ShardCache(os.path.join(tmp, f"fetch-{rank}"), StorageConfig(endpoint_url=proxy.url))
-            stream = ShardStream(cache, [refs[i] for i in assignment.shards], shuffle=True, repeat=True, seed=rank)
-            want = inp.examples_for(assignment, counts)
+            stream = ShardStream(cache, [refs[seg.shard] for seg in segments], shuffle=True, repeat=True, seed=rank)
+            want = sum(seg.count for seg in segments)
             seen = 0
-            for _, labels, _, _ in _dataset(stream, assignment):
+            for _, labels, _, _ in _dataset(stream):
                 seen += int(labels.shape[0])
                 if seen >= want:
                     break
