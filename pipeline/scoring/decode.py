@@ -88,12 +88,13 @@ def read_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, r
     read for ``retry_s`` seconds for any other reason."""
 
     def attempt(uri: str, size: int):
-        fs, path = st.get_fs(uri, storage)
+        # By the URI's exact key (st.read_bytes): fsspec's path handling would
+        # drop a trailing "/" or read "?versionId=" as a version.
         if size < 0:
-            size = fs.size(path)
+            size = st.size_of(uri, storage)
         if size > max_bytes:
             return f"file too large: {size / 2**20:.1f} MiB is over score.max_file_mb ({max_bytes / 2**20:g} MiB)"
-        return fs.cat_file(path)
+        return st.read_bytes(uri, storage)
 
     def fetch(item: tuple[str, int]):
         uri, size = item

@@ -2,7 +2,13 @@
 means and which ones are refused.
 
 An entry is an absolute URI (``s3://bucket/key``), an absolute local path, or a
-path relative to the list's folder. Refused, so that a list cannot make the job
+path relative to the list's folder. An ``s3://`` entry's key is everything
+after the bucket, exactly as written: ``#``, ``?``, ``%``, ``+``, spaces inside
+it and repeated or trailing ``/`` are part of the key (nothing is decoded;
+only a line that starts with ``#`` is a comment, and whitespace around an
+entry is dropped). A relative entry on an object store is appended to the
+list's folder as written, unless it has ``.`` or ``..`` segments, which are
+resolved. Refused, so that a list cannot make the job
 read what its author could not name directly:
 
 - a protocol other than the allowed ones: the list's own protocol, the output's
@@ -66,6 +72,10 @@ def check_entry(entry: str, base: str, allowed: frozenset[str], where: str) -> O
     normal = posixpath.normpath(entry)
     if normal == ".." or normal.startswith("../"):
         raise EntryRejected(f"{where}: entry {_shown(entry)} climbs above the list's folder")
+    if not st.is_local(base) and not {".", ".."} & set(entry.split("/")):
+        # An object store's key as written after the list's folder: "a//b.jpg"
+        # and "a/" are keys of their own (only "." and ".." are resolved).
+        return f"{base}/{entry}"
     return st.join(base, normal)
 
 

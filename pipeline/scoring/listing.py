@@ -7,7 +7,10 @@ Prefix: one task per folder level lists that level with the ``/`` delimiter
 writes the image files it finds as plan files of at most ``rows_per_file``
 sorted URIs, and returns the sub-prefixes, which the driver hands to new tasks,
 at most ``score.list_concurrency`` at a time. A part therefore never spans two
-folders, and the same tree always gives the same parts.
+folders, and the same tree always gives the same parts. S3 keys and
+CommonPrefixes are used exactly as S3 returns them (``imgs//`` is a level of
+its own below ``imgs/``; nothing is stripped, collapsed, encoded or decoded),
+and a URI is ``s3://bucket/`` followed by the key.
 
 Lists: ``.txt`` (one entry per line, ``#`` comments), ``.csv`` with a ``uri``
 column, ``.parquet`` with a ``uri`` column or ``bucket`` and ``key`` columns
@@ -68,8 +71,14 @@ def iter_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
 
 
 def _iter_s3_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
+    """One ``ListObjectsV2`` level of ``bucket/prefix``. Keys are used exactly
+    as S3 returns them: a prefix that ends in ``/`` is listed as it is (the
+    common prefix ``imgs//`` is a level of its own, below ``imgs/``), others
+    get one ``/``; the sub-prefixes yielded are the CommonPrefixes verbatim,
+    trailing slash included, so each is longer than ``prefix`` and the walk
+    ends."""
     bucket, _, key = path.partition("/")
-    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    prefix = key if not key or key.endswith("/") else key + "/"
     token: Optional[str] = None
     dirs: list[str] = []
     while True:
@@ -78,9 +87,10 @@ def _iter_s3_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
             kwargs["ContinuationToken"] = token
         page = fs.call_s3("list_objects_v2", **kwargs)
         for obj in page.get("Contents", []):
-            if obj["Key"] != prefix:
+            if obj["Key"] != prefix:  # the folder marker of this level is not a file in it
                 yield "file", f"{bucket}/{obj['Key']}", int(obj.get("Size") or 0)
-        dirs.extend(f"{bucket}/{p['Prefix'].rstrip('/')}" for p in page.get("CommonPrefixes", []))
+        dirs.extend(f"{bucket}/{p['Prefix']}" for p in page.get("CommonPrefixes", [])
+                    if len(p["Prefix"]) > len(prefix) and p["Prefix"].startswith(prefix))
         token = page.get("NextContinuationToken")
         if not page.get("IsTruncated") or not token:
             break
@@ -91,8 +101,9 @@ def _iter_s3_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
 def list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, rows_per_file: int) -> dict:
     """One listing task: the image files directly under ``prefix`` into plan
     files; returns {"prefixes": sub-prefixes, "parts": descriptors, "files":
-    images found, "ignored": other files}."""
-    fs, path = st.get_fs(prefix, storage)
+    images found, "ignored": other files}. An S3 ``prefix`` is taken exactly
+    as written: one that ends in ``/`` is that level (see ``_iter_s3_level``)."""
+    fs, path = st.get_fs_exact(prefix, storage)
     prefixes, parts = [], []
     uris: list[str] = []
     sizes: list[int] = []
@@ -125,7 +136,7 @@ def list_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file:
     import ray
 
     task = ray.remote(num_cpus=0.5, max_retries=3)(list_level)
-    todo: deque[str] = deque([root])
+    todo: deque[str] = deque([root_level(root)])
     running: dict = {}
     parts: list[dict] = []
     ignored = tasks = 0
@@ -144,10 +155,21 @@ def list_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file:
     return parts, ignored, tasks
 
 
+def root_level(root: str) -> str:
+    """The level ``--images`` names: an S3 root's trailing slashes mean the
+    folder, as they do in the plan's record of the source (``s3://b/imgs``,
+    ``s3://b/imgs/`` and ``s3://b/imgs//`` all list ``imgs/``); the levels
+    below are the CommonPrefixes as S3 returns them."""
+    if st.s3_bucket_key(root) is None:
+        return root
+    return root.rstrip("/") + "/"
+
+
 def first_level(root: str, storage: StorageConfig) -> tuple[bool, bool]:
     """(an image file directly under ``root``, any sub-prefix): the driver's
     one look at a prefix before Ray starts."""
-    fs, path = st.check_source(root, storage)
+    fs, _ = st.check_source(root, storage)
+    _, path = st.get_fs_exact(root_level(root), storage)
     has_image = has_dir = False
     for kind, name, _ in iter_level(fs, path):
         if kind == "dir":
@@ -237,8 +259,10 @@ def check_list_head(uri: str, storage: StorageConfig, allowed: frozenset[str]) -
 
 
 def _list_base(uri: str, storage: StorageConfig) -> str:
-    """The list's folder, in the list's own style (a local path stays a path)."""
-    fs, path = st.get_fs(uri, storage)
+    """The list's folder, in the list's own style (a local path stays a path).
+    On S3, the list's key up to its last ``/``, exactly (the folder of
+    ``lists//l.txt`` is ``lists//``: ``s3://b/lists/`` joined with ``/``)."""
+    fs, path = st.get_fs_exact(uri, storage)
     return st.full_uri(fs, path.rsplit("/", 1)[0], like=uri)
 
 

@@ -15,16 +15,18 @@ from pipeline.storage.conditional import (CONFLICT_CODES, LEASE_SETTLE_S, LEASE_
                                           conditional_writes, read_for_update, write_if_unchanged)
 from pipeline.storage.files import (ReadOnlyViolation, check_source, check_writable, copy_file, exists, full_uri,
                                     join, list_files, local_scratch, publish_file, read_bytes, read_json, read_only,
-                                    read_text, relative, remove, write_bytes, write_json, write_text)
-from pipeline.storage.fs import (TMP_MARK, StorageCheckFailed, absolute, describe_error, get_fs, is_local,
-                                 probe_endpoint, probe_on_first_use, protocol, storage_options)
+                                    read_text, relative, remove, size_of, write_bytes, write_json, write_text)
+from pipeline.storage.fs import (TMP_MARK, StorageCheckFailed, absolute, describe_error, get_fs, get_fs_exact,
+                                 is_local, probe_endpoint, probe_on_first_use, protocol, s3_bucket_key,
+                                 storage_options)
 from pipeline.storage.settings import StorageConfig
 
 __all__ = [
     "CONFLICT_CODES", "LEASE_SETTLE_S", "LEASE_TERM_S", "TMP_MARK", "LeaseBusy", "ReadOnlyViolation",
     "StorageCheckFailed", "StorageConfig", "absolute", "age_s", "check_source", "check_writable",
-    "conditional_writes", "copy_file", "describe_error", "exists", "full_uri", "get_fs", "is_local", "join",
+    "conditional_writes", "copy_file", "describe_error", "exists", "full_uri", "get_fs", "get_fs_exact",
+    "is_local", "join",
     "list_files", "local_scratch", "probe_endpoint", "probe_on_first_use", "protocol", "publish_file",
     "read_bytes", "read_for_update", "read_json", "read_only", "read_text", "relative", "remove",
-    "storage_options", "write_bytes", "write_if_unchanged", "write_json", "write_text",
+    "s3_bucket_key", "size_of", "storage_options", "write_bytes", "write_if_unchanged", "write_json", "write_text",
 ]

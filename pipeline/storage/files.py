@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import fsspec
 
 from pipeline.errors import UsageError
-from pipeline.storage.fs import TMP_MARK, describe_error, get_fs, is_local
+from pipeline.storage.fs import TMP_MARK, describe_error, get_fs, get_fs_exact, is_local, s3_bucket_key
 from pipeline.storage.settings import StorageConfig
 
 
@@ -32,7 +32,8 @@ def join(uri: str, *parts: str) -> str:
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
     """The URI of ``path`` written in the style of ``like``: a plain local path stays
-    a plain path, anything with a scheme keeps its scheme."""
+    a plain path, anything with a scheme keeps its scheme. The path is kept as
+    it is (an S3 ``bucket/key`` becomes ``s3://bucket/key``, the key verbatim)."""
     if "://" not in like:
         return path
     return fs.unstrip_protocol(path)
@@ -44,8 +45,37 @@ def exists(uri: str, storage: StorageConfig) -> bool:
 
 
 def read_bytes(uri: str, storage: StorageConfig) -> bytes:
-    fs, path = get_fs(uri, storage)
-    return fs.cat_file(path)
+    """The bytes of the file or object ``uri`` names; an S3 key exactly as the
+    URI writes it (``imgs//a.jpg``, ``x/``, ``a?versionId=1.jpg``, ``a::b``)."""
+    fs, path = get_fs_exact(uri, storage)
+    exact = s3_bucket_key(uri)
+    if exact is None:
+        return fs.cat_file(path)
+    return _s3_get(fs, *exact)
+
+
+def size_of(uri: str, storage: StorageConfig) -> int:
+    """The size in bytes of the file or object ``uri`` names (an S3 key as written)."""
+    fs, path = get_fs_exact(uri, storage)
+    exact = s3_bucket_key(uri)
+    if exact is None:
+        return int(fs.size(path))
+    return int(fs.call_s3("head_object", Bucket=exact[0], Key=exact[1])["ContentLength"])
+
+
+def _s3_get(fs, bucket: str, key: str) -> bytes:
+    """GetObject by bucket and key through the s3fs client (its retries, and
+    its errors: FileNotFoundError for a missing key, PermissionError, ...)."""
+    from fsspec.asyn import sync
+
+    async def get() -> bytes:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await resp["Body"].read()
+        finally:
+            resp["Body"].close()
+
+    return sync(fs.loop, get)
 
 
 def read_text(uri: str, storage: StorageConfig) -> str:

@@ -80,6 +80,45 @@ def get_fs(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem,
     return fs, path
 
 
+# ---------------------------------------------------------------- keys as written
+#
+# An S3 key is any string S3 accepts: ``imgs//a.jpg``, ``imgs/x//``, ``a?b.jpg``,
+# ``a#b.jpg``, ``a::b.jpg``, ``100%.jpg`` are keys of their own. fsspec's path
+# handling normalises some of them (``url_to_fs`` strips trailing slashes and
+# splits ``::`` chains; s3fs reads ``?versionId=`` as a version), so code that
+# must reach exactly the object a URI names takes the bucket and key from the
+# URI's text and calls S3 with them (``pipeline.storage.files.read_exact``).
+
+
+def s3_bucket_key(uri: str) -> Optional[tuple[str, str]]:
+    """(bucket, key) of an ``s3://`` or ``s3a://`` URI, the key exactly as
+    written (after the first ``/`` following the bucket; nothing decoded or
+    collapsed); None for any other URI or a local path."""
+    if "://" not in uri or protocol(uri).lower() not in ("s3", "s3a"):
+        return None
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def get_fs_exact(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``get_fs``, but the path is the one ``uri`` writes: for S3 ``bucket/key``
+    with the key exactly as written (trailing and repeated slashes kept; ``::``
+    is not an fsspec chain, ``?versionId=`` not a version); a local file name
+    with ``::`` in it likewise."""
+    exact = s3_bucket_key(uri)
+    if exact is None:
+        fs, path = get_fs(uri, storage)
+        if is_local(uri) and "::" in uri:
+            path = type(fs)._strip_protocol(uri)
+        return fs, path
+    opts = storage_options(uri, storage)
+    fs = fsspec.filesystem(protocol(uri).lower(), **opts)
+    path = f"{exact[0]}/{exact[1]}"
+    if _probe_enabled and opts:
+        _probe_once(path, opts, storage)
+    return fs, path
+
+
 # ---------------------------------------------------------------- first contact
 #
 # The retries that carry a job through a flaky object store (``max_attempts``
