@@ -69,7 +69,8 @@ def main(argv: Sequence[str]) -> int:
         ])
     plan = plan_score(cfg, args.model, args.images, args.output,
                       overwrite=args.overwrite, allow_unsafe=args.allow_unsafe)
-    lease = OutputLease(args.output, plan.lease_args(), cfg.storage, cfg.score.lease_timeout_s).acquire()
+    lease = OutputLease(args.output, plan.lease_args(), cfg.storage, cfg.score.lease_timeout_s,
+                        wait_s=cfg.score.lease_wait_s).acquire()
     try:
         start_ray(cfg, data=True)
         summary = run_score(cfg, plan, lease=lease, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite)

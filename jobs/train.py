@@ -41,7 +41,7 @@ def main(argv: Sequence[str]) -> int:
         return dry_run_report("jobs.train", describe_plan(cfg, plan))
     plan = plan_training(cfg, args.data, args.output)
     lease = OutputLease(plan.output, lease_args(cfg, plan), cfg.storage, cfg.train.lease_timeout_s,
-                        job="training").acquire()
+                        job="training", wait_s=cfg.train.lease_wait_s).acquire()
     try:
         record_attempt(cfg, plan)
         own_ray = starts_own_ray(cfg)

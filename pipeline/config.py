@@ -163,8 +163,13 @@ class TrainConfig(_Section):
     # differs from what the run started with is refused unless this is true.
     allow_changed_resume: bool = False
     # The run directory's lease (_lease.json): a holder whose heartbeat is older
-    # than this (or whose process on this host is gone) may be taken over.
+    # than this (or whose process on this machine and pid namespace is gone) may
+    # be taken over.
     lease_timeout_s: float = Field(300.0, gt=0)
+    # The most a job waits for the lease of a job with the same arguments (a
+    # retry finding the failed attempt's) to go stale; none: that holder's
+    # timeout less its heartbeat's age, plus a quarter of it and 1 s; 0: refuse.
+    lease_wait_s: Optional[float] = Field(None, ge=0)
     bn_stats_batches: int = Field(20, ge=1)
     checkpoints_to_keep: int = Field(2, ge=1)
 
@@ -231,8 +236,14 @@ class ScoreConfig(_Section):
     # Listing tasks in flight at once (one per folder level of a prefix).
     list_concurrency: int = Field(16, ge=1)
     # A job's hold on its output: a lease whose heartbeat is older than this
-    # (or whose holder process on this host is gone) may be taken over.
+    # (or whose holder process on this machine and pid namespace is gone) may
+    # be taken over.
     lease_timeout_s: float = Field(300.0, gt=0)
+    # The most a job waits for the lease of a job with the same arguments (a
+    # retried RayJob finding the failed attempt's) to go stale; none: that
+    # holder's timeout less its heartbeat's age, plus a quarter of it and 1 s;
+    # 0: refuse at once.
+    lease_wait_s: Optional[float] = Field(None, ge=0)
     # Progress (parts, rows/s, errors, ETA) is logged and written into
     # _summary.json this often.
     progress_every_s: float = Field(30.0, gt=0)

@@ -18,7 +18,8 @@ import pytest
 
 from pipeline.config import StorageConfig
 from pipeline.errors import JobFailed, UsageError
-from pipeline.storage.lease import LEASE_NAME, OutputLease
+from pipeline.storage import lease as lease_mod
+from pipeline.storage.lease import LEASE_NAME, LeaseLost, OutputLease, _alive_here, check_holder, identity
 from tests import imagefactory as fx
 from tests.test_score import ROOT, make_images, tiny_model  # noqa: F401 - the session fixture
 
@@ -40,7 +41,7 @@ def test_local_lease_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
             OutputLease(out, {**ARGS, "top_k": 5}, StorageConfig(), timeout_s=60).acquire()
 
         # The holder stops beating (it runs elsewhere and was last heard of long ago).
-        record["host"] = "another-host"
+        record["host"], record["boot_id"] = "another-host", "another-boot"
         (tmp_path / "out" / LEASE_NAME).write_text(json.dumps(record))
         old = time.time() - 120
         os.utime(tmp_path / "out" / LEASE_NAME, (old, old))
@@ -62,11 +63,316 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     out.mkdir()
     import socket
 
-    (out / LEASE_NAME).write_text(json.dumps({"holder": "gone", "host": socket.gethostname(), "pid": dead,
-                                              "args": ARGS, "heartbeat": time.time(), "timeout_s": 300}))
+    (out / LEASE_NAME).write_text(json.dumps({"holder": "gone", **identity(), "host": socket.gethostname(),
+                                              "pid": dead, "args": ARGS, "heartbeat": time.time(),
+                                              "timeout_s": 300}))
     lease = OutputLease(str(out), ARGS, StorageConfig(), timeout_s=300).acquire()
     assert lease.previous["holder"] == "gone"
     lease.release()
+
+
+OTHER = {**ARGS, "top_k": 5}
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def where(request, tmp_path):
+    """An output folder on local disk, or a prefix in a fresh moto bucket (its
+    conditional PutObject atomic, as on S3). Returns (output, put) where
+    ``put(record, age_s)`` writes a lease record, ``age_s`` old where the store
+    lets the test say so (local disk; S3 stamps its own time)."""
+    if request.param == "local":
+        out = tmp_path / "out"
+
+        def put(record, age_s=0.0):
+            out.mkdir(exist_ok=True)
+            (out / LEASE_NAME).write_text(json.dumps(record))
+            then = time.time() - age_s
+            os.utime(out / LEASE_NAME, (then, then))
+
+        return str(out), put
+    request.getfixturevalue("atomic_moto")
+    fs, bucket = request.getfixturevalue("s3_bucket")
+
+    def put(record, age_s=0.0):
+        fs.pipe(f"{bucket}/out/{LEASE_NAME}", json.dumps(record).encode())
+
+    return f"s3://{bucket}/out", put
+
+
+def _elsewhere(holder: str, args: dict, timeout_s: float, **changes) -> dict:
+    """A lease written by a job on another machine (another boot id), with this
+    host's name and this process's pid, as a pod's may look."""
+    return {"holder": holder, **identity(), "boot_id": "another-machine", "args": args, "heartbeat": time.time(),
+            "timeout_s": timeout_s, **changes}
+
+
+def test_a_retried_job_waits_for_the_failed_attempts_heartbeat_then_takes_over(where, caplog):
+    """KubeRay retries a failed RayJob on a new cluster with the same arguments:
+    it finds the dead attempt's lease with a recent heartbeat, waits (saying
+    whom for) until the heartbeat is older than the timeout, and takes over. A
+    job with other arguments is refused at once."""
+    out, put = where
+    put(_elsewhere("failed-attempt", ARGS, timeout_s=2))
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="other arguments .*top_k 3.*job failed-attempt"):
+        OutputLease(out, OTHER, StorageConfig(), timeout_s=2).acquire()
+    assert time.monotonic() - started < 1.5  # at once, not after a wait
+
+    caplog.set_level("WARNING", logger="pipeline.storage.lease")
+    started = time.monotonic()
+    lease = OutputLease(out, ARGS, StorageConfig(), timeout_s=2).acquire()
+    waited = time.monotonic() - started
+    try:
+        assert lease.previous["holder"] == "failed-attempt"
+        assert 1.0 <= waited < 8, waited  # stale 2 s after it was written (S3: whole seconds)
+        assert "job failed-attempt" in caplog.text and "waiting up to" in caplog.text, caplog.text
+        check_holder(out, lease.job_id, StorageConfig())  # ours now
+    finally:
+        lease.release()
+
+
+def test_a_same_arguments_holder_that_keeps_renewing_is_refused_after_the_wait(tmp_path):
+    """A duplicate submission still running elsewhere keeps its heartbeat
+    fresh: the second job waits for the holder's timeout plus the margin, then
+    stops with exit 2 saying so; with lease_wait_s it waits that long."""
+    out = str(tmp_path / "out")
+    holder = OutputLease(out, ARGS, StorageConfig(), timeout_s=2)
+    holder.identity = {**holder.identity, "boot_id": "another-machine"}  # its pid says nothing here
+    holder.acquire()
+    try:
+        started = time.monotonic()
+        with pytest.raises(UsageError, match="same arguments.*kept renewing its lease while this job waited [34] s"):
+            OutputLease(out, ARGS, StorageConfig(), timeout_s=2).acquire()
+        assert 3.0 <= time.monotonic() - started < 6  # 2 s - age + 0.5 s + 1 s
+        started = time.monotonic()
+        with pytest.raises(UsageError, match="score.lease_wait_s"):
+            OutputLease(out, ARGS, StorageConfig(), timeout_s=2, wait_s=0.5).acquire()
+        assert 0.4 <= time.monotonic() - started < 2
+        holder.check()  # never lost its lease
+        assert json.loads((tmp_path / "out" / LEASE_NAME).read_text())["holder"] == holder.job_id
+    finally:
+        holder.release()
+
+
+def test_a_job_whose_lease_was_taken_over_cannot_publish(where):
+    out, _ = where
+    storage = StorageConfig()
+    first = OutputLease(out, ARGS, storage, timeout_s=60).acquire()
+    try:
+        check_holder(out, first.job_id, storage)  # the fence passes while the lease is ours
+        second = OutputLease(out, OTHER, storage, timeout_s=60)
+        second._judge = lambda held: "stale"  # first has stopped beating, long ago
+        second.acquire()
+        assert second.previous["holder"] == first.job_id
+        with pytest.raises(LeaseLost, match=f"to job {second.job_id}"):
+            check_holder(out, first.job_id, storage)
+        first.heartbeat()
+        with pytest.raises(JobFailed, match=f"lost the output lease on .* to job {second.job_id}"):
+            first.check()
+        check_holder(out, second.job_id, storage)
+        second.release()
+    finally:
+        first.release()
+
+
+def test_fences_of_one_job_at_once_all_pass(where):
+    """Several part tasks of one job fence at the same moment while its
+    heartbeat runs: each rewrite that another of them overtook is tried again,
+    so all pass and the heartbeat keeps the lease."""
+    out, _ = where
+    storage = StorageConfig()
+    lease = OutputLease(out, ARGS, storage, timeout_s=2).acquire()
+    try:
+        errors, start = [], threading.Barrier(6, timeout=20)
+
+        def fence():
+            start.wait()
+            try:
+                for _ in range(3):
+                    check_holder(out, lease.job_id, storage)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fence) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        time.sleep(1.2)  # past two heartbeats, each after fences changed the token
+        lease.check()
+        check_holder(out, lease.job_id, storage)
+    finally:
+        lease.release()
+
+
+def _stale_once(judge):
+    calls = []
+
+    def judged(held):
+        calls.append(held)
+        return "stale" if len(calls) == 1 else judge(held)
+
+    return judged
+
+
+def test_a_takeover_racing_a_fence_never_lets_both_win(where, monkeypatch):
+    """The fence (check_holder) and a takeover both read the same lease, then
+    both write: one conditional write wins, the other is refused. In half the
+    rounds the takeover writes first (the fence must then raise LeaseLost), in
+    the other half the fence does (the takeover must then fail)."""
+    out, _ = where
+    storage = StorageConfig()
+    local = threading.local()
+    real_read = lease_mod.read_for_update
+    barrier = threading.Barrier(2, timeout=20)
+
+    def read_for_update(uri, storage):
+        out_ = real_read(uri, storage)
+        if getattr(local, "first_read", False):  # each racer's first read: wait for the other's
+            local.first_read = False
+            barrier.wait()
+            time.sleep(local.delay)
+        return out_
+
+    monkeypatch.setattr(lease_mod, "read_for_update", read_for_update)
+    outcomes = []
+    for n in range(4):
+        barrier.reset()
+        holder = OutputLease(out, ARGS, storage, timeout_s=60).acquire()
+        taker = OutputLease(out, OTHER, storage, timeout_s=60)
+        taker._judge = _stale_once(taker._judge)  # as if the holder had been silent for the timeout
+        result = {}
+
+        def racer(name, delay, fn):
+            local.first_read, local.delay = True, delay
+            try:
+                fn()
+                result[name] = "won"
+            except (LeaseLost, UsageError) as exc:
+                result[name] = f"lost: {exc}"
+
+        fence_delay, take_delay = (0.4, 0.0) if n % 2 == 0 else (0.0, 0.4)
+        threads = [threading.Thread(target=racer, args=("fence", fence_delay,
+                                                        lambda: check_holder(out, holder.job_id, storage))),
+                   threading.Thread(target=racer, args=("takeover", take_delay, taker.acquire))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        won = sorted(name for name, r in result.items() if r == "won")
+        assert len(won) == 1, (n, result)  # never both, never neither
+        outcomes.append(won[0])
+        if won == ["takeover"]:
+            assert taker.previous["holder"] == holder.job_id and f"to job {taker.job_id}" in result["fence"]
+        else:
+            assert "other arguments" in result["takeover"]  # it looked again: a fresh lease, not its own
+        taker.release()
+        holder.release()  # the lease is gone after each round
+    assert outcomes == ["takeover", "fence", "takeover", "fence"], outcomes
+
+
+def test_failing_heartbeats_make_the_lease_unsafe(tmp_path, monkeypatch):
+    """The store refuses the heartbeat's writes: check() raises once half the
+    timeout has passed without a renewal, and the fence refuses once the
+    heartbeat in the lease is over half the timeout old (before another job
+    could take the lease over)."""
+    out, storage = str(tmp_path / "out"), StorageConfig()
+    lease = OutputLease(out, ARGS, storage, timeout_s=2).acquire()
+    real_write = lease_mod.write_if_unchanged
+
+    def write_if_unchanged(uri, data, token, storage):
+        if threading.current_thread().name.endswith("-lease"):
+            raise OSError("the store is unreachable from the driver")
+        return real_write(uri, data, token, storage)
+
+    monkeypatch.setattr(lease_mod, "write_if_unchanged", write_if_unchanged)
+    try:
+        started = time.monotonic()
+        check_holder(out, lease.job_id, storage)  # fresh yet
+        raised = None
+        while raised is None and time.monotonic() - started < 5:
+            try:
+                lease.check()
+            except JobFailed as exc:
+                raised = (time.monotonic() - started, str(exc))
+            time.sleep(0.05)
+        assert raised is not None, "check() never raised"
+        assert raised[0] < 1.6 and "could not renew the output lease" in raised[1], raised
+        assert "the store is unreachable" in raised[1]
+        refused = None
+        while refused is None and time.monotonic() - started < 6:
+            try:
+                check_holder(out, lease.job_id, storage)
+            except LeaseLost as exc:
+                refused = (time.monotonic() - started, str(exc))
+            time.sleep(0.1)
+        assert refused is not None, "the fence never refused"
+        assert refused[0] < 3.5 and "its heartbeat is failing" in refused[1], refused
+    finally:
+        lease.release()
+    assert not os.path.exists(os.path.join(out, LEASE_NAME))  # still ours: removed, so a retry need not wait
+
+
+@pytest.mark.parametrize("field", ["boot_id", "pid_ns"])
+def test_a_holder_in_another_pid_namespace_or_boot_is_judged_by_its_heartbeat(field, tmp_path):
+    """Pods share host names and pid numbers: a holder with this host's name
+    but another boot id or pid namespace is neither alive because a process
+    here has its pid, nor dead because none has."""
+    assert _alive_here(identity()) is True
+    assert _alive_here({**identity(), field: "another"}) is None
+    out = tmp_path / "out"
+    out.mkdir()
+    # Its pid is this very process, yet its heartbeat is two minutes old: taken over.
+    (out / LEASE_NAME).write_text(json.dumps({"holder": "pod-a", **identity(), field: "another", "args": OTHER,
+                                              "heartbeat": time.time() - 120, "timeout_s": 60}))
+    old = time.time() - 120
+    os.utime(out / LEASE_NAME, (old, old))
+    lease = OutputLease(str(out), ARGS, StorageConfig(), timeout_s=60).acquire()
+    assert lease.previous["holder"] == "pod-a"
+    lease.release()
+    # Its pid is free here, yet its heartbeat is fresh: refused.
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LEASE_NAME).write_text(json.dumps({"holder": "pod-b", **identity(), "pid": int(proc.stdout),
+                                              field: "another", "args": OTHER, "heartbeat": time.time(),
+                                              "timeout_s": 60}))
+    with pytest.raises(UsageError, match="other arguments.*job pod-b"):
+        OutputLease(str(out), ARGS, StorageConfig(), timeout_s=60).acquire()
+
+
+def test_no_lock_file_is_left_and_the_folder_lock_excludes(tmp_path):
+    """Local compare-and-swap locks the object's folder, not a file beside it:
+    nothing but the lease is in the output while a job holds it, nothing after;
+    two writers in one folder still exclude each other."""
+    from pipeline.storage import conditional
+
+    out, storage = tmp_path / "out", StorageConfig()
+    lease = OutputLease(str(out), ARGS, storage, timeout_s=60).acquire()
+    lease.heartbeat()
+    check_holder(str(out), lease.job_id, storage)
+    assert sorted(os.listdir(out)) == [LEASE_NAME]
+    lease.release()
+    assert os.listdir(out) == []
+    pointer = str(tmp_path / "registry" / "production.json")
+    assert lease_mod.write_if_unchanged(pointer, b"1", None, storage)
+    assert os.listdir(tmp_path / "registry") == ["production.json"]
+
+    inside, times = threading.Event(), {}
+
+    def hold():
+        with conditional._local_lock(str(out / "a.json")) as locked:
+            assert locked
+            inside.set()
+            time.sleep(0.5)
+            times["released"] = time.monotonic()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert inside.wait(10)
+    with conditional._local_lock(str(out / "b.json")) as locked:
+        assert locked and time.monotonic() >= times["released"]
+    thread.join()
+    assert os.listdir(out) == []
 
 
 # ---------------------------------------------------------------- two jobs on S3
@@ -89,7 +395,9 @@ def write_if_unchanged(uri, data, token, storage):
     out = real(uri, data, token, storage)
     if uri.endswith(lease.LEASE_NAME):
         stats["writes"] += 1
-        stats["lost"] += out is None  # the lease was not what this job read: another job's came first
+        # The conditional create of the lease refused: another job's came first.
+        # (A heartbeat refused after one of the job's own fences is not counted.)
+        stats["lost"] += out is None and token is None
     return out
 
 lease.write_if_unchanged = write_if_unchanged

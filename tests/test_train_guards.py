@@ -20,7 +20,7 @@ import pytest
 
 from jobs import train as train_job
 from pipeline.errors import UsageError
-from pipeline.storage.lease import LEASE_NAME, _process_start
+from pipeline.storage.lease import LEASE_NAME, _process_start, identity
 from pipeline.training import driver
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +79,10 @@ def train(shards: str, out: str, no_ray: dict, *extra: str) -> int | str:
 
 def _lease_file(out: Path, pid: int, heartbeat: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    # As a process of this machine and pid namespace writes it: its pid decides.
     (out / LEASE_NAME).write_text(json.dumps({
-        "holder": "other-job", "host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
-        "args": {}, "heartbeat": heartbeat, "timeout_s": 300}))
+        "holder": "other-job", **identity(), "host": socket.gethostname(), "pid": pid,
+        "pid_start": _process_start(pid), "args": {}, "heartbeat": heartbeat, "timeout_s": 300}))
 
 
 def test_a_run_directory_held_by_a_live_job_is_refused_at_once(shards, tmp_path, no_ray, capsys):
@@ -112,6 +113,28 @@ def test_a_dead_holder_is_taken_over_and_the_lease_released(shards, tmp_path, no
     assert held["args"]["data"] == shards and held["args"]["config_sha256"]
     assert not (out / LEASE_NAME).exists()  # released when the job ended
     assert (out / driver.ATTEMPT_FILE).exists()
+
+
+def test_a_retried_training_job_waits_for_its_failed_attempts_lease(shards, tmp_path, no_ray, capsys):
+    """The retry of a failed training job (same data and config, another
+    machine's lease with a recent heartbeat) waits for the heartbeat to go
+    stale and then runs; the same lease with other arguments is refused at once."""
+    out = tmp_path / "run"
+    assert train(shards, str(out), no_ray) == "ray"
+    args = no_ray["lease"]["args"]  # what this job's lease names
+    record = {**no_ray["lease"], "holder": "failed-attempt", "boot_id": "another-machine", "heartbeat": time.time(),
+              "timeout_s": 2}
+    (out / LEASE_NAME).write_text(json.dumps({**record, "args": {**args, "config_sha256": "0" * 16}}))
+    started = time.monotonic()
+    assert train(shards, str(out), no_ray, "--set", "train.lease_timeout_s=2") == 2
+    assert time.monotonic() - started < 2
+    assert "other arguments" in capsys.readouterr().err
+    (out / LEASE_NAME).write_text(json.dumps(record))
+    started = time.monotonic()
+    assert train(shards, str(out), no_ray, "--set", "train.lease_timeout_s=2") == "ray"
+    assert time.monotonic() - started >= 1.0  # waited for the heartbeat to go stale
+    assert no_ray["lease"]["holder"] not in ("failed-attempt", record["holder"])
+    assert not (out / LEASE_NAME).exists()
 
 
 # --- a resume must train what the first attempt started ---------------------------------

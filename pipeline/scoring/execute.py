@@ -133,6 +133,9 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
                             "not committed")
     maybe_fault("score-part-ready")
     if plan.get("lease_job"):
+        # The fence: a conditional rewrite of the lease, refused unless this job
+        # holds it with a fresh heartbeat; nobody can take it over for a full
+        # timeout afterwards, far longer than the publish below takes.
         check_holder(plan["output"], plan["lease_job"], storage)
     published = publish_part(rows, pa.array(sorted(uris), pa.string()), st.join(plan["output"], spec.name),
                              storage, tmp_tag=plan.get("lease_job", ""))

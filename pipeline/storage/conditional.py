@@ -26,8 +26,11 @@ from pipeline.storage.settings import StorageConfig
 # exist yet), and says False otherwise: the caller re-reads and tries again.
 #   - S3: a conditional PutObject (``If-Match: <ETag>``, or ``If-None-Match: *``
 #     to create), which S3 applies atomically.
-#   - local disk: an exclusive ``fcntl`` lock on a lock file beside the object,
-#     held while the current content is compared and the new one renamed in.
+#   - local disk: an exclusive ``flock`` of the object's folder (its directory
+#     opened read-only), held while the current content is compared and the new
+#     one renamed in; no lock file is created, so none is left behind. A file
+#     system that cannot lock a directory (some network file systems) gets the
+#     lease below instead.
 #   - any other store (and an S3-compatible one that ignores the conditions,
 #     see ``conditional_writes``): a lease (see ``_lease``), safe only where the store shows
 #     a write to every reader within ``LEASE_SETTLE_S`` and holders finish within
@@ -150,8 +153,9 @@ def write_if_unchanged(uri: str, data: bytes, token: Optional[str], storage: Sto
             raise
         return out["ETag"]
     if is_local(uri):
-        with _local_lock(path):
-            return _replace_if(uri, fs, path, data, token, storage)
+        with _local_lock(path) as locked:
+            if locked:
+                return _replace_if(uri, fs, path, data, token, storage)
     with _lease(uri, fs, path):
         return _replace_if(uri, fs, path, data, token, storage)
 
@@ -213,15 +217,25 @@ def _is_conflict(exc: BaseException) -> bool:
 
 
 @contextmanager
-def _local_lock(path: str) -> Iterator[None]:
+def _local_lock(path: str) -> Iterator[bool]:
+    """Exclusive use of the folder of ``path`` among processes and threads (an
+    ``flock`` of the directory itself: each open of it is its own lock owner);
+    yields False, holding nothing, where the file system cannot lock it."""
+    import errno
     import fcntl
 
-    folder, name = os.path.split(path)
-    os.makedirs(folder or ".", exist_ok=True)
-    fd = os.open(os.path.join(folder, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # releases the lock
 
