@@ -9,8 +9,11 @@
 
 One row per input file (uri, label, score, top_k_labels, top_k_scores, error,
 model); files that cannot be read or decoded get a row with ``error`` set.
-Re-running with the same arguments resumes: committed Parquet files are kept.
-One job at a time writes an output folder (``_lease.json``).
+Re-running with the same arguments resumes: committed Parquet files written by
+the same model and settings are kept. A completed output holds ``_SUCCESS``;
+re-run, it is left alone when its input is unchanged and refused (exit 2)
+when the input changed, unless ``--overwrite``. One job at a time writes an
+output folder (``_lease.json``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def main(argv: Sequence[str]) -> int:
                         help="predictor actors (default: one per GPU, else one per 8 CPUs)")
     parser.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default 100000)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace scores that OUTPUT holds from a different model, image source or top-k")
+                        help="list the images again and score everything, replacing what OUTPUT holds (needed "
+                             "when the model, image source or top-k differ, or the images changed since)")
     parser.add_argument("--allow-unsafe", "--allow-unsafe-model", dest="allow_unsafe", action="store_true",
                         help="also load .h5 models and models that carry code (Lambda layers); "
                              "only for models you trust")
@@ -62,7 +66,9 @@ def main(argv: Sequence[str]) -> int:
                               overwrite=args.overwrite, allow_unsafe=args.allow_unsafe)
         return dry_run_report("jobs.score", [
             f"score the images {'listed in' if plan.is_list else 'under'} {plan.source} with {plan.model} "
-            f"(top {plan.top_k}; listed by Ray tasks when it runs, or from the plan an earlier run left)",
+            f"(top {plan.top_k}; listed by Ray tasks when it runs, or from the plan an earlier run left"
+            + ("; the earlier run completed: its input is checked for changes" if plan.previous_complete is not None
+               else "") + ")",
             f"write Parquet files of up to {plan.rows_per_file} rows and {SUMMARY_NAME} to {plan.output}, "
             "holding its lease (_lease.json) meanwhile",
             f"run on {ray_target(cfg)}",
@@ -83,13 +89,21 @@ def main(argv: Sequence[str]) -> int:
 
 
 def print_summary(summary: dict) -> None:
+    if summary.get("nothing_to_score"):
+        print(f"\n{summary['output']} is complete, nothing to score: {summary['scored']} of {summary['images']} "
+              f"images scored, {summary['errors']} errors, in {summary['files']} files by {summary['model']}")
+        print(f"summary: {st.join(summary['output'], SUMMARY_NAME)}")
+        return
     rate = f", {summary['images_per_s']} images/s" if summary["images_per_s"] else ""
     print(f"\nscored {summary['scored']} of {summary['images']} images, {summary['errors']} errors "
           f"({summary['images_this_run']} this run in {summary['elapsed_s']:.1f}s{rate})")
     if summary["errors_by_reason"]:
         print("errors: " + "; ".join(f"{n} {r}" for r, n in summary["errors_by_reason"].items()))
     print(f"parquet: {summary['files']} files in {summary['output']} "
-          f"({summary['files_written']} written now, {summary['files_kept']} kept from an earlier run)")
+          f"({summary['files_written']} written now, {summary['files_kept']} kept from an earlier run"
+          + (f", {summary['files_rescored']} of an earlier run scored again" if summary.get("files_rescored") else "")
+          + (f", {summary['stale_files_removed']} of an earlier plan removed" if summary.get("stale_files_removed")
+             else "") + ")")
     print(f"summary: {st.join(summary['output'], SUMMARY_NAME)}")
 
 

@@ -24,7 +24,7 @@ from pipeline.data import demo_data
 from pipeline.config import StorageConfig, load_config
 from pipeline.errors import UsageError
 from pipeline.data.preprocess import Recipe, current_recipe
-from pipeline.scoring.commit import SCHEMA, SUMMARY_NAME, to_table
+from pipeline.scoring.commit import SCHEMA, SUCCESS_NAME, SUMMARY_NAME, to_table
 from pipeline.scoring.decode import read_and_decode, to_uint8
 from pipeline.scoring.plan import plan_score, prepare_parts
 from pipeline.scoring.predictor import ScoringPredictor
@@ -283,7 +283,7 @@ def test_registry_reference_scores_the_production_version(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_score_local_tree(ray_session, tiny_model, tmp_path):
+def test_score_local_tree(ray_session, tiny_model, tmp_path, capsys):
     src = tmp_path / "my images"
     count = make_images(str(src))
     out = tmp_path / "scores"
@@ -310,11 +310,16 @@ def test_score_local_tree(ray_session, tiny_model, tmp_path):
     assert len(frame) == count and frame["uri"].is_unique
     assert duckdb.sql(f"select count(*), count(distinct uri) from '{out}/*.parquet'").fetchall() == [(count, count)]
 
-    # The same command again: nothing to do, the same rows.
+    # The same command again: the folder is listed again and has not changed:
+    # nothing to do, nothing written (the summary and _SUCCESS are as the
+    # completing run left them).
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    stored, marker = (out / SUMMARY_NAME).read_bytes(), (out / SUCCESS_NAME).read_bytes()
+    assert json.loads(marker)["parts"] == 3 and json.loads(marker)["images"] == count
+    capsys.readouterr()
     assert run(score_job.main, argv) == 0
-    again = json.loads((out / SUMMARY_NAME).read_text())
-    assert again["files_written"] == 0 and again["files_kept"] == 3 and again["scored"] == count
+    assert "is complete, nothing to score" in capsys.readouterr().out
+    assert (out / SUMMARY_NAME).read_bytes() == stored and (out / SUCCESS_NAME).read_bytes() == marker
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
 
 

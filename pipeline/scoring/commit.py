@@ -7,10 +7,22 @@ once), written to a local file and published atomically under its fixed name
 task, a re-run) is the same file, and a killed writer leaves nothing that looks
 complete. ``_summary.json`` and ``_plan/`` start with an underscore, which
 Parquet readers (pyarrow, pandas, DuckDB globs of ``*.parquet``, Spark) skip.
+
+Each part's footer (Parquet key-value metadata, key ``inception_ray.writer``)
+records who wrote it: the model as shown, a fingerprint of its weights, its
+labels, top-k, the preprocessing recipe and the digest of the part's URIs, and
+the part's error counts. A later run keeps a part only when all of these match
+its own (``committed_errors`` reads the footer, nothing else).
+
+``_SUCCESS`` (the Hadoop/Spark convention, here holding JSON) is written last
+by a run that completed the output, and removed before a run changes anything:
+a reader that finds it reads a complete output of one model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -41,6 +53,16 @@ SCHEMA = pa.schema(
     ]
 )
 SUMMARY_NAME = "_summary.json"
+SUCCESS_NAME = "_SUCCESS"  # written last by a run that completed the output
+WRITER_KEY = b"inception_ray.writer"  # a part's footer: who wrote it (JSON)
+WRITER_FORMAT = 1
+# What must match for a part to be kept: the rows would be the same.
+IDENTITY_FIELDS = ("model", "model_fingerprint", "labels", "top_k", "recipe")
+
+
+def short_digest(obj) -> str:
+    """A digest of a JSON-able value (labels, a recipe)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def reason_kind(reason: str) -> str:
@@ -72,13 +94,20 @@ def to_table(batch: dict, labels: list[str], model: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
-def publish_part(table: pa.Table, uris: pa.Array, uri: str, storage: StorageConfig, tmp_tag: str) -> pa.Table:
+def publish_part(table: pa.Table, uris: pa.Array, uri: str, storage: StorageConfig, tmp_tag: str,
+                 writer: Optional[dict] = None, part_digest: str = "") -> pa.Table:
     """Sort ``table`` by URI, check it holds exactly ``uris`` (the plan's,
-    sorted) and publish it at ``uri`` atomically. Returns the sorted table."""
+    sorted) and publish it at ``uri`` atomically, ``writer`` (the run's
+    identity, ``IDENTITY_FIELDS``) and ``part_digest`` (of its URIs) in its
+    footer. Returns the sorted table."""
     table = table.take(pc.sort_indices(table, [("uri", "ascending")]))
     if not table.column("uri").equals(pa.chunked_array([uris]) if isinstance(uris, pa.Array) else uris):
         # A bug, never silent loss: the part is not published.
         raise RuntimeError(f"{posixpath.basename(uri)}: {table.num_rows} rows do not match its {len(uris)} inputs")
+    if writer is not None:
+        footer = {"format": WRITER_FORMAT, **{k: writer[k] for k in IDENTITY_FIELDS}, "part": part_digest,
+                  "rows": table.num_rows, "errors": dict(error_counts(table))}
+        table = table.replace_schema_metadata({WRITER_KEY: json.dumps(footer, sort_keys=True).encode("utf-8")})
     with st.local_scratch() as scratch:
         local = os.path.join(scratch, posixpath.basename(uri))
         pq.write_table(table, local)
@@ -90,19 +119,49 @@ def error_counts(table: pa.Table) -> Counter:
     return Counter(reason_kind(e) for e in table.column("error").drop_null().to_pylist())
 
 
-def committed_errors(uri: str, storage: StorageConfig, rows: int) -> Optional[Counter]:
-    """Error reasons of a committed part, or None when it must be written again."""
+class NotKept(Exception):
+    """Why a committed part is scored again: ``kind`` is ``other model``,
+    ``unrecorded`` (written before parts recorded their writer), ``unreadable``
+    or ``wrong rows``; the message says which field differs."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def read_writer(uri: str, storage: StorageConfig) -> tuple[int, Optional[dict]]:
+    """(rows, the writer recorded in its footer or None) of a part; reads the
+    footer only."""
+    fs, path = st.get_fs(uri, storage)
+    options = {} if st.is_local(uri) else {"block_size": 2**16, "cache_type": "readahead"}
+    with fs.open(path, "rb", **options) as f:
+        meta = pq.read_metadata(f)
+    raw = (meta.metadata or {}).get(WRITER_KEY)
+    return meta.num_rows, (json.loads(raw) if raw else None)
+
+
+def committed_errors(uri: str, storage: StorageConfig, rows: int, writer: Optional[dict] = None,
+                     part_digest: str = "") -> Counter:
+    """Error reasons of a committed part written by ``writer`` (the same
+    ``IDENTITY_FIELDS``) for the part whose URIs have ``part_digest``; NotKept
+    when it must be written again. Reads the part's footer only."""
     try:
-        fs, path = st.get_fs(uri, storage)
-        with fs.open(path, "rb") as f:
-            errors = pq.read_table(f, columns=["error"]).column("error")
+        found_rows, found = read_writer(uri, storage)
     except Exception as exc:  # noqa: BLE001 - an unreadable part is simply scored again
-        log.warning("%s is unreadable (%s); scoring its images again", uri, st.describe_error(exc))
-        return None
-    if len(errors) != rows:
-        log.warning("%s has %d rows, expected %d; scoring its images again", uri, len(errors), rows)
-        return None
-    return Counter(reason_kind(e) for e in errors.to_pylist() if e is not None)
+        raise NotKept("unreadable", f"unreadable ({st.describe_error(exc)})") from None
+    if found_rows != rows:
+        raise NotKept("wrong rows", f"{found_rows} rows, the plan says {rows}")
+    if writer is None:
+        return Counter()
+    if not isinstance(found, dict) or "errors" not in found:
+        raise NotKept("unrecorded", "no writer in its footer (written before parts recorded their writer)")
+    differ = [k for k in IDENTITY_FIELDS if found.get(k) != writer.get(k)]
+    if differ:
+        what = "; ".join(f"{k} {found.get(k)!r}, now {writer.get(k)!r}" for k in differ)
+        raise NotKept("other model", f"written by another model or settings ({what})")
+    if found.get("part") != part_digest or found.get("rows") != rows:
+        raise NotKept("wrong rows", "its footer names other URIs than the plan's part")
+    return Counter({str(k): int(v) for k, v in found["errors"].items()})
 
 
 def listdir(uri: str, storage: StorageConfig) -> list[str]:

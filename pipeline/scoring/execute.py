@@ -15,6 +15,12 @@ writes progress into ``_summary.json``. A part task that dies is run again by
 Ray (the same part, the same file); a predictor actor that dies is restarted
 and its calls retried; a killed driver leaves only complete parts, which the
 next run keeps.
+
+Before it changes anything in the output, a run removes ``_SUCCESS``; our
+part files the plan does not produce are removed before any part is written;
+``_summary.json`` (status ``complete``) and then ``_SUCCESS`` are written last.
+A re-run that finds a completed output of the same input, model and settings
+writes nothing ("complete, nothing to score").
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
 from pipeline.runtime.faults import maybe_fault
 from pipeline.data.preprocess import Recipe
-from pipeline.scoring.commit import SUMMARY_NAME, error_counts, publish_part, remove_temp_files, to_table
+from pipeline.scoring.commit import (SUCCESS_NAME, SUMMARY_NAME, error_counts, publish_part, remove_temp_files,
+                                     to_table)
 from pipeline.scoring.decode import NO_ERROR, TransientReadError, read_and_decode
 from pipeline.storage.lease import OutputLease, check_holder
 from pipeline.scoring.parts import PartSpec, read_plan_chunk
@@ -138,7 +145,8 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
         # timeout afterwards, far longer than the publish below takes.
         check_holder(plan["output"], plan["lease_job"], storage)
     published = publish_part(rows, pa.array(sorted(uris), pa.string()), st.join(plan["output"], spec.name),
-                             storage, tmp_tag=plan.get("lease_job", ""))
+                             storage, tmp_tag=plan.get("lease_job", ""), writer=plan.get("writer"),
+                             part_digest=spec.digest)
     return {"index": spec.index, "rows": published.num_rows, "errors": dict(error_counts(published))}
 
 
@@ -162,57 +170,91 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
     import ray
 
     started = time.time()
-    storage, sc = cfg.storage, cfg.score
+    storage = cfg.storage
     summary_uri = st.join(plan.output, SUMMARY_NAME)
-    params = {"job": "score", "model": plan.model, "model_uri": plan.model_uri, "source": plan.source,
+    success_uri = st.join(plan.output, SUCCESS_NAME)
+    params = {"job": "score", "model": plan.model, "model_uri": plan.model_uri,
+              "model_fingerprint": plan.model_fingerprint, "source": plan.source,
               "output": plan.output, "top_k": plan.top_k, "rows_per_file": plan.rows_per_file,
               "preprocessing": plan.recipe.to_dict() if plan.recipe else None}
-    st.write_json(summary_uri, {**params, "status": "planning"}, storage)
+    progress: Optional[Progress] = None
+    writing = False
+
+    def start_writing() -> None:
+        """Before the first change to the output: it is no longer complete."""
+        nonlocal writing
+        if not writing:
+            writing = True
+            st.remove(success_uri, storage)
+            st.write_json(summary_uri, {**params, "status": "planning"}, storage)
+
     if lease is not None:
         tags = [lease.job_id] + ([lease.previous.get("holder")] if lease.previous else [])
         remove_temp_files(plan.output, storage, tags)
-    prepare_parts(cfg, plan, overwrite)
-    if lease is not None:
-        lease.check()
-
-    todo = [p for p in plan.parts if p.index not in plan.committed]
-    kept = sum(p.rows for p in plan.parts if p.index in plan.committed)
-    progress = Progress(len(plan.parts), plan.images, len(plan.committed), kept,
-                        sum(plan.committed.values(), Counter()))
-    log.info("score: %d images in %d parts: %d parts already committed, %d to score", plan.images,
-             len(plan.parts), len(plan.committed), len(todo))
-
-    def write_running() -> None:
-        st.write_json(summary_uri, {**params, "status": "running", "progress": progress.to_dict(),
-                                    "listing_tasks": plan.listing_tasks, "plan_reused": plan.plan_reused}, storage)
-
-    write_running()
+    if overwrite:
+        start_writing()
     written: list[PartSpec] = []
-    if todo:
-        actors = start_predictors(cfg, plan, allow_unsafe)
-        try:
-            written = _dispatch(cfg, plan, todo, actors, progress, lease, write_running)
-        except BaseException as exc:
+    try:
+        prepare_parts(cfg, plan, overwrite, start_writing)
+        if lease is not None:
+            lease.check()
+
+        todo = [p for p in plan.parts if p.index not in plan.committed]
+        kept = sum(p.rows for p in plan.parts if p.index in plan.committed)
+        progress = Progress(len(plan.parts), plan.images, len(plan.committed), kept,
+                            sum(plan.committed.values(), Counter()))
+        nothing = not writing and not todo and not plan.stale and plan.previous_complete is not None
+        if nothing:
+            log.info("score: %s is complete, nothing to score (%d images in %d parts by %s)", plan.output,
+                     plan.images, len(plan.parts), plan.model)
+        else:
+            log.info("score: %d images in %d parts: %d parts already committed, %d to score", plan.images,
+                     len(plan.parts), len(plan.committed), len(todo))
+            start_writing()
+            # Parts of another plan (other rows per file, a changed input) go
+            # before any part of this one is published: never two rows for an image.
+            for name in plan.stale:
+                st.remove(st.join(plan.output, name), storage)
+            if plan.stale:
+                log.info("score: removed %d parts of an earlier plan: %s", len(plan.stale), ", ".join(plan.stale[:10]))
+
+            def write_running() -> None:
+                st.write_json(summary_uri, {**params, "status": "running", "input": plan.input,
+                                            "progress": progress.to_dict(), "listing_tasks": plan.listing_tasks,
+                                            "plan_reused": plan.plan_reused}, storage)
+
+            write_running()
+            if todo:
+                actors = start_predictors(cfg, plan, allow_unsafe)
+                try:
+                    written = _dispatch(cfg, plan, todo, actors, progress, lease, write_running)
+                finally:
+                    for actor in actors:
+                        ray.kill(actor)
+            maybe_fault("score-parts-committed")
+            if lease is not None:
+                # Leftovers of this job's writers killed while publishing (local
+                # disks): nothing but the parts ends in .parquet.
+                remove_temp_files(plan.output, storage, [lease.job_id])
+    except BaseException as exc:
+        if writing:
             # A reader can tell a failed output from a running one.
             try:
                 st.write_json(summary_uri, {**params, "status": "failed", "error": str(exc).strip()[-500:],
-                                            "progress": progress.to_dict()}, storage)
+                                            "input": plan.input,
+                                            "progress": progress.to_dict() if progress else None}, storage)
             except Exception:  # noqa: BLE001 - the job's own error is the one to report
                 pass
-            raise
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-    maybe_fault("score-parts-committed")
-    for name in plan.stale:
-        st.remove(st.join(plan.output, name), storage)
+        raise
 
     elapsed = time.time() - started
     scored_now = sum(p.rows for p in written)
     errors = sum(progress.errors.values())
+    rescored = {kind: len(names) for kind, names in sorted(plan.rescored.items())}
     summary = {
         **params,
         "status": "complete",
+        "input": plan.input,
         "images": plan.images,
         "scored": plan.images - errors,
         "errors": errors,
@@ -221,16 +263,28 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
         "files": len(plan.parts),
         "files_written": len(written),
         "files_kept": len(plan.committed),
+        "files_rescored": sum(rescored.values()),
+        "files_rescored_other_model": rescored.get("other model", 0),
+        "files_rescored_by_reason": rescored,
         "stale_files_removed": len(plan.stale),
         "images_this_run": scored_now,
         "listing_tasks": plan.listing_tasks,
         "plan_reused": plan.plan_reused,
+        "nothing_to_score": nothing,
         "elapsed_s": round(elapsed, 2),
         "images_per_s": round(scored_now / elapsed, 1) if scored_now and elapsed > 0 else None,
         "progress": progress.to_dict(),
         "parquet": [st.join(plan.output, p.name) for p in plan.parts],
     }
+    if nothing:
+        return summary  # the output is left as the run that completed it wrote it
     st.write_json(summary_uri, summary, storage)
+    # Last: a reader that finds it reads a complete output.
+    st.write_json(success_uri, {"status": "complete", "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "parts": len(plan.parts), "images": plan.images, "errors": errors,
+                                "model": plan.model, "model_fingerprint": plan.model_fingerprint,
+                                "top_k": plan.top_k, "source": plan.source, "input": plan.input,
+                                "summary": SUMMARY_NAME}, storage)
     return summary
 
 
@@ -245,7 +299,7 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
     decodes_per_part = BATCHES_AHEAD * math.ceil(sc.batch_size / sc.read_batch)
     in_flight = max(2, 2 * len(actors), math.ceil(cpus / decodes_per_part) + 1)
     shared = {"plan_dir": plan.plan_dir, "output": plan.output, "labels": plan.labels, "model": plan.model,
-              "lease_job": lease.job_id if lease else ""}
+              "lease_job": lease.job_id if lease else "", "writer": plan.writer}
     settings = {"batch_size": sc.batch_size, "read_batch": sc.read_batch, "recipe": plan.recipe,
                 "max_bytes": int(sc.max_file_mb * 2**20), "max_pixels": sc.max_pixels, "top_k": plan.top_k,
                 "retry_s": sc.read_retry_s, "max_error_fraction": sc.max_error_fraction}

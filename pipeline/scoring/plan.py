@@ -5,35 +5,45 @@ wrong: the model and its labels and recipe, the images (a prefix's first level,
 or a list's columns and first entries, see ``pipeline.scoring.entries``), and
 what the output already holds. Every such error is a UsageError here.
 
-``prepare_parts`` (Ray) derives the parts: it reuses ``OUTPUT/_plan/plan.json``
-when an earlier run with the same images and rows per file wrote one, and
-otherwise lists the prefix or reads the lists with Ray tasks
-(``pipeline.scoring.listing``) and writes the plan, ``plan.json`` last. The
-driver holds one small descriptor per part, whatever the number of images. It
-then finds the parts already committed (resume) and our parts this plan no
-longer produces (removed at the end, ``--overwrite`` only).
+``prepare_parts`` (Ray) derives the parts. ``--overwrite`` always lists the
+prefix or reads the lists again (``pipeline.scoring.listing``). Otherwise it
+reuses ``OUTPUT/_plan/plan.json`` when an earlier run with the same images,
+rows per file and allowed protocols wrote one: as it is when that run did not
+finish (resume), and after checking the input when it did (``_SUCCESS``): a
+list by its ETag or content hash and size (checked in ``plan_score``, before
+Ray), a prefix by listing it again and comparing part digests. A changed input
+is refused (UsageError) unless ``--overwrite``. ``plan.json`` records what it
+was built from (``input``). The driver holds one small descriptor per part,
+whatever the number of images. It then finds the parts already committed by
+this model and settings (resume; the footer of each part, ``commit``) and our
+parts this plan no longer produces (``stale``: removed before any part is
+written, so that two plans' parts are never visible together).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
 from pipeline.errors import UsageError
 from pipeline.data.preprocess import Recipe
 from pipeline.scoring import listing
-from pipeline.scoring.commit import SUMMARY_NAME, committed_errors, listdir
+from pipeline.scoring.commit import (SUCCESS_NAME, SUMMARY_NAME, NotKept, committed_errors, listdir,
+                                     short_digest)
 from pipeline.scoring.entries import EntryRejected, allowed_protocols
-from pipeline.scoring.parts import PART_NAME, PLAN_DIR, PLAN_FILE, PartSpec
+from pipeline.scoring.parts import PART_NAME, PLAN_DIR, PLAN_FILE, PartSpec, read_plan_chunk
 
 log = logging.getLogger(__name__)
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: plan.json records its input
+DIFF_PARTS = 64  # changed parts whose URIs are read to count the images added and removed
 
 
 @dataclass
@@ -56,6 +66,12 @@ class ScorePlan:
     plan_reused: bool = False
     committed: dict[int, Counter] = field(default_factory=dict)  # part index -> error reasons
     stale: list[str] = field(default_factory=list)  # our parts this plan does not produce
+    rescored: dict[str, list] = field(default_factory=dict)  # why parts present are scored again -> names
+    # Filled by plan_score:
+    model_fingerprint: str = ""  # changes when the model file's bytes do
+    input: dict = field(default_factory=dict)  # what the plan is built from (plan.json's "input")
+    saved: Optional[dict] = None  # OUTPUT/_plan/plan.json of an earlier run
+    previous_complete: Optional[dict] = None  # OUTPUT/_SUCCESS of an earlier run ({} when not JSON)
 
     @property
     def images(self) -> int:
@@ -64,6 +80,13 @@ class ScorePlan:
     @property
     def plan_dir(self) -> str:
         return st.join(self.output, PLAN_DIR)
+
+    @property
+    def writer(self) -> dict:
+        """Who writes the parts (``commit.IDENTITY_FIELDS``): a part is kept
+        by a later run only when all of these are the same."""
+        return {"model": self.model, "model_fingerprint": self.model_fingerprint, "labels": short_digest(self.labels),
+                "top_k": self.top_k, "recipe": short_digest(self.recipe.to_dict()) if self.recipe else ""}
 
     def lease_args(self) -> dict:
         """What decides the rows: two jobs may share an output only if these match."""
@@ -84,6 +107,7 @@ def plan_score(cfg: Config, model: str, images: str, output: str, *,
     from pipeline.artifact import LABELS_FILE, check_model_reference, check_model_uri, model_recipe
 
     model_uri, shown = check_model_reference(model, cfg.storage, allow_unsafe=allow_unsafe)
+    model_fp = model_fingerprint(model_uri, cfg.storage)
     labels_uri = st.join(check_model_uri(model_uri, cfg.storage).rsplit("/", 1)[0], LABELS_FILE)
     try:
         labels = st.read_json(labels_uri, cfg.storage)
@@ -93,11 +117,12 @@ def plan_score(cfg: Config, model: str, images: str, output: str, *,
         raise UsageError(f"{labels_uri} is not a JSON list of class names")
     plan = ScorePlan(model=shown, model_uri=model_uri, source=images, output=output, labels=list(labels),
                      top_k=min(cfg.score.top_k, len(labels)), image_size=0,
-                     rows_per_file=cfg.score.rows_per_file)
+                     rows_per_file=cfg.score.rows_per_file, model_fingerprint=model_fp)
     plan.is_list = listing.is_list(images, cfg.storage)
     if plan.is_list:
         plan.allowed = allowed_protocols(images, output, cfg.score.uri_protocols)
         listing.check_list_head(images, cfg.storage, plan.allowed)
+        plan.input = {"kind": "list", "uri": images, **object_fingerprint(images, cfg.storage)}
     else:
         has_image, has_dir = listing.first_level(images, cfg.storage)
         if not has_image and not has_dir:
@@ -106,7 +131,78 @@ def plan_score(cfg: Config, model: str, images: str, output: str, *,
     check_previous_output(plan, cfg.storage, overwrite)
     plan.recipe = model_recipe(model_uri, cfg.storage, allow_unsafe=allow_unsafe)
     plan.image_size = plan.recipe.image_size
+    if not overwrite:
+        check_list_unchanged(plan)
     return plan
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def object_fingerprint(uri: str, storage: StorageConfig) -> dict:
+    """What identifies a file's content: {size, mtime, and sha256 (a local
+    file, its bytes hashed) or etag (object stores)}."""
+    fs, path = st.get_fs(uri, storage)
+    try:
+        if st.is_local(uri):
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            stat = os.stat(path)
+            return {"size": stat.st_size, "mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime)),
+                    "sha256": digest.hexdigest()}
+        try:
+            info = fs.info(path, refresh=True)
+        except TypeError:
+            info = fs.info(path)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read {uri}: {st.describe_error(exc)}") from None
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("md5") or ""
+    mtime = info.get("LastModified") or info.get("mtime") or info.get("updated") or ""
+    return {"size": int(info.get("size") or 0), "mtime": str(mtime), "etag": str(etag).strip('"')}
+
+
+def model_fingerprint(model_uri: str, storage: StorageConfig) -> str:
+    """Of the model file's bytes: its sha256 (local), else its ETag and size
+    (or size and modification time where the store gives no ETag)."""
+    from pipeline.artifact import model_file_uri
+
+    fp = object_fingerprint(model_file_uri(model_uri), storage)
+    if fp.get("sha256"):
+        return f"sha256:{fp['sha256'][:32]}"
+    if fp.get("etag"):
+        return f"etag:{fp['etag']},size:{fp['size']}"
+    return f"size:{fp['size']},mtime:{fp['mtime']}"
+
+
+def input_changes(before: dict, now: dict) -> list[str]:
+    """How a list file changed between two ``object_fingerprint``s (empty: it did not)."""
+    changes = []
+    for key, what in (("sha256", "content (sha256)"), ("etag", "ETag")):
+        if before.get(key) and now.get(key) and before[key] != now[key]:
+            changes.append(f"{what} {before[key][:16]} -> {now[key][:16]}")
+    if before.get("size") != now.get("size"):
+        changes.append(f"size {before.get('size')} -> {now.get('size')} bytes")
+    if changes and before.get("mtime") != now.get("mtime"):
+        changes.append(f"modified {now.get('mtime')} (planned from the version of {before.get('mtime')})")
+    return changes
+
+
+def check_list_unchanged(plan: ScorePlan) -> None:
+    """Without --overwrite, a list whose plan is reused must be the list that
+    plan was made from, whether the earlier run finished or not."""
+    saved = plan.saved
+    if not plan.is_list or saved is None or saved.get("key") != plan_key(plan):
+        return
+    before = saved.get("input") or {}
+    changes = input_changes(before, plan.input)
+    if changes:
+        state = "was completed" if plan.previous_complete is not None else "was planned (that run did not finish)"
+        raise UsageError(f"{plan.source} changed since {plan.output} {state}: {', '.join(changes)}; its plan "
+                         f"has {saved.get('images', '?')} images of the list as it was. Pass --overwrite to "
+                         "score the list as it is now, or give a new --output")
 
 
 def no_images(images: str) -> str:
@@ -122,6 +218,14 @@ def check_previous_output(plan: ScorePlan, storage: StorageConfig, overwrite: bo
     if foreign:
         raise UsageError(f"{plan.output} holds Parquet files this job did not write ({foreign[0]}); "
                          "give an empty or new --output")
+    if not overwrite:
+        plan.saved = _read_plan(st.join(plan.plan_dir, PLAN_FILE), storage)
+        if SUCCESS_NAME in names:
+            try:
+                marker = st.read_json(st.join(plan.output, SUCCESS_NAME), storage)
+            except (FileNotFoundError, ValueError):
+                marker = {}
+            plan.previous_complete = marker if isinstance(marker, dict) else {}
     if overwrite or not any(PART_NAME.match(n) for n in names):
         return
     previous = _read_summary(plan.output, storage)
@@ -132,6 +236,10 @@ def check_previous_output(plan: ScorePlan, storage: StorageConfig, overwrite: bo
                 if previous else f"part files without {SUMMARY_NAME}")
         raise UsageError(f"{plan.output} already holds {what}; pass --overwrite to replace them, "
                          "or choose another --output")
+    if previous.get("model_fingerprint") and previous["model_fingerprint"] != plan.model_fingerprint:
+        raise UsageError(f"{plan.output} already holds scores by another version of {plan.model} (its model file "
+                         f"was {previous['model_fingerprint']}, now {plan.model_fingerprint}); pass --overwrite to "
+                         "replace them, or choose another --output")
 
 
 def _read_summary(output: str, storage: StorageConfig) -> Optional[dict]:
@@ -150,20 +258,34 @@ def plan_key(plan: ScorePlan) -> dict:
             "uri_protocols": sorted(plan.allowed)}
 
 
-def prepare_parts(cfg: Config, plan: ScorePlan, overwrite: bool = False) -> None:
-    """Fill ``plan.parts`` (from ``_plan/`` or by listing), ``committed`` and ``stale``."""
+def prepare_parts(cfg: Config, plan: ScorePlan, overwrite: bool = False,
+                  start_writing: Optional[Callable[[], None]] = None) -> None:
+    """Fill ``plan.parts`` (from ``_plan/`` or by listing), ``committed``,
+    ``rescored`` and ``stale``. ``start_writing`` is called before the plan
+    in the output changes (a new plan.json); a changed input of a completed
+    output raises UsageError before anything is written."""
     storage = cfg.storage
     plan_uri = st.join(plan.plan_dir, PLAN_FILE)
-    saved = _read_plan(plan_uri, storage)
+    saved = plan.saved if not overwrite else None
     if saved is not None and saved.get("key") == plan_key(plan):
         plan.parts = [PartSpec(**p) for p in saved["parts"]]
         plan.ignored = int(saved.get("ignored", 0))
+        plan.input = saved.get("input") or plan.input
         plan.plan_reused = True
-        log.info("score: reusing the plan in %s (%d parts)", plan.plan_dir, len(plan.parts))
+        if plan.previous_complete is not None and not plan.is_list:
+            _check_prefix_unchanged(cfg, plan)
+        else:
+            log.info("score: reusing the plan in %s (%d parts)", plan.plan_dir, len(plan.parts))
     else:
+        if saved is not None:
+            log.info("score: the plan in %s was made with other settings (%s); planning again", plan.plan_dir,
+                     ", ".join(f"{k} {saved.get('key', {}).get(k)!r}, now {v!r}" for k, v in plan_key(plan).items()
+                               if saved.get("key", {}).get(k) != v) or "an older plan format")
+        if start_writing is not None:
+            start_writing()
         _build(cfg, plan)
-        st.write_json(plan_uri, {"key": plan_key(plan), "images": plan.images, "ignored": plan.ignored,
-                                 "listing_tasks": plan.listing_tasks,
+        st.write_json(plan_uri, {"key": plan_key(plan), "made": _now(), "input": plan.input, "images": plan.images,
+                                 "ignored": plan.ignored, "listing_tasks": plan.listing_tasks,
                                  "parts": [p.to_dict() for p in plan.parts]}, storage)
         wanted = {p.plan_file for p in plan.parts} | {PLAN_FILE}
         for name in listdir(plan.plan_dir, storage):
@@ -172,6 +294,40 @@ def prepare_parts(cfg: Config, plan: ScorePlan, overwrite: bool = False) -> None
     if not plan.parts:
         raise UsageError(no_images(plan.source) if not plan.is_list else f"{plan.source} lists no images")
     _find_committed(plan, storage, overwrite)
+
+
+def _check_prefix_unchanged(cfg: Config, plan: ScorePlan) -> None:
+    """A completed output of a prefix: list the prefix again (into ``_plan/``,
+    whose plan files are named by their URIs) and compare the parts. Changed:
+    UsageError saying how, the new plan files removed again."""
+    storage = cfg.storage
+    found, ignored, plan.listing_tasks = listing.list_prefix(
+        plan.source, storage, plan.plan_dir, plan.rows_per_file, cfg.score.list_concurrency)
+    old = {p.digest: p for p in plan.parts}
+    new = {d["digest"]: PartSpec(**{**d, "index": -1}) for d in found}
+    if set(new) == set(old):
+        log.info("score: listed %s again: the same %d images in %d parts as when %s was completed", plan.source,
+                 plan.images, len(plan.parts), plan.output)
+        return
+    gone = [old[d] for d in old if d not in new]
+    came = [new[d] for d in new if d not in old]
+    now = sum(p.rows for p in new.values())
+    if len(gone) + len(came) <= DIFF_PARTS:
+        before = {u for p in gone for u in read_plan_chunk(plan.plan_dir, p, storage).column("uri").to_pylist()}
+        after = {u for p in came for u in read_plan_chunk(plan.plan_dir, p, storage).column("uri").to_pylist()}
+        added, removed = sorted(after - before), sorted(before - after)
+        how = f"{len(added)} images added, {len(removed)} removed" + "".join(
+            f" (e.g. {word} {names[0]})" for word, names in (("added", added), ("removed", removed)) if names)
+    else:
+        how = (f"{len(came)} parts changed or new and {len(gone)} changed or gone, "
+               f"about {max(now - plan.images, 0)} images added and {max(plan.images - now, 0)} removed")
+    keep = {p.plan_file for p in plan.parts} | {PLAN_FILE}
+    for p in came:
+        if p.plan_file not in keep:
+            st.remove(st.join(plan.plan_dir, p.plan_file), storage)
+    raise UsageError(f"{plan.source} changed since {plan.output} was completed ({plan.input.get('listed_at', '?')}): "
+                     f"{now} images now, {plan.images} then: {how}. Pass --overwrite to score it as it is now, "
+                     "or give a new --output")
 
 
 def _read_plan(uri: str, storage: StorageConfig) -> Optional[dict]:
@@ -192,11 +348,14 @@ def _build(cfg: Config, plan: ScorePlan) -> None:
         found.sort(key=lambda d: d["index"])
         plan.listing_tasks = 0
     else:
+        listed_at = _now()
         found, plan.ignored, plan.listing_tasks = listing.list_prefix(
             plan.source, cfg.storage, plan.plan_dir, plan.rows_per_file, sc.list_concurrency)
         found.sort(key=lambda d: d["first"])
         for i, d in enumerate(found):
             d["index"] = i
+        plan.input = {"kind": "prefix", "uri": plan.source, "listed_at": listed_at,
+                      "images": sum(d["rows"] for d in found), "parts": len(found), "ignored": plan.ignored}
     plan.parts = [PartSpec(**d) for d in found]
     log.info("score: planned %d images in %d parts (%d listing tasks)", plan.images, len(plan.parts),
              plan.listing_tasks)
@@ -208,11 +367,25 @@ def _find_committed(plan: ScorePlan, storage: StorageConfig, overwrite: bool) ->
     if overwrite:
         return
     present = [p for p in plan.parts if p.name in names]
+    writer = plan.writer
 
     def check(spec: PartSpec):
-        return spec.index, committed_errors(st.join(plan.output, spec.name), storage, spec.rows)
+        try:
+            return spec, committed_errors(st.join(plan.output, spec.name), storage, spec.rows, writer, spec.digest)
+        except NotKept as why:
+            return spec, why
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        for index, reasons in pool.map(check, present):
-            if reasons is not None:
-                plan.committed[index] = reasons
+        for spec, result in pool.map(check, present):
+            if isinstance(result, NotKept):
+                plan.rescored.setdefault(result.kind, []).append((spec.name, str(result)))
+            else:
+                plan.committed[spec.index] = result
+    for kind, parts in sorted(plan.rescored.items()):
+        if kind == "unrecorded":  # said once, however many parts
+            log.warning("score: %d parts in %s were written before parts recorded their writer; scoring them "
+                        "again", len(parts), plan.output)
+            continue
+        shown = "; ".join(f"{name}: {why}" for name, why in parts[:10])
+        more = f" (and {len(parts) - 10} more)" if len(parts) > 10 else ""
+        log.warning("score: scoring %d parts again, %s: %s%s", len(parts), kind, shown, more)
