@@ -116,10 +116,11 @@ def _refuse_in_dry_run(uri: str) -> None:
 
 def _local_tmp_name(path: str, tag: str = "") -> str:
     """A temporary name beside ``path``; ``tag`` (a job's id) lets that job
-    find and remove its own leftovers, and only those."""
+    find and remove its own leftovers, and only those. It ends in ``.tmp``, so
+    that a reader's glob of ``*.parquet`` never picks up a file being written."""
     head, tail = os.path.split(path)
     tag = f"{tag}-" if tag else ""
-    return os.path.join(head, f"{TMP_MARK}{tag}{uuid.uuid4().hex[:12]}-{tail}")
+    return os.path.join(head, f"{TMP_MARK}{tag}{uuid.uuid4().hex[:12]}-{tail}.tmp")
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
