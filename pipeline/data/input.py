@@ -290,12 +290,18 @@ def _resample(pixels: tf.Tensor, shapes: tf.Tensor, transforms: tf.Tensor, size:
     x0, y0 = tf.floor(x), tf.floor(y)
     x1, y1 = x0 + 1.0, y0 + 1.0
 
+    # One gather of pixel rows from the flattened batch (about twice as fast
+    # as gather_nd with batch_dims where XLA does not fuse it).
+    rows = tf.reshape(pixels, [-1, 3])
+    first = (tf.range(tf.shape(pixels)[0]) * side[0] * side[1])[:, tf.newaxis, tf.newaxis]
+
     def read(yy, xx):
-        # Past the image lies zero padding, or (at the canvas edge) a clamped
-        # read: either way weighted by 0, as the kernel's fill value.
-        iy = tf.clip_by_value(tf.cast(yy, tf.int32), 0, side[0] - 1)
-        ix = tf.clip_by_value(tf.cast(xx, tf.int32), 0, side[1] - 1)
-        return tf.cast(tf.gather_nd(pixels, tf.stack([iy, ix], axis=-1), batch_dims=1), tf.float32)
+        # Coordinates are >= 0. Past the image lies zero padding, or (at the
+        # canvas edge) a clamped read: either way weighted by 0, as the
+        # kernel's fill value.
+        iy = tf.minimum(tf.cast(yy, tf.int32), side[0] - 1)
+        ix = tf.minimum(tf.cast(xx, tf.int32), side[1] - 1)
+        return tf.cast(tf.gather(rows, first + iy * side[1] + ix), tf.float32)
 
     def e(v):
         return v[..., tf.newaxis]
@@ -443,7 +449,7 @@ def train_input(stream, segments: Sequence[Segment], *, records_per_epoch: int, 
     image (counted, never derived), ``real`` is 1 (see ``validation_input``).
     Epochs never mix: shuffling and interleaving stay inside one epoch.
 
-    With augmentation and ``device_augment`` (the worker's input), ``images``
+    With augmentation and ``device_augment`` (a GPU worker's input), ``images``
     is a ``device_record`` batch (uint8 canvas, shape, transform) that the
     training step augments on the device (``augment_batch``, wired by
     ``pipeline.training.model.count_inputs``); otherwise float32 images

@@ -280,7 +280,7 @@ def train_loop_per_worker(config: dict) -> None:
                 rank=rank, image_size=cfg.data.image_size,
                 batch_size=context.get_per_replica_batch_size(global_batch), aug=cfg.augment.model_dump(),
                 shuffle_buffer=cfg.data.shuffle_buffer, read_parallelism=cfg.data.read_parallelism,
-                class_weights=table, cpu_threads=cfg.data.cpu_threads)
+                class_weights=table, cpu_threads=cfg.data.cpu_threads, device_augment=gpus > 0)
         return strategy.distribute_datasets_from_function(make)
 
     val_ds, val_steps = None, None
