@@ -5,6 +5,8 @@ XLA and mixed precision."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -151,3 +153,27 @@ def test_loss_scaling_for_float16_only(policy):
         assert scaled == (policy == "mixed_float16")
     finally:
         mdl.set_precision("float32")
+
+
+def test_images_per_s_counts_training_time_only(monkeypatch):
+    """The validation pass is timed apart: images_per_s is examples over the
+    epoch's time less validation."""
+    import ray.train
+
+    import pipeline.training.worker as worker_module
+
+    reported = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: reported.append(metrics))
+    clock = iter([100.0, 101.0, 105.0, 106.0])  # epoch begins, validation 101-105, epoch ends
+    monkeypatch.setattr(worker_module, "time", SimpleNamespace(time=lambda: next(clock)))
+    model = _tiny_model()
+    state = wk.LoopState()
+    reporter = wk.Reporter("transfer", 0, 1, state, Config(), 1, model, bad_records=lambda: [])
+    reporter.on_epoch_begin(0)
+    reporter.on_test_begin()
+    reporter.on_test_end()
+    reporter.on_epoch_end(0, {"loss": 1.0, "examples": 20.0})
+    entry = state.history[-1]
+    assert entry["seconds"] == 6.0 and entry["validation_seconds"] == 4.0
+    assert entry["images_per_s"] == 10.0  # 20 images in 2 s of training
+    assert reported and reported[-1]["images_per_s"] == 10.0
