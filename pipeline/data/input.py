@@ -291,8 +291,10 @@ def _resample(pixels: tf.Tensor, shapes: tf.Tensor, transforms: tf.Tensor, size:
     x1, y1 = x0 + 1.0, y0 + 1.0
 
     # One gather of pixel rows from the flattened batch (about twice as fast
-    # as gather_nd with batch_dims where XLA does not fuse it).
-    rows = tf.reshape(pixels, [-1, 3])
+    # as gather_nd with batch_dims where XLA does not fuse it), as int32:
+    # TensorFlow's GPU gather kernels take no uint8 (without XLA the op would
+    # fall back to the host).
+    rows = tf.reshape(tf.cast(pixels, tf.int32), [-1, 3])
     first = (tf.range(tf.shape(pixels)[0]) * side[0] * side[1])[:, tf.newaxis, tf.newaxis]
 
     def read(yy, xx):
