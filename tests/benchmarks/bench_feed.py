@@ -107,6 +107,131 @@ def _syncs_per_step(steps_per_execution: int, steps: int = 64) -> float:
     return len(calls) / steps
 
 
+# --- 1 Ray Train worker vs plain model.fit, on the same training input ------------
+
+RAY_SIZE = 75
+RAY_IMAGES = 384  # 12 steps of 32 per epoch
+RAY_EPOCHS = 2
+RAY_ROUNDS = 3
+RAY_TARGET = 0.95
+
+
+def _fit_round(model, shard: str, tmp: str, tag: str, strategy=None) -> dict:
+    """One timed round: RAY_EPOCHS epochs of ``fit`` on ``train_input`` over
+    the shard (a fresh stream, as a worker's attempt builds it; CPU: augmented
+    in tf.data), through ``distribute_datasets_from_function`` when
+    ``strategy`` is given. Epoch seconds only (building the input and tracing
+    happen before the first epoch)."""
+    from pipeline.config import StorageConfig
+    from pipeline.data import input as inp
+    from pipeline.data.shard_stream import ShardCache, ShardRef, ShardStream
+    from tests.benchmarks.bench_train import epoch_timer
+
+    refs = [ShardRef(shard, os.path.getsize(shard), None, RAY_IMAGES)]
+    segments = inp.assign_records([RAY_IMAGES], 0, 1)
+    cache = ShardCache(os.path.join(tmp, f"cache-{tag}"), StorageConfig())
+
+    def make(context=None):
+        stream = ShardStream(cache, refs, shuffle=False, repeat=True,
+                             passes=inp.epoch_passes(segments, RAY_IMAGES, 0, 0))
+        return inp.train_input(stream, segments, records_per_epoch=RAY_IMAGES, first_epoch=0, seed=0, rank=0,
+                               image_size=RAY_SIZE, batch_size=BATCH, aug=AUG, shuffle_buffer=128,
+                               read_parallelism=1, device_augment=False)
+
+    data = strategy.distribute_datasets_from_function(make) if strategy else make()
+    timer = epoch_timer()
+    model.fit(data, epochs=RAY_EPOCHS, steps_per_epoch=RAY_IMAGES // BATCH, verbose=0, callbacks=[timer])
+    cache.close()
+    return {"s": sum(timer.seconds), "images": RAY_EPOCHS * RAY_IMAGES, "epoch_s": [round(x, 3) for x in timer.seconds]}
+
+
+def _model():
+    from pipeline.training import model as mdl
+    from tests.benchmarks.bench_train import new_model
+
+    model = new_model(RAY_SIZE)
+    mdl.count_inputs(model)
+    return model
+
+
+def ray_fit_loop(config: dict) -> None:
+    """The Ray Train worker: the model inside MultiWorkerMirroredStrategy, as
+    pipeline.training.worker builds it; one timed round whenever the driver asks."""
+    from pathlib import Path
+
+    import tensorflow as tf
+
+    from tests.benchmarks.bench_train import _publish, _wait_for
+
+    control = Path(config["control"])
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = _model()
+    _fit_round(model, config["shard"], config["tmp"], "ray-warm", strategy)  # tracing
+    _publish(control / "ready.json", {"pid": os.getpid()})
+    for r in range(config["rounds"]):
+        _wait_for(control / f"go-{r}", timeout_s=1800)
+        _publish(control / f"done-{r}.json", _fit_round(model, config["shard"], config["tmp"], f"ray-{r}", strategy))
+    _wait_for(control / "stop", timeout_s=1800)
+
+
+def measure_ray_vs_fit(tmp: str) -> dict:
+    import json
+    import threading
+    from pathlib import Path
+
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from pipeline.config import Config
+    from pipeline.training.driver import worker_env
+    from tests.benchmarks.bench_prepare import environment
+    from tests.benchmarks.bench_train import CPUS, _await, _bench_env, loopback_ray
+    from tests.photos import write_photo_shard
+
+    shard = os.path.join(tmp, "ray-train-00000-of-00001.tfrecord")
+    write_photo_shard(shard, RAY_IMAGES, seed=1, width=128, height=96)
+    control = Path(tmp, "control")
+    control.mkdir()
+    rounds = []
+    with environment(_bench_env()), loopback_ray():
+        trainer = TensorflowTrainer(
+            ray_fit_loop,
+            train_loop_config={"control": str(control), "shard": shard, "tmp": tmp, "rounds": RAY_ROUNDS},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": CPUS}),
+            run_config=ray.train.RunConfig(name="bench-feed", storage_path=os.path.join(tmp, "ray-results"),
+                                           worker_runtime_env={"env_vars": worker_env(Config())}),
+        )
+        outcome: dict = {}
+
+        def fit() -> None:
+            try:
+                outcome["result"] = trainer.fit()
+            except BaseException as exc:  # noqa: BLE001
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=fit, name="ray-trainer", daemon=True)
+        thread.start()
+        model = _model()
+        _fit_round(model, shard, tmp, "fit-warm")  # tracing, meanwhile
+        json.loads(_await(control / "ready.json", thread, outcome))
+        for r in range(RAY_ROUNDS):
+            order = ["ray", "fit"] if r % 2 == 0 else ["fit", "ray"]
+            result = {}
+            for name in order:
+                if name == "ray":
+                    (control / f"go-{r}").touch()
+                    result[name] = json.loads(_await(control / f"done-{r}.json", thread, outcome))
+                else:
+                    result[name] = _fit_round(model, shard, tmp, f"fit-{r}")
+            rounds.append(result)
+        (control / "stop").touch()
+        thread.join(timeout=600)
+        if "error" in outcome:
+            raise RuntimeError(f"TensorflowTrainer failed: {outcome['error']!r}")
+    return {"rounds": rounds, "size": RAY_SIZE, "images": RAY_IMAGES, "epochs": RAY_EPOCHS}
+
+
 def run() -> dict:
     from tests.photos import write_photo_shard
 
@@ -123,10 +248,13 @@ def run() -> dict:
         batch = kept[0][0]
         device = {"tf.function": round(_device_ms(batch, xla=False), 3), "XLA": round(_device_ms(batch, xla=True), 3)}
     syncs = {str(k): round(_syncs_per_step(k), 4) for k in (1, 32)}
+    with tempfile.TemporaryDirectory(prefix="bench-feed-ray-") as tmp:
+        ray_vs_fit = measure_ray_vs_fit(tmp)
     import tensorflow as tf
 
     gpus = len(tf.config.list_physical_devices("GPU"))
-    return {"rounds": rounds, "device_ms": device, "syncs_per_step": syncs, "images": IMAGES, "size": SIZE,
+    return {"rounds": rounds, "device_ms": device, "syncs_per_step": syncs, "ray_vs_fit": ray_vs_fit,
+            "images": IMAGES, "size": SIZE,
             "source": list(SOURCE), "bytes_per_image": int(np.mean([len(b) for b in blobs])),
             "cpus": len(os.sched_getaffinity(0)), "gpus": gpus, "seconds": round(time.time() - started, 1)}
 
@@ -138,6 +266,18 @@ def markdown(results: dict) -> str:
     dev = results["device_ms"]
     w, h = results["source"]
     syncs = results["syncs_per_step"]
+    rvf = results.get("ray_vs_fit")
+    if rvf:
+        rate = {k: max(r[k]["images"] / r[k]["s"] for r in rvf["rounds"]) for k in ("ray", "fit")}
+        ray_ratio = rate["ray"] / rate["fit"]
+        ray_note = (f"1 Ray Train worker (`TensorflowTrainer`, MultiWorkerMirroredStrategy, "
+                    f"`distribute_datasets_from_function`) vs plain `model.fit` in this process, on the same "
+                    f"training input (`train_input` over {rvf['images']} photo records, {rvf['size']}x{rvf['size']}, "
+                    f"augmented in tf.data as on CPU workers), {rvf['epochs']} epochs per round, fastest of "
+                    f"{len(rvf['rounds'])} alternating rounds: {rate['ray']:.1f} vs {rate['fit']:.1f} images/s, "
+                    f"ratio {ray_ratio:.2f} (target >= {RAY_TARGET}: {'PASS' if ray_ratio >= RAY_TARGET else 'MISS'}).")
+    else:
+        ray_note = "1 Ray Train worker vs plain `model.fit`: not measured in this run."
     if results.get("gpus"):
         gpu_note = (f"This machine has {results['gpus']} GPUs: `make gpu-check` prints their images/s and "
                     "utilisation for the whole GPU path.")
@@ -175,6 +315,8 @@ keep augmenting in tf.data (`device_augment` only where the worker has GPUs).
 Host syncs per step, counted (tf_keras logs-to-numpy conversions during a 64-step fit with the worker's
 `StreamCheck`): {syncs['1']:.3f} with `steps_per_execution` 1 and {syncs['32']:.3f} with 32; all of them
 are per epoch (metrics and epoch-end logs), none per step (`tests/test_gpu_path.py`).
+
+{ray_note}
 
 {gpu_note}
 """
