@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: venv test test-fast fuzz demo bench clean
+.PHONY: venv test test-fast fuzz demo bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,12 @@ demo: venv
 
 bench: venv
 	$(PY) -m tests.benchmarks.run
+
+# The GPU training path (MultiWorkerMirroredStrategy, mixed precision, XLA,
+# checkpoint + restore) on this machine's GPUs, with images/s and GPU
+# utilisation; exits 0 with a line saying it skipped where no GPU is visible.
+gpu-check: venv
+	$(PY) -m tests.gpu_check
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

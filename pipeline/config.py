@@ -9,7 +9,7 @@ naming the dotted key, raised before any cluster work starts. Secrets are
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -64,6 +64,9 @@ class DataConfig(_Section):
     download_concurrency: int = Field(4, ge=1)
     # Shards each worker reads (interleaves) at once.
     read_parallelism: int = Field(4, ge=1)
+    # Threads each worker's tf.data pipelines may use (their own thread pool:
+    # the host CPU budget of the input). None: TensorFlow's default (every core).
+    cpu_threads: Optional[int] = Field(None, ge=1)
     # Records that fail to decode are skipped and counted; above this fraction
     # of an epoch's records the job fails, naming the shards that hold them.
     max_bad_record_fraction: float = Field(0.001, ge=0, le=1)
@@ -139,7 +142,16 @@ class TrainConfig(_Section):
     top_k: int = Field(5, ge=1)
     # None: on when GPUs are used.
     mixed_precision: Optional[bool] = None
+    # The Keras dtype policy: float32, mixed_float16 (with loss scaling) or
+    # mixed_bfloat16 (no loss scaling; A100/H100 and newer). None: follows
+    # mixed_precision (mixed_float16 when on). The output layer stays float32.
+    precision: Optional[Literal["float32", "mixed_float16", "mixed_bfloat16"]] = None
     xla: Optional[bool] = None
+    # Training steps per call of the compiled step function (Keras
+    # steps_per_execution): the host dispatches that many steps at once and
+    # batch callbacks run once per call. "auto": 32 on GPUs, 1 on CPUs (capped
+    # at the steps of an epoch).
+    steps_per_execution: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = "auto"
     # Re-estimate BatchNorm moving statistics on training data (inference-mode
     # passes) before the final evaluation and export. "auto": when weights is none.
     recompute_bn_stats: Union[bool, Literal["auto"]] = "auto"
@@ -192,6 +204,10 @@ class ScalingConfig(_Section):
     num_workers: Optional[int] = Field(None, ge=1)
     use_gpu: Optional[bool] = None
     gpus_per_worker: float = Field(1, ge=0)
+    # MultiWorkerMirroredStrategy's collective implementation: "nccl" (GPUs
+    # only), "ring" (gRPC, works anywhere), "auto": NCCL when the worker sees
+    # GPUs, else ring. Inside a worker the replicas of its GPUs are mirrored.
+    collective: Literal["auto", "nccl", "ring"] = "auto"
     cpus_per_worker: float = Field(1, gt=0)
     # glibc's MALLOC_TOP_PAD_ for training workers, in MB (0: glibc's default).
     # Iterating a tf.distribute dataset frees and regrows the heap every step;
@@ -327,7 +343,10 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def _describe(error: dict) -> str:
-    loc = ".".join(str(p) for p in error["loc"] if p not in ("function-after", "function-before"))
+    # Union members and validators add tags to the location ("constrained-int",
+    # "literal['auto']", "function-after[...]"): not keys.
+    tags = ("function-after", "function-before", "constrained-int")
+    loc = ".".join(str(p) for p in error["loc"] if p not in tags and not str(p).startswith(("literal[", "function-")))
     if error["type"] == "extra_forbidden":
         return f"unknown config key '{loc}'"
     given = error.get("input")

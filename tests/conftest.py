@@ -78,7 +78,7 @@ def learnable_shards(ray_session, tmp_path_factory):
 # process sits idle.
 LONGEST_FIRST = ["test_registry.py", "test_distributed.py", "test_faults.py", "test_score.py",
                  "test_score_scale.py", "test_flaky_storage.py", "test_submit.py", "test_model.py",
-                 "test_score_lease.py", "test_score_outputs.py", "test_odd_keys.py"]
+                 "test_score_lease.py", "test_score_outputs.py", "test_gpu_path.py", "test_odd_keys.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -38,6 +38,11 @@ def test_override_order(tmp_path):
         ("prepare.val_fraction=1.5", "config key 'prepare.val_fraction'"),
         ("prepare.val_fraction.x=1", "config key 'prepare.val_fraction'"),
         ("justakey", "--set expects key=value"),
+        ("train.steps_per_execution=0", "config key 'train.steps_per_execution': Input should be greater"),
+        ("train.steps_per_execution=often", "config key 'train.steps_per_execution'"),
+        ("train.precision=float8", "config key 'train.precision'"),
+        ("scaling.collective=mpi", "config key 'scaling.collective'"),
+        ("data.cpu_threads=0", "config key 'data.cpu_threads'"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

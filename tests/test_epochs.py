@@ -63,6 +63,9 @@ def rank_train(tmp_path, refs, rank, world, *, per_replica, epochs, seed=7, firs
         ids, images, skipped = [], [], 0
         for _ in range(steps):
             x, y, w, skip, real = next(batches)
+            if inp.is_device_batch(x):  # uint8 records: the train step's augmentation
+                assert x["pixels"].dtype == tf.uint8
+                x = inp.augment_batch(x, SIZE)
             ids += [int(v) for v in y]
             images.append(x.numpy())
             skipped += int(tf.reduce_sum(skip))

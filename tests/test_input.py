@@ -5,6 +5,7 @@ worker reads, and when: tests/test_epochs.py)."""
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -162,3 +163,61 @@ def test_augment_does_not_alias_a_much_larger_image():
     assert wide.shape == (75, 75, 3)
     np.testing.assert_allclose(wide.mean(axis=(0, 1)), inp.resize(tf.constant(noise((40, 700), seed=2)), 75)
                                .numpy().mean(axis=(0, 1)), atol=3)
+
+
+def device_batch(images, size, aug, seed=1):
+    """``device_record`` batches as train_input builds them (padded to the canvas)."""
+    def gen():
+        yield from ((im, i) for i, im in enumerate(images))
+
+    ds = tf.data.Dataset.from_generator(gen, output_signature=(tf.TensorSpec([None, None, 3], tf.uint8),
+                                                               tf.TensorSpec([], tf.int64)))
+    ds = ds.map(lambda im, i: inp.device_record(im, size, aug, inp.record_key(seed, 0, 0, i)))
+    return next(iter(ds.padded_batch(len(images), padded_shapes=inp.device_padding(size))))
+
+
+def test_the_device_augmentation_gives_the_pixels_of_augment():
+    """The training input ships uint8 and the train step resamples: on the
+    same device the very pixels of ``augment``; under XLA (which compiles it)
+    within float rounding. A source over the canvas is shrunk on the host and
+    rounded to uint8 first: within half a grey level."""
+    rng = np.random.default_rng(0)
+    shapes = [(40, 50), (64, 64), (20, 31), (64, 10), (1, 1), (100, 70)]
+    images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
+    batch = device_batch(images, SIZE, AUG_ON)
+    assert batch["pixels"].dtype == tf.uint8 and batch["pixels"].shape[1:] == (2 * SIZE, 2 * SIZE, 3)
+    here = inp.augment_batch(batch, SIZE).numpy()
+    xla = tf.function(lambda b: inp.augment_batch(b, SIZE), jit_compile=True)(batch).numpy()
+    for i, image in enumerate(images):
+        expected = inp.augment(tf.constant(image), SIZE, AUG_ON, inp.record_key(1, 0, 0, i)).numpy()
+        if max(shapes[i]) <= 2 * SIZE:
+            np.testing.assert_array_equal(here[i], expected)
+        else:
+            np.testing.assert_allclose(here[i], expected, atol=0.5)
+        np.testing.assert_allclose(xla[i], here[i], atol=2e-3)
+
+
+def test_the_training_input_is_uint8_and_infinite(tmp_path):
+    """uint8 records out of tf.data (a quarter of float32's bytes per pixel),
+    and a declared infinite length: tf.distribute then adds no per-step
+    agreement on whether data remains (get_next_as_optional)."""
+    from pipeline.config import StorageConfig
+    from pipeline.data.shard_stream import ShardCache, ShardRef, ShardStream
+
+    files = write_shards(tmp_path, [6], size=(48, 40))
+    refs = [ShardRef(files[0], os.path.getsize(files[0]), None, 6)]
+    segments = inp.assign_records([6], 0, 1)
+    for device_augment, aug in ((True, AUG_ON), (False, AUG_ON), (True, None)):
+        cache = ShardCache(str(tmp_path / f"cache-{device_augment}-{aug is None}"), StorageConfig())
+        stream = ShardStream(cache, refs, shuffle=False, repeat=True, passes=inp.epoch_passes(segments, 6, 0, 0))
+        ds = inp.train_input(stream, segments, records_per_epoch=6, first_epoch=0, seed=0, rank=0, image_size=SIZE,
+                             batch_size=3, aug=aug, shuffle_buffer=4, read_parallelism=1,
+                             device_augment=device_augment, cpu_threads=2)
+        assert ds.cardinality() == tf.data.INFINITE_CARDINALITY
+        assert ds.options().threading.private_threadpool_size == 2
+        images = next(iter(ds))[0]
+        if device_augment and aug:
+            assert set(images) == {"pixels", "shape", "transform"} and images["pixels"].dtype == tf.uint8
+        else:
+            assert images.dtype == tf.float32 and images.shape == (3, SIZE, SIZE, 3)
+        cache.close()

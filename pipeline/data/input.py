@@ -9,7 +9,9 @@ skipped and counted. No Ray imports: testable in plain pytest.
 
 Images leave this module as float32 RGB in [0, 255] at the model's size; the
 model itself scales them to [-1, 1] (see pipeline.training.model), so training and
-scoring share one preprocessing definition that travels with the model.
+scoring share one preprocessing definition that travels with the model. The
+augmented training input is the exception: uint8 records and their random
+transforms, resampled inside the training step on the device (``augment_batch``).
 """
 
 from __future__ import annotations
@@ -156,7 +158,8 @@ def augment(image: tf.Tensor, size: int, aug: dict, key: tf.Tensor) -> tf.Tensor
     directly, as before.
 
     The random draws are stateless, from ``key`` (``record_key``): the same
-    record, epoch and seed give the same pixels."""
+    record, epoch and seed give the same pixels. The training input runs the
+    same transform on the device instead (``device_record`` + ``augment_batch``)."""
     limit = AUGMENT_MAX_SHRINK * size
     shape = tf.shape(image)
     image = tf.cond(
@@ -166,7 +169,23 @@ def augment(image: tf.Tensor, size: int, aug: dict, key: tf.Tensor) -> tf.Tensor
         lambda: tf.cast(image, tf.float32),
     )
     shape = tf.shape(image)
-    in_h, in_w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    transform = augment_transform(key, shape[0], shape[1], size, aug)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[tf.newaxis],
+        transforms=transform[tf.newaxis],
+        output_shape=tf.stack([size, size]),
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
+    )[0]
+    return tf.clip_by_value(tf.ensure_shape(out, [size, size, 3]), 0.0, 255.0)
+
+
+def augment_transform(key: tf.Tensor, height, width, size: int, aug: dict) -> tf.Tensor:
+    """The 8 projective parameters (ImageProjectiveTransform's layout) of one
+    record's random transform, drawn statelessly from ``key``, for a source of
+    ``height`` x ``width`` resampled to ``size`` x ``size``."""
+    in_h, in_w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     s = tf.cast(size, tf.float32)
 
     keys = tf.random.experimental.stateless_split(key, num=7)
@@ -197,16 +216,102 @@ def augment(image: tf.Tensor, size: int, aug: dict, key: tf.Tensor) -> tf.Tensor
     c_out = (s - 1.0) / 2.0
     c_in = tf.stack([(in_w - 1.0) / 2.0, (in_h - 1.0) / 2.0])
     offset = c_in - tf.linalg.matvec(a, tf.stack([c_out, c_out])) + tf.stack([tx, ty])
-    transform = tf.stack([a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1], 0.0, 0.0])
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[tf.newaxis],
-        transforms=transform[tf.newaxis],
-        output_shape=tf.stack([size, size]),
-        fill_value=0.0,
-        interpolation="BILINEAR",
-        fill_mode="NEAREST",
-    )[0]
-    return tf.clip_by_value(tf.ensure_shape(out, [size, size, 3]), 0.0, 255.0)
+    return tf.stack([a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1], 0.0, 0.0])
+
+
+# ---------------------------------------------------------------- augmentation on the device
+#
+# The training input leaves tf.data as uint8: each decoded record on a fixed
+# canvas of AUGMENT_MAX_SHRINK x size squared (zero padded), with its height
+# and width and the 8 parameters of its random transform (``augment_transform``,
+# a few scalar ops drawn from its key on the host: XLA's stateless random
+# numbers differ from the kernels', and the draws must not depend on where
+# they run). ``augment_batch`` then does the resample, the costly part,
+# inside the training step on the accelerator: augment's bilinear resample with
+# edge (NEAREST) fill, written with gathers so that XLA compiles it
+# (ImageProjectiveTransformV3 has no XLA kernel).
+
+
+def canvas_side(size: int) -> int:
+    """The side of the square uint8 canvas a training record travels on."""
+    return AUGMENT_MAX_SHRINK * size
+
+
+def device_record(image: tf.Tensor, size: int, aug: dict, key: tf.Tensor) -> dict:
+    """A decoded uint8 image -> what the host sends for ``augment_batch``:
+    ``pixels`` (uint8, at most ``canvas_side`` per side: a source larger than
+    that is shrunk by augment's area average, rounded to uint8), ``shape``
+    (its height and width) and ``transform`` (drawn from ``key``). Padded to
+    the canvas when batched (``device_padding``)."""
+    limit = canvas_side(size)
+    shape = tf.shape(image)
+    image = tf.cond(
+        tf.reduce_max(shape[:2]) > limit,
+        lambda: tf.cast(tf.round(preprocess.resize_images(image[tf.newaxis], tf.minimum(shape[0], limit),
+                                                          tf.minimum(shape[1], limit))[0]), tf.uint8),
+        lambda: image,
+    )
+    shape = tf.shape(image)[:2]
+    return {"pixels": image, "shape": shape, "transform": augment_transform(key, shape[0], shape[1], size, aug)}
+
+
+def device_padding(size: int) -> dict:
+    side = canvas_side(size)
+    return {"pixels": [side, side, 3], "shape": [2], "transform": [8]}
+
+
+def is_device_batch(images) -> bool:
+    return isinstance(images, dict) and "transform" in images
+
+
+def augment_batch(batch: dict, size: int) -> tf.Tensor:
+    """``device_record`` batches -> float32 [N, size, size, 3] in [0, 255]:
+    ``augment`` of every image, run where the training step runs (on CPU
+    bit-identical to ``augment`` for sources up to ``canvas_side``). Static
+    shapes and plain gathers: compiles with XLA."""
+    return _resample(batch["pixels"], tf.cast(batch["shape"], tf.int32), batch["transform"], size)
+
+
+def _resample(pixels: tf.Tensor, shapes: tf.Tensor, transforms: tf.Tensor, size: int) -> tf.Tensor:
+    """ImageProjectiveTransformV3 (affine, BILINEAR, fill_mode NEAREST) of each
+    image ``pixels[i, :h, :w]``, in the kernel's order of operations:
+    coordinates clamped into the image, then bilinear weights against the 4
+    neighbours (a neighbour past the edge weighs 0)."""
+    side = tf.shape(pixels)[1:3]
+    o = tf.range(size, dtype=tf.float32)
+    ox, oy = o[tf.newaxis, tf.newaxis, :], o[tf.newaxis, :, tf.newaxis]
+    t = transforms[:, :, tf.newaxis, tf.newaxis]
+    in_x = t[:, 0] * ox + t[:, 1] * oy + t[:, 2]
+    in_y = t[:, 3] * ox + t[:, 4] * oy + t[:, 5]
+    h = tf.cast(shapes[:, 0], tf.float32)[:, tf.newaxis, tf.newaxis]
+    w = tf.cast(shapes[:, 1], tf.float32)[:, tf.newaxis, tf.newaxis]
+    x = tf.minimum(tf.maximum(in_x, 0.0), w - 1.0)
+    y = tf.minimum(tf.maximum(in_y, 0.0), h - 1.0)
+    x0, y0 = tf.floor(x), tf.floor(y)
+    x1, y1 = x0 + 1.0, y0 + 1.0
+
+    # One gather of pixel rows from the flattened batch (about twice as fast
+    # as gather_nd with batch_dims where XLA does not fuse it), as int32:
+    # TensorFlow's GPU gather kernels take no uint8 (without XLA the op would
+    # fall back to the host).
+    rows = tf.reshape(tf.cast(pixels, tf.int32), [-1, 3])
+    first = (tf.range(tf.shape(pixels)[0]) * side[0] * side[1])[:, tf.newaxis, tf.newaxis]
+
+    def read(yy, xx):
+        # Coordinates are >= 0. Past the image lies zero padding, or (at the
+        # canvas edge) a clamped read: either way weighted by 0, as the
+        # kernel's fill value.
+        iy = tf.minimum(tf.cast(yy, tf.int32), side[0] - 1)
+        ix = tf.minimum(tf.cast(xx, tf.int32), side[1] - 1)
+        return tf.cast(tf.gather(rows, first + iy * side[1] + ix), tf.float32)
+
+    def e(v):
+        return v[..., tf.newaxis]
+
+    top = e(x1 - x) * read(y0, x0) + e(x - x0) * read(y0, x1)
+    bottom = e(x1 - x) * read(y1, x0) + e(x - x0) * read(y1, x1)
+    out = e(y1 - y) * top + e(y - y0) * bottom
+    return tf.clip_by_value(tf.ensure_shape(out, [None, size, size, 3]), 0.0, 255.0)
 
 
 def make_dataset(
@@ -331,7 +436,8 @@ _ITEM = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64), tf.TensorSpe
 
 def train_input(stream, segments: Sequence[Segment], *, records_per_epoch: int, first_epoch: int, seed: int,
                 rank: int, image_size: int, batch_size: int, aug: Optional[dict], shuffle_buffer: int,
-                read_parallelism: int, class_weights: Optional[Sequence[float]] = None) -> tf.data.Dataset:
+                read_parallelism: int, class_weights: Optional[Sequence[float]] = None,
+                device_augment: bool = True, cpu_threads: Optional[int] = None) -> tf.data.Dataset:
     """This rank's endless training input, one epoch after another from
     ``first_epoch``: in each, exactly ``records_per_epoch`` of its records
     (``epoch_plan``: every global step then takes every example of the split
@@ -343,7 +449,15 @@ def train_input(stream, segments: Sequence[Segment], *, records_per_epoch: int, 
     follow ``epoch_plan``. Elements are ``(images, labels, weights, skipped,
     real)``: ``skipped`` counts the undecodable records dropped before each
     image (counted, never derived), ``real`` is 1 (see ``validation_input``).
-    Epochs never mix: shuffling and interleaving stay inside one epoch."""
+    Epochs never mix: shuffling and interleaving stay inside one epoch.
+
+    With augmentation and ``device_augment`` (a GPU worker's input), ``images``
+    is a ``device_record`` batch (uint8 canvas, shape, transform) that the
+    training step augments on the device (``augment_batch``, wired by
+    ``pipeline.training.model.count_inputs``); otherwise float32 images
+    augmented or resized here. The dataset is infinite by declaration
+    (``assert_cardinality``), so tf.distribute does not agree every step on
+    whether data remains. ``cpu_threads``: its private thread pool."""
     use_aug = aug is not None and aug.get("enabled", False)
     table = tf.constant(list(class_weights) if class_weights else [1.0], tf.float32)
 
@@ -366,10 +480,14 @@ def train_input(stream, segments: Sequence[Segment], *, records_per_epoch: int, 
         records = blocks.map(lambda block, batch: _permuted(batch, record_key(seed, rank, epoch, -1 - block)))
         return records.unbatch().map(lambda rid, rec: (epoch, rid, rec))
 
+    on_device = use_aug and device_augment
+
     def load(index, element):
         epoch, rid, serialized = element
         image, label = decode_example(serialized)
-        if use_aug:
+        if on_device:
+            image = device_record(image, image_size, aug, record_key(seed, rank, epoch, rid))
+        elif use_aug:
             image = augment(image, image_size, aug, record_key(seed, rank, epoch, rid))
         else:
             image = resize(image, image_size)
@@ -384,12 +502,18 @@ def train_input(stream, segments: Sequence[Segment], *, records_per_epoch: int, 
     # ignore_errors is exactly the records that failed.
     ds = tf.data.Dataset.range(first_epoch, 1 << 62).flat_map(one_epoch).enumerate()
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
-    ds = ds.scan(tf.constant(-1, tf.int64), count_skipped).batch(batch_size, drop_remainder=True)
-    return _for_workers(ds)
+    ds = ds.scan(tf.constant(-1, tf.int64), count_skipped)
+    if on_device:
+        ds = ds.padded_batch(batch_size, padded_shapes=(device_padding(image_size), [], [], [], []),
+                             drop_remainder=True)
+    else:
+        ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+    return _for_workers(ds, cpu_threads)
 
 
 def validation_input(stream, segments: Sequence[Segment], *, image_size: int, batch_size: int, batches: int,
-                     weight: float, read_parallelism: int) -> tf.data.Dataset:
+                     weight: float, read_parallelism: int, cpu_threads: Optional[int] = None) -> tf.data.Dataset:
     """One pass over this rank's validation records, in order, as exactly
     ``batches`` batches of ``batch_size``: every rank runs the same number of
     validation steps whatever its share (collectives line up), the last ones
@@ -427,11 +551,14 @@ def validation_input(stream, segments: Sequence[Segment], *, image_size: int, ba
     padding = tf.data.Dataset.from_tensors((blank, tf.constant(0, tf.int32), tf.constant(0.0),
                                             tf.constant(0, tf.int64), tf.constant(0.0))).repeat()
     ds = ds.concatenate(padding).take(batches * batch_size).batch(batch_size, drop_remainder=True)
-    return _for_workers(ds)
+    return _for_workers(ds, cpu_threads)
 
 
-def _for_workers(ds: tf.data.Dataset) -> tf.data.Dataset:
+def _for_workers(ds: tf.data.Dataset, cpu_threads: Optional[int] = None) -> tf.data.Dataset:
     options = tf.data.Options()
+    if cpu_threads:
+        # The worker's host CPU budget for its input (data.cpu_threads).
+        options.threading.private_threadpool_size = cpu_threads
     # Each worker reads its own records (assign_records); tf.distribute must not shard again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options).prefetch(AUTOTUNE)

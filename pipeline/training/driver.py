@@ -108,9 +108,9 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
 ATTEMPT_FREE_KEYS = (
     "ray.", "storage.", "prepare.", "score.", "registry.", "scaling.",
     "data.cache_dir", "data.cache_max_gb", "data.download_concurrency", "data.read_parallelism",
-    "train.max_failures", "train.checkpoints_to_keep", "train.lease_timeout_s", "train.lease_wait_s",
-    "train.mixed_precision", "train.xla", "train.min_val_accuracy", "train.rescale_on_resume",
-    "train.allow_changed_resume",
+    "data.cpu_threads", "train.max_failures", "train.checkpoints_to_keep", "train.lease_timeout_s", "train.lease_wait_s",
+    "train.mixed_precision", "train.precision", "train.steps_per_execution", "train.xla",
+    "train.min_val_accuracy", "train.rescale_on_resume", "train.allow_changed_resume",
 )
 
 

@@ -79,6 +79,17 @@ def _imagenet_base(input_shape: tuple[int, int, int]) -> keras.Model:
         ) from None
 
 
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def set_precision(policy: str) -> None:
+    """The global Keras dtype policy for models built after this call
+    (``train.precision``): float32, mixed_float16 or mixed_bfloat16."""
+    if policy not in PRECISIONS:
+        raise ValueError(f"unknown precision {policy!r} (one of {PRECISIONS})")
+    keras.mixed_precision.set_global_policy(policy)
+
+
 def build_model(
     num_classes: int,
     image_size: int,
@@ -119,7 +130,7 @@ def build_model(
     x = keras.layers.Dense(cfg.head_units, activation="relu", name="head_dense")(x)
     if cfg.dropout:
         x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
-    # float32 softmax even under mixed_float16, for stable probabilities.
+    # float32 softmax even under a mixed policy, for stable probabilities.
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name="inception_ray")
 
@@ -269,8 +280,13 @@ def make_optimizer(phase: PhaseConfig, learning_rate: Optional[float] = None,
 
 
 def compile_for(model: keras.Model, phase: PhaseConfig, *, top_k: int, jit_compile: bool = False,
-                learning_rate: Optional[float] = None, warmup_steps: int = 0) -> None:
+                learning_rate: Optional[float] = None, warmup_steps: int = 0, steps_per_execution: int = 1) -> None:
+    """Compile for a phase. ``steps_per_execution`` steps run per call of the
+    compiled function (the host dispatches them at once). Under the
+    mixed_float16 policy tf_keras wraps the optimizer in a LossScaleOptimizer
+    itself; mixed_bfloat16 needs no loss scaling."""
     model.compile(
+        steps_per_execution=steps_per_execution,
         optimizer=make_optimizer(phase, learning_rate, warmup_steps),
         loss="sparse_categorical_crossentropy",
         # Weighted like the loss: validation padding weighs 0 (see
@@ -357,8 +373,18 @@ def count_inputs(model: keras.Model) -> None:
     ``replica_batch`` (mean images per replica per step) and
     ``skipped_records`` (undecodable records dropped by the input). Validation
     logs the same with ``val_``. Create it inside the strategy scope; the saved
-    model is unchanged (only this instance's steps are wrapped)."""
+    model is unchanged (only this instance's steps are wrapped).
+
+    ``images`` may also be the uint8 batches of augmented training input
+    (``pipeline.data.input.device_record``): the train step then resamples
+    them first (``augment_batch``), on the replica's device, inside the
+    compiled step; the model still receives float32 in [0, 255] and scales it
+    itself, as in evaluation, predict and scoring."""
     import tensorflow as tf
+
+    from pipeline.data import input as inp
+
+    size = int(model.input_shape[1])
 
     examples = keras.metrics.Sum(name="examples")
     replica_batch = keras.metrics.Mean(name="replica_batch")
@@ -373,6 +399,8 @@ def count_inputs(model: keras.Model) -> None:
         examples.update_state(n)
         replica_batch.update_state(n)
         skipped.update_state(tf.cast(tf.reduce_sum(skip), tf.float32))
+        if inp.is_device_batch(images):
+            images = inp.augment_batch(images, size)
         return images, labels, weights
 
     model.train_step = lambda data: train_step(counted(data))

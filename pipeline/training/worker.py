@@ -156,6 +156,75 @@ def adopt_scaling(state: LoopState, scaling: dict, rescale_allowed: bool) -> Opt
     return rescale
 
 
+# steps_per_execution "auto": on GPUs, steps dispatched per host call.
+GPU_STEPS_PER_EXECUTION = 32
+# StreamCheck looks at the shard streams once per this many steps (and at
+# every epoch's end): a pure host check, no device sync.
+STREAM_CHECK_EVERY = 32
+
+
+def configure_gpus() -> int:
+    """Memory growth on every GPU this worker sees (before TensorFlow
+    initialises them): a worker takes GPU memory as it needs it, so that
+    workers sharing a GPU (fractional ``scaling.gpus_per_worker``) both fit.
+    Returns the number of GPUs."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised (set before, in this process)
+            pass
+    return len(gpus)
+
+
+def collective_implementation(setting: str, gpus: int):
+    """``scaling.collective`` -> MultiWorkerMirroredStrategy's implementation:
+    NCCL on GPUs ("auto" with GPUs, or "nccl"), else RING."""
+    import tensorflow as tf
+
+    kinds = tf.distribute.experimental.CommunicationImplementation
+    if setting == "nccl" or (setting == "auto" and gpus > 0):
+        if gpus == 0:
+            raise ValueError("scaling.collective=nccl needs GPUs; this worker sees none (use ring or auto)")
+        return kinds.NCCL
+    return kinds.RING
+
+
+def make_strategy(cfg: Config, gpus: int):
+    """MultiWorkerMirroredStrategy with the configured collective: mirrored over
+    this worker's GPUs, collective across workers."""
+    import tensorflow as tf
+
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=collective_implementation(cfg.scaling.collective, gpus))
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def precision_policy(cfg: Config, mixed_precision: bool) -> str:
+    """``train.precision``, else mixed_float16 when ``train.mixed_precision``
+    (resolved by the driver: on with GPUs) is on, else float32."""
+    if cfg.train.precision is not None:
+        return cfg.train.precision
+    return "mixed_float16" if mixed_precision else "float32"
+
+
+def steps_per_execution(cfg: Config, gpus: int, steps: int) -> int:
+    """``train.steps_per_execution`` ("auto": 32 with GPUs, 1 on CPUs), at
+    most the steps of an epoch."""
+    setting = cfg.train.steps_per_execution
+    if setting == "auto":
+        setting = GPU_STEPS_PER_EXECUTION if gpus else 1
+    return max(1, min(int(setting), steps))
+
+
+def training_callbacks(streams: list, reporter, every: int = STREAM_CHECK_EVERY) -> list:
+    """The callbacks of the worker's ``model.fit``: none of them makes
+    tf_keras turn a step's logs into numbers (a host sync per step)."""
+    return [StreamCheck(streams, every=every), reporter]
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import tensorflow as tf
@@ -169,12 +238,17 @@ def train_loop_per_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tf.get_logger().setLevel(logging.ERROR)  # per-step collective chatter
 
-    if config["mixed_precision"]:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = configure_gpus()
+    mdl.set_precision(precision_policy(cfg, config["mixed_precision"]))
+    strategy = make_strategy(cfg, gpus)
     n_train = manifest["splits"]["train"]["num_examples"]
     scaling = batch_scaling(cfg, world, strategy.num_replicas_in_sync, n_train)
     global_batch, steps = scaling["global_batch"], scaling["steps_per_epoch"]
+    per_execution = steps_per_execution(cfg, gpus, steps)
+    if rank == 0:
+        log.info("%d GPUs per worker, collective %s, precision %s, %d steps per execution", gpus,
+                 collective_implementation(cfg.scaling.collective, gpus).name,
+                 precision_policy(cfg, config["mixed_precision"]), per_execution)
     # Unseeded runs take a seed from their output folder: a resumed run (the
     # same folder) reads and augments exactly as the first attempt would have.
     seed = cfg.data.seed if cfg.data.seed is not None else zlib.crc32(config["output"].encode())
@@ -206,7 +280,7 @@ def train_loop_per_worker(config: dict) -> None:
                 rank=rank, image_size=cfg.data.image_size,
                 batch_size=context.get_per_replica_batch_size(global_batch), aug=cfg.augment.model_dump(),
                 shuffle_buffer=cfg.data.shuffle_buffer, read_parallelism=cfg.data.read_parallelism,
-                class_weights=table)
+                class_weights=table, cpu_threads=cfg.data.cpu_threads, device_augment=gpus > 0)
         return strategy.distribute_datasets_from_function(make)
 
     val_ds, val_steps = None, None
@@ -224,7 +298,8 @@ def train_loop_per_worker(config: dict) -> None:
             return inp.validation_input(stream, segments, image_size=cfg.data.image_size,
                                         batch_size=context.get_per_replica_batch_size(global_batch),
                                         batches=val_steps * local_replicas, weight=val_weight,
-                                        read_parallelism=cfg.data.read_parallelism)
+                                        read_parallelism=cfg.data.read_parallelism,
+                                        cpu_threads=cfg.data.cpu_threads)
 
         val_ds = strategy.distribute_datasets_from_function(validation_input)
 
@@ -252,7 +327,8 @@ def train_loop_per_worker(config: dict) -> None:
         with strategy.scope():
             trainable = mdl.set_phase(model, name, getattr(phase, "unfreeze_after", "mixed8"), freeze_bn=freeze_bn)
             mdl.compile_for(model, phase, top_k=top_k, jit_compile=config["xla"],
-                            learning_rate=lr["learning_rate"], warmup_steps=lr["warmup_steps"])
+                            learning_rate=lr["learning_rate"], warmup_steps=lr["warmup_steps"],
+                            steps_per_execution=per_execution)
             model.optimizer.build(model.trainable_variables)
         return trainable
 
@@ -318,7 +394,7 @@ def train_loop_per_worker(config: dict) -> None:
             steps_per_epoch=steps,
             validation_data=val_ds,
             validation_steps=val_steps,
-            callbacks=[StreamCheck(streams), reporter],
+            callbacks=training_callbacks(streams, reporter),
             verbose=0,
         )
         for stream in streams:  # the data may have run out because a shard could not be had
@@ -352,18 +428,37 @@ def find_bad_records(cache: ShardCache, refs: dict, assign: dict, cfg: Config, o
 
 
 class StreamCheck(keras.callbacks.Callback):
-    """Fails the step after a shard could not be had (missing, changed,
-    unreadable), with that error: never a shorter epoch or split in silence."""
+    """Fails training after a shard could not be had (missing, changed,
+    unreadable), with that error: never a shorter epoch or split in silence.
+    It looks at the streams (host state, never the logs) once ``every`` steps
+    and at the end of every epoch and validation pass; it says it takes the
+    logs as tensors (``_supports_tf_logs``), so tf_keras does not wait for
+    each step to finish to convert them."""
 
-    def __init__(self, streams: list[ShardStream]):
+    def __init__(self, streams: list[ShardStream], every: int = 1):
         super().__init__()
-        self.streams = streams
+        self.streams, self.every = streams, max(1, int(every))
+        self._supports_tf_logs = True
+        self._last = -1
 
     def _check(self, *_args) -> None:
         for stream in self.streams:
             stream.check()
 
-    on_train_batch_end = on_test_batch_end = on_epoch_end = _check
+    def _on_batch_end(self, batch, logs=None) -> None:
+        # With steps_per_execution > 1 the hook sees every k-th step only.
+        if batch // self.every != self._last // self.every:
+            self._check()
+        self._last = batch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last = -1
+
+    def on_test_begin(self, logs=None):
+        self._last = -1
+
+    on_train_batch_end = on_test_batch_end = _on_batch_end
+    on_epoch_end = on_test_end = _check
 
 
 BEST_WEIGHTS_FILE = "best/model"
@@ -421,9 +516,19 @@ class Reporter(keras.callbacks.Callback):
         self._model_ref = model
         self._bad_records = bad_records
         self._started = 0.0
+        self._validation_s, self._test_started = 0.0, None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.time()
+        self._validation_s, self._test_started = 0.0, None
+
+    def on_test_begin(self, logs=None):
+        self._test_started = time.time()
+
+    def on_test_end(self, logs=None):
+        if self._test_started is not None:
+            self._validation_s += time.time() - self._test_started
+            self._test_started = None
 
     def on_epoch_end(self, epoch, logs=None):
         _on_epoch_end(self, epoch, logs or {})
@@ -447,7 +552,10 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
         if key in logs:
             value = float(logs[key])
             entry[key] = int(round(value)) if key != "replica_batch" else round(value, 3)
-    entry["images_per_s"] = round(entry.get("examples", 0) / seconds, 2) if seconds > 0 else None
+    # Training time only: the validation pass is timed apart.
+    train_s = seconds - cb._validation_s
+    entry["images_per_s"] = round(entry.get("examples", 0) / train_s, 2) if train_s > 0 else None
+    entry["validation_seconds"] = round(cb._validation_s, 2)
     # Read from the optimizer: its schedule (warmup, scaled rate) at the step
     # this epoch's last update used.
     optimizer = cb._model_ref.optimizer

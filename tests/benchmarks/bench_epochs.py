@@ -236,6 +236,8 @@ def count_epochs(config: dict) -> None:
 
         def train_step(self, data):
             images, ids, skipped = data[0], tf.cast(data[1], tf.int32), data[3]
+            if inp.is_device_batch(images):  # uint8 records, augmented in the step as the worker's model does
+                images = inp.augment_batch(images, SIZE)
             with tf.GradientTape() as tape:
                 per_image = self.loss_fn(ids % CLASSES, self(images, training=True))
                 loss = tf.reduce_mean(per_image) / tf.distribute.get_strategy().num_replicas_in_sync
