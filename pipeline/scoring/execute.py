@@ -36,12 +36,13 @@ import pyarrow as pa
 
 from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
+from pipeline.errors import JobFailed
 from pipeline.runtime.faults import maybe_fault
 from pipeline.data.preprocess import Recipe
 from pipeline.scoring.commit import (SUCCESS_NAME, SUMMARY_NAME, error_counts, publish_part, remove_temp_files,
                                      to_table)
 from pipeline.scoring.decode import NO_ERROR, TransientReadError, read_and_decode
-from pipeline.storage.lease import OutputLease, check_holder
+from pipeline.storage.lease import LeaseLost, OutputLease, check_holder
 from pipeline.scoring.parts import PartSpec, read_plan_chunk
 from pipeline.scoring.plan import ScorePlan, prepare_parts
 from pipeline.scoring.progress import Progress
@@ -278,6 +279,14 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
     }
     if nothing:
         return summary  # the output is left as the run that completed it wrote it
+    if lease is not None:
+        # The completion is published behind the same fence as the parts: a
+        # job that lost the output never marks it complete.
+        lease.check()
+        try:
+            check_holder(plan.output, lease.job_id, storage)
+        except LeaseLost as exc:
+            raise JobFailed(str(exc)) from None
     st.write_json(summary_uri, summary, storage)
     # Last: a reader that finds it reads a complete output.
     st.write_json(success_uri, {"status": "complete", "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -339,9 +348,6 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
 def _result(ref) -> dict:
     """A part task's result; a lost lease inside it becomes the driver's error."""
     import ray
-
-    from pipeline.errors import JobFailed
-    from pipeline.storage.lease import LeaseLost
 
     try:
         return ray.get(ref)
