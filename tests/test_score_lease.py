@@ -116,7 +116,7 @@ def test_a_retried_job_waits_for_the_failed_attempts_heartbeat_then_takes_over(w
     started = time.monotonic()
     with pytest.raises(UsageError, match="other arguments .*top_k 3.*job failed-attempt"):
         OutputLease(out, OTHER, StorageConfig(), timeout_s=2).acquire()
-    assert time.monotonic() - started < 1.5  # at once, not after a wait
+    assert time.monotonic() - started < 1.9  # at once, not after the 2 s wait
 
     caplog.set_level("WARNING", logger="pipeline.storage.lease")
     started = time.monotonic()
@@ -181,7 +181,9 @@ def test_fences_of_one_job_at_once_all_pass(where):
     so all pass and the heartbeat keeps the lease."""
     out, _ = where
     storage = StorageConfig()
-    lease = OutputLease(out, ARGS, storage, timeout_s=2).acquire()
+    # A timeout long enough that a loaded machine renews in time (the fences,
+    # not the clock, are what is tested here); heartbeats every 2.5 s.
+    lease = OutputLease(out, ARGS, storage, timeout_s=10).acquire()
     try:
         errors, start = [], threading.Barrier(6, timeout=20)
 
@@ -199,7 +201,7 @@ def test_fences_of_one_job_at_once_all_pass(where):
         for t in threads:
             t.join(60)
         assert errors == []
-        time.sleep(1.2)  # past two heartbeats, each after fences changed the token
+        time.sleep(5.5)  # past two heartbeats, each after fences changed the token
         lease.check()
         check_holder(out, lease.job_id, storage)
     finally:
@@ -298,7 +300,7 @@ def test_failing_heartbeats_make_the_lease_unsafe(tmp_path, monkeypatch):
                 raised = (time.monotonic() - started, str(exc))
             time.sleep(0.05)
         assert raised is not None, "check() never raised"
-        assert raised[0] < 1.6 and "could not renew the output lease" in raised[1], raised
+        assert raised[0] < 1.95 and "could not renew the output lease" in raised[1], raised  # before the timeout
         assert "the store is unreachable" in raised[1]
         refused = None
         while refused is None and time.monotonic() - started < 6:
