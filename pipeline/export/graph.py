@@ -190,13 +190,14 @@ def _decode_other(data, max_pixels: int, *, alpha: bool):
     """WebP (alpha composited) and BMP (no alpha, as Pillow reads it)."""
     import tensorflow as tf
 
-    image = tf.io.decode_image(data, channels=4 if alpha else 3, expand_animations=False)
+    image = tf.io.decode_image(data, channels=0 if alpha else 3, expand_animations=False)
     shape = tf.shape(image)
     with tf.control_dependencies([_check_pixels(shape[0], shape[1], max_pixels, "image")]):
         if not alpha:
             return tf.identity(image)
-        image = tf.cast(image, tf.int32)
-        return composite_on_white(image[..., :3], image[..., 3])
+        pixels = tf.cast(image, tf.int32)
+        return tf.cond(tf.equal(shape[2], 4), lambda: composite_on_white(pixels[..., :3], pixels[..., 3]),
+                       lambda: tf.cast(pixels[..., :3], tf.uint8))
 
 
 def decode_upright(data, recipe: Recipe, max_pixels: int):
