@@ -3,11 +3,12 @@ preprocessing recipe and the labels inside, and optionally TFLite files.
 
     python -m jobs.export --model demo_output/runs/RUN
     python -m jobs.export --model s3://bucket/runs/2026-11-30 --tflite --quantize
-    python -m jobs.export --model 's3://bucket/registry#flowers@3' --output s3://bucket/serving/flowers/3
+    python -m jobs.export --model 's3://bucket/registry#flowers' --output s3://bucket/serving/flowers/1
     python -m jobs.export --model demo_output/runs/RUN --top-k 3 --dry-run
 
---model is a completed run directory, a model file in one, or REGISTRY#name
-(its production version) or REGISTRY#name@version; the export goes to
+--model is a completed run directory, a model file in one, a registry version
+folder (REGISTRY/NAME/versions/VERSION) or REGISTRY#name (its production
+version); the export goes to
 export/ in the run directory or registry version unless --output says
 otherwise. Signatures: serving_default (= serving_bytes: encoded images ->
 top-k labels and probabilities) and serving_pixels (uint8 pixels at model
@@ -28,7 +29,7 @@ from pipeline import storage as st
 def main(argv: Sequence[str]) -> int:
     parser = make_parser("jobs.export", __doc__)
     parser.add_argument("--model", required=True,
-                        help="run directory, model file, REGISTRY#name or REGISTRY#name@version")
+                        help="run directory, model file, registry version folder, or REGISTRY#name")
     parser.add_argument("--output", help="folder/prefix for the export (default: export/ in the model's folder)")
     parser.add_argument("--tflite", action="store_true", help="also write model.tflite (float32)")
     parser.add_argument("--quantize", action="store_true",

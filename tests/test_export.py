@@ -278,3 +278,21 @@ def test_a_bad_model_reference_is_exit_2_and_the_training_hook_exports_a_run_bei
     record = json.loads(Path(out, "export.json").read_text())
     assert record["labels"] == CLASSES and record["tflite"] == {}
     assert not Path(out, "model.tflite").exists()
+
+
+def test_a_registry_version_is_exported_into_its_own_folder(tmp_path):
+    """``REGISTRY#name`` exports its production version into the version's
+    folder (``versions/VERSION/export/``), recording the version it was."""
+    from pipeline import registry as reg
+    from tests.small_model import write_run
+
+    storage = StorageConfig()
+    registry = str(tmp_path / "registry")
+    run_dir = write_run(tmp_path / "run", CLASSES)
+    version = reg.register_run(registry, "shapes", run_dir, storage, metrics={"accuracy": 0.5}, data="shards")
+    reg.promote(registry, "shapes", version["version"], storage, reason="test")
+    assert run(export_job.main, ["--model", f"{registry}#shapes"]) == 0
+    folder = Path(reg.version_uri(registry, "shapes", version["version"]))
+    record = json.loads((folder / "export" / "export.json").read_text())
+    assert record["model"] == f"{registry}#shapes@{version['version']}" and record["labels"] == CLASSES
+    assert (folder / "export" / "saved_model.pb").is_file() and not (Path(run_dir) / "export").exists()
