@@ -118,6 +118,9 @@ def test_the_bytes_signature_gives_what_scoring_gives_in_one_batch_of_mixed_size
             assert abs(p - expected[name][label]) < 1e-5, (name, label, p, expected[name])
     same = model.signatures["serving_bytes"](image_bytes=tf.constant(list(files.values())))
     np.testing.assert_array_equal(same["probabilities"].numpy(), probs)
+    empty = model.signatures["serving_bytes"](image_bytes=tf.constant([], tf.string))
+    assert {name: tuple(v.shape) for name, v in empty.items()} == {"labels": (0, 2), "probabilities": (0, 2),
+                                                                    "class_ids": (0, 2)}
 
 
 def test_the_graph_makes_the_very_pixels_scoring_sends_its_model(tmp_path):
@@ -169,6 +172,8 @@ def test_tflite_float32_is_the_savedmodel_and_the_quantised_file_is_close(export
         interpreter = tf.lite.Interpreter(model_path=os.path.join(output, name))
         runner = interpreter.get_signature_runner("serving_pixels")
         assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+        ops = {op["op_name"] for op in interpreter._get_ops_details()}
+        assert "CONV_2D" in ops and not ops & {"IF", "WHILE"}, ops  # a plain graph (delegates take all of it)
         answers[kind] = np.concatenate([runner(pixels=images[i:i + 1])["probabilities"] for i in range(len(images))])
     np.testing.assert_allclose(answers["float32"], expected, atol=1e-4, rtol=0)
     assert np.abs(answers["dynamic_range"] - expected).max() < 0.05

@@ -270,14 +270,17 @@ def serving_module(model, labels: Sequence[str], recipe: Recipe, *, top_k: int, 
         return tf.cast(model(tf.cast(pixels, tf.float32), training=False), tf.float32)
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name=PIXELS_INPUT)])
-    def serving_pixels(pixels):
+    def serving_pixels(pixels):  # no control flow: TFLite converts this one as a plain graph
         return {"probabilities": probabilities(pixels)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
     def serving_bytes(image_bytes):
         pixels = tf.map_fn(lambda data: preprocess_bytes(data, recipe, max_pixels), image_bytes,
                            fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
-        top = tf.math.top_k(probabilities(pixels), k=k)
+        # An empty request skips the model (some CPU kernels refuse a batch of 0).
+        probs = tf.cond(tf.shape(pixels)[0] > 0, lambda: probabilities(pixels),
+                        lambda: tf.zeros([0, len(labels)], tf.float32))
+        top = tf.math.top_k(probs, k=k)
         return {"labels": tf.gather(names, top.indices), "probabilities": top.values, "class_ids": top.indices}
 
     module.serving_pixels = serving_pixels
