@@ -301,3 +301,20 @@ def test_a_registry_version_is_exported_into_its_own_folder(tmp_path):
     record = json.loads((folder / "export" / "export.json").read_text())
     assert record["model"] == f"{registry}#shapes@{version['version']}" and record["labels"] == CLASSES
     assert (folder / "export" / "saved_model.pb").is_file() and not (Path(run_dir) / "export").exists()
+
+
+def test_an_export_to_object_storage_loads_from_a_copy(tmp_path, s3_bucket):
+    """--output on S3: every file arrives, export.json among them, and a copy
+    of the folder loads and answers."""
+    from tests.small_model import write_run
+
+    fs, bucket = s3_bucket
+    run_dir = write_run(tmp_path / "run", CLASSES)
+    assert run(export_job.main, ["--model", run_dir, "--output", f"s3://{bucket}/serving/shapes/1"]) == 0
+    record = json.loads(fs.cat(f"{bucket}/serving/shapes/1/export.json"))
+    listed = sorted(p.split("/serving/shapes/1/", 1)[1] for p in fs.find(f"{bucket}/serving/shapes/1"))
+    assert listed == sorted(record["files"] + ["export.json"])
+    fs.get(f"{bucket}/serving/shapes/1/", str(tmp_path / "copy"), recursive=True)
+    model = tf.saved_model.load(str(tmp_path / "copy"))
+    out = model.signatures["serving_default"](image_bytes=tf.constant([fx.rgb_jpeg()]))
+    assert as_text(out["labels"])[0][0] in CLASSES
