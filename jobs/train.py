@@ -46,7 +46,8 @@ def main(argv: Sequence[str]) -> int:
         record_attempt(cfg, plan)
         own_ray = starts_own_ray(cfg)
         start_ray(cfg)
-        summary = run_training(cfg, plan, lease=lease, own_ray=own_ray)
+        summary = run_training(cfg, plan, lease=lease, own_ray=own_ray,
+                               export=serving_export(cfg) if cfg.train.export else None)
     finally:
         lease.release()
     print_summary(summary)
@@ -54,6 +55,19 @@ def main(argv: Sequence[str]) -> int:
     if gate:
         raise QualityGateFailed(gate)
     return 0
+
+
+def serving_export(cfg):
+    """What the training driver calls with a published run when ``train.export``
+    is on: ``pipeline.export.export_run`` to RUN/export/ (docs/export.md)."""
+
+    def export(run_dir: str) -> str:
+        from pipeline.export import export_run
+
+        return export_run(run_dir, cfg.storage, check=False, top_k=cfg.train.top_k,
+                          max_pixels=cfg.prepare.max_pixels)["output"]
+
+    return export
 
 
 def describe_plan(cfg, plan) -> list[str]:
@@ -70,6 +84,8 @@ def describe_plan(cfg, plan) -> list[str]:
         f"Ray Train workers: {workers}, on {ray_target(cfg)}",
         f"hold the run directory's lease ({plan.output}/_lease.json) while running",
     ]
+    if cfg.train.export:
+        lines.append(f"write the serving export to {plan.output}/export/ before summary.json (train.export)")
     if plan.changes:
         lines.append("resume with changes (train.allow_changed_resume): " + "; ".join(plan.changes))
     if cfg.train.min_val_accuracy is not None:

@@ -184,6 +184,11 @@ class TrainConfig(_Section):
     lease_wait_s: Optional[float] = Field(None, ge=0)
     bn_stats_batches: int = Field(20, ge=1)
     checkpoints_to_keep: int = Field(2, ge=1)
+    # Write the serving export (SavedModel with the recipe and labels inside,
+    # docs/export.md) to RUN/export/ after publishing, before summary.json marks
+    # the run complete. Off by default: it loads the model once more in the
+    # job's own process; `python -m jobs.export` exports any run later.
+    export: bool = False
 
     def phases(self) -> list[tuple[str, PhaseConfig]]:
         """The phases that run, in order (a phase with 0 epochs is skipped)."""

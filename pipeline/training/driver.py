@@ -110,7 +110,7 @@ ATTEMPT_FREE_KEYS = (
     "data.cache_dir", "data.cache_max_gb", "data.download_concurrency", "data.read_parallelism",
     "data.cpu_threads", "train.max_failures", "train.checkpoints_to_keep", "train.lease_timeout_s", "train.lease_wait_s",
     "train.mixed_precision", "train.precision", "train.steps_per_execution", "train.xla",
-    "train.min_val_accuracy", "train.rescale_on_resume", "train.allow_changed_resume",
+    "train.min_val_accuracy", "train.rescale_on_resume", "train.allow_changed_resume", "train.export",
 )
 
 
@@ -469,9 +469,12 @@ def check_resume_batch(cfg: Config, output: str, state: dict, global_batch: int)
     return {"from": before, "to": global_batch}
 
 
-def run_training(cfg: Config, plan: TrainPlan, *, lease=None, own_ray: bool = False) -> dict:
+def run_training(cfg: Config, plan: TrainPlan, *, lease=None, own_ray: bool = False, export=None) -> dict:
     """``lease``: the run directory's OutputLease (checked before publishing);
-    ``own_ray``: Ray was started by this job (a cluster of this machine's size)."""
+    ``own_ray``: Ray was started by this job (a cluster of this machine's size);
+    ``export``: called with the run directory once it is published (the
+    serving export, ``train.export``), before summary.json; what it returns is
+    summary.json's ``export``."""
     import ray
 
     started = time.time()
@@ -541,6 +544,8 @@ def run_training(cfg: Config, plan: TrainPlan, *, lease=None, own_ray: bool = Fa
         "outputs": {name: st.join(plan.output, name) for name in outputs["files"]},
         "history": outputs["history"],
     }
+    if export is not None:
+        summary["export"] = export(plan.output)
     st.write_json(st.join(plan.output, SUMMARY_FILE), summary, cfg.storage)
     return summary
 
