@@ -4,13 +4,20 @@ Per part, a ``score_part`` task (no CPU of its own: it only coordinates) reads
 the part's plan file, sends its files in groups of ``read_batch`` to
 ``decode_files`` CPU tasks, passes each model batch's decoded uint8 images,
 as object references that the part task never fetches, to one of the
-``ScoringPredictor`` actors (one GPU each when the cluster has GPUs), and
-writes and publishes the part's Parquet file itself (``pipeline.scoring.commit``).
+``ScoringPredictor`` actors (one GPU each when the cluster has GPUs, plus
+``score.cpus_per_actor`` CPUs kept from decoding to feed it), and writes and
+publishes the part's Parquet file itself (``pipeline.scoring.commit``). Each
+batch goes to the actor that this part task expects to finish it first
+(``LeastLoaded``), not in a fixed rotation, so a slow or restarting actor gets
+less work; each actor takes two calls at once, so one batch is fetched and
+copied to the device while the other runs.
 A batch in which no file decoded never reaches the model. At most a few parts
 are in flight, each with a bounded window of batches, so memory does not grow
 with the number of images.
 
-The driver starts the actors, hands out parts, tracks their completion and
+The driver checks that the cluster can place the actors (else exit 2), starts
+them and waits until every one has loaded and compiled the model (one clear
+error before any part when the model does not load), hands out parts, tracks their completion and
 writes progress into ``_summary.json``. A part task that dies is run again by
 Ray (the same part, the same file); a predictor actor that dies is restarted
 and its calls retried; a killed driver leaves only complete parts, which the
