@@ -24,7 +24,7 @@ from typing import Sequence
 from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_logging
 from pipeline.errors import JobFailed
 from pipeline.scoring.commit import SUMMARY_NAME
-from pipeline.scoring.execute import run_score
+from pipeline.scoring.execute import predictor_pool, run_score
 from pipeline.scoring.plan import plan_score
 from pipeline.storage.lease import OutputLease
 from pipeline import storage as st
@@ -38,10 +38,15 @@ def main(argv: Sequence[str]) -> int:
                         help="folder/prefix scanned recursively for image files, or a list of URIs "
                              "(.txt, .csv with a 'uri' column, .parquet with 'uri' or 'bucket' and 'key' columns)")
     parser.add_argument("--output", required=True, help=f"folder/prefix for the Parquet files and {SUMMARY_NAME}")
-    parser.add_argument("--batch-size", type=int, help="images per model call (default 64)")
+    parser.add_argument("--batch-size", type=int,
+                        help="images per model call (default 256 on GPU actors, 64 on CPU actors)")
     parser.add_argument("--top-k", type=int, help="classes kept per image (default 5)")
     parser.add_argument("--concurrency", type=int,
-                        help="predictor actors (default: one per GPU, else one per 8 CPUs)")
+                        help="predictor actors (default: one per GPU, else one per 8 CPUs); more than the "
+                             "cluster can place is refused")
+    parser.add_argument("--cpus-per-actor", type=float,
+                        help="CPUs each predictor actor reserves for feeding its device (default 4 on GPU "
+                             "actors, 1 on CPU actors), kept from decode tasks")
     parser.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default 100000)")
     parser.add_argument("--overwrite", action="store_true",
                         help="list the images again and score everything, replacing what OUTPUT holds (needed "
@@ -57,6 +62,7 @@ def main(argv: Sequence[str]) -> int:
             "score.batch_size": args.batch_size,
             "score.top_k": args.top_k,
             "score.concurrency": args.concurrency,
+            "score.cpus_per_actor": args.cpus_per_actor,
             "score.rows_per_file": args.rows_per_file,
         },
     )
@@ -79,6 +85,7 @@ def main(argv: Sequence[str]) -> int:
                         wait_s=cfg.score.lease_wait_s).acquire()
     try:
         start_ray(cfg, data=True)
+        predictor_pool(cfg)  # actors the cluster cannot place: exit 2 before any work
         summary = run_score(cfg, plan, lease=lease, allow_unsafe=args.allow_unsafe, overwrite=args.overwrite)
     finally:
         lease.release()

@@ -54,6 +54,7 @@ class ModelArtifact:
     image_size: int
     recipe: Recipe  # from preprocessing.json: how files become this model's input
     _call: Optional[object] = field(default=None, repr=False, compare=False)
+    _top_k_calls: dict = field(default_factory=dict, repr=False, compare=False)
 
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """float32 [N, size, size, 3] in [0, 255] -> probabilities [N, classes]."""
@@ -73,6 +74,47 @@ class ModelArtifact:
         if len(images) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
         return np.asarray(self._call(np.asarray(images, np.float32)), dtype=np.float32)
+
+    def top_k_call(self, k: int):
+        """The compiled device path of scoring: uint8 [N, size, size, 3] ->
+        (indices int32 [N, k], probabilities float32 [N, k]), best first. The
+        uint8 batch is what travels to the device (a quarter of float32's
+        bytes); the cast to float32 (exact for uint8), the model (whose first
+        layer scales to [-1, 1], as in training) and ``tf.math.top_k`` run in
+        one graph there, so only N x k values come back. Equal to
+        ``predict_batch`` on the same images as float32, then a stable
+        descending sort, bit for bit on a CPU: ``top_k`` puts the lower class
+        index first among equal probabilities, as the stable sort does."""
+        call = self._top_k_calls.get(k)
+        if call is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)
+
+            def scored(images):
+                probs = self.model(tf.cast(images, tf.float32), training=False)
+                return top_k(probs, k)
+
+            call = self._top_k_calls[k] = tf.function(scored, input_signature=[spec])
+        return call
+
+    def predict_top_k(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``top_k_call`` on a uint8 batch, as numpy arrays."""
+        if len(images) == 0:
+            return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+        index, scores = self.top_k_call(k)(np.asarray(images, np.uint8))
+        return np.asarray(index, np.int32), np.asarray(scores, np.float32)
+
+
+def top_k(probs, k: int):
+    """(indices int32, values) of the k largest values per row, best first;
+    among equal values the lower index first (``tf.math.top_k``'s documented
+    order, the order of numpy's stable argsort of ``-probs``). A NaN, which a
+    softmax does not give, would be ranked differently by the two."""
+    import tensorflow as tf
+
+    values, indices = tf.math.top_k(probs, k=k, sorted=True)
+    return tf.cast(indices, tf.int32), values
 
 
 def check_model_reference(model: str, storage: StorageConfig, *, allow_unsafe: bool = False,

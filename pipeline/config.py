@@ -228,12 +228,23 @@ class ScalingConfig(_Section):
 class ScoreConfig(_Section):
     """Batch scoring (``jobs.score``)."""
 
-    # Images per model call in each predictor actor.
-    batch_size: int = Field(64, ge=1)
+    # Images per model batch sent to a predictor actor (and per device call).
+    # None: 256 when the actors have a GPU each, else 64.
+    batch_size: Optional[int] = Field(None, ge=1)
     top_k: int = Field(5, ge=1)
     # Predictor actors. None: one per GPU when the cluster has GPUs, else one
     # per 8 CPUs (at least one); each CPU actor's TensorFlow uses its node's cores.
+    # More than the cluster can place is refused (exit 2) before any work.
     concurrency: Optional[int] = Field(None, ge=1)
+    # CPUs each predictor actor reserves: on a GPU actor, the cores that feed
+    # it (fetching batches, copying them to the device), kept from decode
+    # tasks. None: 1 for a CPU actor; for a GPU actor 4, or fewer when the
+    # cluster has fewer CPUs than that per GPU plus one for decoding.
+    cpus_per_actor: Optional[float] = Field(None, ge=0)
+    # The most a job waits for all predictor actors to load the model (placed,
+    # started, model loaded and compiled) before any part is scored; then it
+    # exits 1 naming how many were ready.
+    actor_start_timeout_s: float = Field(600.0, gt=0)
     # Rows per Parquet file; each file is also the unit of resume.
     rows_per_file: int = Field(100_000, ge=1)
     # Files read (concurrently on object stores) and decoded per CPU task call;

@@ -4,7 +4,11 @@
 the model's recipe (``pipeline.data.preprocess``: the pixels and resize training
 and evaluation used) and rounds the resized images to uint8, a quarter of the
 float32 bytes, which is what travels through Ray's object store to the
-predictor; the predictor converts back to float32. A file that cannot be
+predictor and on to its device, where they become float32. Files are read
+concurrently and each is decoded as soon as it has arrived (order kept). The
+resize is TensorFlow's (``ResizeArea``, then ``ResizeBilinear``), which is what
+training used: TensorFlow stays in the decode path, since no other library
+gives those very pixels. A file that cannot be
 scored gets a one-line reason instead (its image stays zeros): the reason is
 always a property of the file (not found, too large, undecodable, rejected).
 A read that fails for a reason of the moment (throttling, timeouts, 5xx,
@@ -64,7 +68,9 @@ def read_and_decode(batch: dict, *, storage: StorageConfig, recipe: Recipe, max_
         pending.clear()
         pending_bytes = 0
 
-    for i, raw in enumerate(read_files(uris, batch["size"], storage, max_bytes, retry_s)):
+    # Each file is decoded as soon as it and those before it have arrived,
+    # while the later ones are still being read.
+    for i, raw in enumerate(iter_files(uris, batch["size"], storage, max_bytes, retry_s)):
         if isinstance(raw, str):
             errors[i] = raw
             continue
@@ -86,6 +92,14 @@ def read_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, r
     """Bytes per URI, or a one-line reason that is a property of the file;
     fetched concurrently. Raises TransientReadError when a file could not be
     read for ``retry_s`` seconds for any other reason."""
+    return list(iter_files(uris, sizes, storage, max_bytes, retry_s))
+
+
+def iter_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, retry_s: float = 120.0):
+    """``read_files`` as a generator: every read starts at once (in the
+    process's fetch threads) and each file's bytes or reason is yielded, in
+    order, as soon as it has arrived, so the caller decodes while the rest are
+    read. An error stops the reads not yet started."""
 
     def attempt(uri: str, size: int):
         # By the URI's exact key (st.read_bytes): fsspec's path handling would
@@ -122,8 +136,16 @@ def read_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, r
 
     items = list(zip(uris, (int(s) for s in sizes)))
     if len(items) <= 1:
-        return [fetch(item) for item in items]
-    return list(_fetch_pool().map(fetch, items))
+        for item in items:
+            yield fetch(item)
+        return
+    futures = [_fetch_pool().submit(fetch, item) for item in items]
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 _pool: Optional[ThreadPoolExecutor] = None

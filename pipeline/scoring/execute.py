@@ -4,13 +4,20 @@ Per part, a ``score_part`` task (no CPU of its own: it only coordinates) reads
 the part's plan file, sends its files in groups of ``read_batch`` to
 ``decode_files`` CPU tasks, passes each model batch's decoded uint8 images,
 as object references that the part task never fetches, to one of the
-``ScoringPredictor`` actors (one GPU each when the cluster has GPUs), and
-writes and publishes the part's Parquet file itself (``pipeline.scoring.commit``).
+``ScoringPredictor`` actors (one GPU each when the cluster has GPUs, plus
+``score.cpus_per_actor`` CPUs kept from decoding to feed it), and writes and
+publishes the part's Parquet file itself (``pipeline.scoring.commit``). Each
+batch goes to the actor that this part task expects to finish it first
+(``LeastLoaded``), not in a fixed rotation, so a slow or restarting actor gets
+less work; each actor takes two calls at once, so one batch is fetched and
+copied to the device while the other runs.
 A batch in which no file decoded never reaches the model. At most a few parts
 are in flight, each with a bounded window of batches, so memory does not grow
 with the number of images.
 
-The driver starts the actors, hands out parts, tracks their completion and
+The driver checks that the cluster can place the actors (else exit 2), starts
+them and waits until every one has loaded and compiled the model (one clear
+error before any part when the model does not load), hands out parts, tracks their completion and
 writes progress into ``_summary.json``. A part task that dies is run again by
 Ray (the same part, the same file); a predictor actor that dies is restarted
 and its calls retried; a killed driver leaves only complete parts, which the
@@ -27,8 +34,11 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import threading
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -36,7 +46,7 @@ import pyarrow as pa
 
 from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
-from pipeline.errors import JobFailed
+from pipeline.errors import JobFailed, UsageError
 from pipeline.runtime.faults import maybe_fault
 from pipeline.data.preprocess import Recipe
 from pipeline.scoring.commit import (SUCCESS_NAME, SUMMARY_NAME, error_counts, publish_part, remove_temp_files,
@@ -58,16 +68,66 @@ class TooManyErrors(RuntimeError):
     """A part whose error rows exceed score.max_error_fraction."""
 
 
-def pool_sizes(cfg: Config) -> tuple[int, int, int]:
-    """(predictor actors, GPUs per actor, CPUs left for decoding) for this
-    cluster: one actor per GPU when there are GPUs, else one per 8 CPUs (at
-    least one)."""
+@dataclass(frozen=True)
+class PredictorPool:
+    """The predictor actors a job starts on this cluster."""
+
+    actors: int
+    gpus: int  # per actor: 1 on a cluster with GPUs, else 0
+    cpus: float  # reserved per actor (score.cpus_per_actor)
+    decode_cpus: int  # CPUs left for decode tasks
+    batch_size: int  # images per model batch (score.batch_size)
+
+
+def predictor_pool(cfg: Config) -> PredictorPool:
+    """One actor per GPU when there are GPUs, else one per 8 CPUs (at least
+    one), or ``score.concurrency``; UsageError (exit 2) when the actors cannot
+    all be placed on the cluster's nodes with a CPU left for decoding, which
+    would leave actors that never start or decode tasks that never run."""
     import ray
 
+    from pipeline.scoring.predictor import CPU_BATCH, GPU_BATCH
+
+    sc = cfg.score
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-    actors = cfg.score.concurrency or (gpus if gpus else max(1, cpus // 8))
-    return actors, (1 if gpus else 0), max(1, cpus - (0 if gpus else actors))
+    actors = sc.concurrency or (gpus if gpus else max(1, cpus // 8))
+    if sc.cpus_per_actor is not None:
+        per_actor = float(sc.cpus_per_actor)
+    elif gpus:
+        per_actor = float(max(0, min(4, (cpus - 1) // max(actors, 1))))
+    else:
+        # A CPU actor holds one CPU (its TensorFlow uses the node's cores); a
+        # default single actor on a one-CPU machine holds none.
+        per_actor = 1.0 if sc.concurrency or cpus > actors else 0.0
+    need_gpus = 1 if gpus else 0
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] or [resources]
+    placeable = sum(_fits(node, need_gpus, per_actor) for node in nodes)
+    what = f"{cpus} CPUs" + (f", {gpus} GPUs" if gpus else "") + f" on {len(nodes)} node" + ("s" if len(nodes) > 1 else "")
+    each = (f"1 GPU and {per_actor:g} CPUs" if need_gpus else f"{per_actor:g} CPUs")
+    if actors > placeable or cpus - actors * per_actor < 1:
+        room = min(placeable, int((cpus - 1) // per_actor) if per_actor else placeable)
+        raise UsageError(f"score.concurrency={actors} asks for {actors} predictor actors of {each} each (score."
+                         f"cpus_per_actor) and at least 1 CPU for decoding; this cluster ({what}) can place "
+                         f"{max(room, 0)}: lower --concurrency or score.cpus_per_actor")
+    batch = sc.batch_size or (GPU_BATCH if gpus else CPU_BATCH)
+    return PredictorPool(actors, need_gpus, per_actor, max(1, int(cpus - actors * per_actor)), batch)
+
+
+def _fits(node: dict, gpus: int, cpus: float) -> int:
+    """How many actors of ``gpus`` GPUs and ``cpus`` CPUs one node holds."""
+    counts = []
+    if gpus:
+        counts.append(int(node.get("GPU", 0) // gpus))
+    if cpus:
+        counts.append(int(node.get("CPU", 0) // cpus))
+    return min(counts) if counts else 10**9
+
+
+def pool_sizes(cfg: Config) -> tuple[int, int, int]:
+    """(predictor actors, GPUs per actor, CPUs left for decoding): ``predictor_pool``."""
+    pool = predictor_pool(cfg)
+    return pool.actors, pool.gpus, pool.decode_cpus
 
 
 def decode_files(uris: list, sizes: list, storage: StorageConfig, recipe: Recipe, max_bytes: int,
@@ -100,6 +160,7 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
                               settings["recipe"], settings["max_bytes"], settings["max_pixels"], settings["retry_s"])
                 for s in range(start, end, group)]
 
+    balance = LeastLoaded(len(actors))
     decoding = [submit(s) for s in starts[:BATCHES_AHEAD]]
     scored: list = []  # per batch: [errors, result ref, result or None]
     waiting: deque[int] = deque()  # batches whose result is still a reference
@@ -111,8 +172,9 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
         ok = errors == NO_ERROR
         result = None
         if ok.any():
-            actor = actors[(spec.index + i) % len(actors)]
-            result = actor.score.remote(ok, *[images for _, images in refs])
+            chosen = balance.pick()
+            result = actors[chosen].score.remote(ok, *[images for _, images in refs])
+            balance.sent(chosen, result)
             waiting.append(i)
         decoding[i] = None  # the images are the actor's now
         scored.append([errors, result])
@@ -151,17 +213,107 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
     return {"index": spec.index, "rows": published.num_rows, "errors": dict(error_counts(published))}
 
 
+class LeastLoaded:
+    """Which predictor actor gets a part task's next batch: the one that
+    would finish it first by what this task has seen, (its calls still
+    running + 1) x its time per call (a running average of its finished calls,
+    timed when each finishes, at least the age of its oldest running one);
+    among equals, in turn from a random start (part tasks do not see each
+    other's calls, so they do not all begin with the same actor). A slow
+    actor, or one being restarted (its call stays running until Ray has
+    retried it), gets less work instead of holding up every part; an idle
+    actor not yet timed counts as fast, so each one is tried, and a busy one
+    as the slowest timed one."""
+
+    def __init__(self, actors: int, start: Optional[int] = None):
+        self.outstanding: list[dict] = [{} for _ in range(actors)]  # call -> when it was sent
+        self.per_call: list[float] = [0.0] * actors
+        self.turn = random.randrange(actors) if start is None else start
+        self._lock = threading.Lock()
+
+    def pick(self) -> int:
+        now = time.monotonic()
+        with self._lock:
+            busy = [dict(calls) for calls in self.outstanding]
+            per_call = list(self.per_call)
+        slowest = max(per_call)
+
+        def expected(actor: int) -> float:
+            calls = busy[actor]
+            if not calls:
+                return per_call[actor]
+            # Not timed yet but busy: as slow as the slowest timed one.
+            return (len(calls) + 1) * max(per_call[actor] or slowest, now - min(calls.values()))
+
+        count = len(busy)
+        order = [(self.turn + j) % count for j in range(count)]
+        chosen = min(order, key=lambda a: (expected(a), len(busy[a])))
+        self.turn = (chosen + 1) % count
+        return chosen
+
+    def sent(self, actor: int, ref) -> None:
+        key = ref.hex()
+        with self._lock:
+            self.outstanding[actor][key] = time.monotonic()
+        ref.future().add_done_callback(lambda _: self._finished(actor, key))
+
+    def _finished(self, actor: int, key: str) -> None:
+        with self._lock:
+            started = self.outstanding[actor].pop(key, None)
+            if started is not None:
+                took = time.monotonic() - started
+                self.per_call[actor] = took if not self.per_call[actor] else (self.per_call[actor] + took) / 2
+
+
 def start_predictors(cfg: Config, plan: ScorePlan, allow_unsafe: bool) -> list:
+    """The predictor actors, each with its model loaded and compiled; one
+    clear error before any part is scored when the model does not load
+    (UsageError for the model's own faults, else JobFailed) or the actors are
+    not all up within ``score.actor_start_timeout_s``."""
     import ray
 
     from pipeline.scoring.predictor import ScoringPredictor
 
-    actors, gpus, _ = pool_sizes(cfg)
-    cls = ray.remote(ScoringPredictor).options(num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=3,
-                                               max_task_retries=3)
-    handles = [cls.remote(plan.model_uri, cfg.storage, plan.top_k, plan.recipe, allow_unsafe)
-               for _ in range(actors)]
+    pool = predictor_pool(cfg)
+    # Two calls at once: one batch's images are fetched and copied to the
+    # device while the other's run; the device work is one call at a time.
+    cls = ray.remote(ScoringPredictor).options(num_cpus=pool.cpus, num_gpus=pool.gpus, max_restarts=3,
+                                               max_task_retries=3, max_concurrency=2)
+    handles = [cls.remote(plan.model_uri, cfg.storage, plan.top_k, plan.recipe, allow_unsafe,
+                          device_batch=pool.batch_size, defer_errors=True)
+               for _ in range(pool.actors)]
+    try:
+        wait_ready(handles, cfg.score.actor_start_timeout_s)
+    except BaseException:
+        for actor in handles:
+            ray.kill(actor)
+        raise
+    log.info("score: %d predictor actors ready (%d GPU, %g CPUs each; batches of %d)", pool.actors, pool.gpus,
+             pool.cpus, pool.batch_size)
     return handles
+
+
+def wait_ready(actors: list, timeout_s: float) -> None:
+    """Every actor's ``ready()``, or the first actor's reason not to be."""
+    import ray
+    from ray.exceptions import RayError
+
+    refs = [actor.ready.remote() for actor in actors]
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise JobFailed(f"{len(actors) - len(pending)} of {len(actors)} predictor actors were ready after "
+                            f"{timeout_s:g} s (score.actor_start_timeout_s): the cluster could not place or "
+                            "start the others in time")
+        try:
+            state = ray.get(done[0])
+        except RayError as exc:
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            raise JobFailed(f"a predictor actor died while starting: {lines[-1] if lines else type(exc).__name__}") from None
+        if not state["ok"]:
+            raise (UsageError if state.get("usage") else JobFailed)(state["message"])
 
 
 def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = None, allow_unsafe: bool = False,
@@ -304,12 +456,13 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
     sc = cfg.score
     # Enough parts that their decode tasks can fill the free CPUs and their
     # batches keep every actor busy; each part has BATCHES_AHEAD batches out.
-    _, _, cpus = pool_sizes(cfg)
-    decodes_per_part = BATCHES_AHEAD * math.ceil(sc.batch_size / sc.read_batch)
+    pool = predictor_pool(cfg)
+    cpus = pool.decode_cpus
+    decodes_per_part = BATCHES_AHEAD * math.ceil(pool.batch_size / sc.read_batch)
     in_flight = max(2, 2 * len(actors), math.ceil(cpus / decodes_per_part) + 1)
     shared = {"plan_dir": plan.plan_dir, "output": plan.output, "labels": plan.labels, "model": plan.model,
               "lease_job": lease.job_id if lease else "", "writer": plan.writer}
-    settings = {"batch_size": sc.batch_size, "read_batch": sc.read_batch, "recipe": plan.recipe,
+    settings = {"batch_size": pool.batch_size, "read_batch": sc.read_batch, "recipe": plan.recipe,
                 "max_bytes": int(sc.max_file_mb * 2**20), "max_pixels": sc.max_pixels, "top_k": plan.top_k,
                 "retry_s": sc.read_retry_s, "max_error_fraction": sc.max_error_fraction}
     task = ray.remote(score_part).options(num_cpus=0, max_retries=3)
