@@ -297,3 +297,73 @@ def test_nothing_changes_without_mlflow_configured(monkeypatch, tmp_path):
     assert not (tmp_path / "mlflow.json").exists()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     assert mlflow_runs.tracking_uri(cfg) == "http://127.0.0.1:9"
+
+
+def test_the_tensorboard_batch_hook_keeps_tensor_logs_and_writes_every_n_steps(tmp_path, monkeypatch):
+    """The worker's callbacks with rank 0's board: tf_keras keeps the step
+    logs as tensors (no host sync per step; tests/test_gpu_path.py counts the
+    same way), and batch scalars land at every multiple of
+    train.tensorboard_every_steps, also when steps_per_execution lets the hook
+    see every 4th step only."""
+    import tensorflow as tf
+    import tf_keras as keras
+    from tf_keras.src.utils import tf_utils
+
+    from pipeline.config import Config
+    from pipeline.tracking.tensorboard import LiveBoard
+    from pipeline.training import worker as wk
+
+    calls = []
+    real = tf_utils.sync_to_numpy_or_python_type
+    monkeypatch.setattr(tf_utils, "sync_to_numpy_or_python_type", lambda v: calls.append(v) or real(v))
+
+    class Stream:
+        def check(self):
+            pass
+
+    def fit(out, per_execution, steps):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=per_execution)
+        board = LiveBoard(str(out), Config().storage, every_steps=6, steps_per_epoch=steps, global_batch=2,
+                          learning_rate=lambda: 0.01)
+        reporter = keras.callbacks.Callback()
+        callbacks = wk.training_callbacks([Stream()], reporter, every=4, board=board, epoch_offset=1)
+        assert keras.callbacks.CallbackList(callbacks, model=model)._batch_hooks_support_tf_logs
+        ds = tf.data.Dataset.from_tensors((tf.zeros([2, 4]), tf.zeros([2], tf.int32))).repeat()
+        calls.clear()
+        model.fit(ds, epochs=2, steps_per_epoch=steps, verbose=0, callbacks=callbacks)
+        board.close()
+        return len(calls), events(out / "tensorboard" / "train")
+
+    few, written = fit(tmp_path / "a", 1, 12)
+    # Epoch offset 1 (a phase before this one): steps 13..36, written at each multiple of 6.
+    assert sorted(written["batch_loss"]) == [18, 24, 30, 36]
+    assert sorted(written["batch_images_per_s"]) == [18, 24, 30, 36]
+    many, _ = fit(tmp_path / "b", 1, 48)
+    assert many == few  # 4x the steps, no more conversions to numbers
+    _, seen = fit(tmp_path / "c", 4, 12)
+    assert sorted(seen["batch_loss"]) == [20, 24, 32, 36]  # the first step seen past each multiple
+
+
+@pytest.mark.s3
+def test_tensorboard_files_reach_object_storage_after_each_epoch(s3_bucket, s3_endpoint, tmp_path):
+    """A run directory on S3: the event files are written locally and uploaded
+    after each epoch, so the bucket holds every epoch so far."""
+    from pipeline.tracking.tensorboard import LiveBoard
+
+    fs, bucket = s3_bucket
+    board = LiveBoard(f"s3://{bucket}/run", StorageConfig(endpoint_url=s3_endpoint), every_steps=5,
+                      steps_per_epoch=10, global_batch=4, learning_rate=lambda: 0.1)
+
+    def uploaded(split: str) -> dict:
+        local = tmp_path / f"copy-{split}"
+        fs.get(f"{bucket}/run/tensorboard/{split}/", str(local), recursive=True)
+        return events(local)
+
+    board.epoch(1, {"loss": 2.0, "accuracy": 0.25, "val_loss": 2.5, "val_accuracy": 0.2, "images_per_s": 9.0})
+    assert uploaded("train")["epoch_loss"] == {1: 2.0}
+    board.epoch(2, {"loss": 1.5, "accuracy": 0.5, "val_loss": 2.25, "val_accuracy": 0.4, "learning_rate": 0.1})
+    assert uploaded("train")["epoch_loss"] == {1: 2.0, 2: 1.5}
+    assert uploaded("validation")["epoch_accuracy"] == {1: pytest.approx(0.2), 2: pytest.approx(0.4)}
+    board.close()

@@ -116,7 +116,7 @@ class BatchScalars(keras.callbacks.Callback):
                 board._scalar("train", f"batch_{key}", logs[key], step)
         board._scalar("train", "batch_learning_rate", board.learning_rate(), step)
         if now > self._mark_time:
-            board._scalar("train", "batch_images_per_s", (step - self._mark) * board.global_batch / (now - self._mark_time),
-                          step)
+            rate = (step - self._mark) * board.global_batch / (now - self._mark_time)
+            board._scalar("train", "batch_images_per_s", rate, step)
         board.writers["train"].flush()
         self._mark, self._mark_time = step, now

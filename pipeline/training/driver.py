@@ -109,17 +109,19 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
 
 # Keys that may differ between attempts of one run: where and how it runs
 # (cluster, storage, workers and their resources, caches, retries, the lease,
-# GPU switches), what happens after training (registry, quality gate), other
-# jobs' sections, and the switches that allow a changed resume. Everything else
-# (data, model, augmentation, phases, learning rates, seed...) must match.
+# GPU switches), what happens after training (registry, quality gate), tracking
+# (MLflow, TensorBoard's step interval), other jobs' sections, and the switches
+# that allow a changed resume. Everything else (data, model, augmentation,
+# phases, learning rates, seed...) must match.
 # data.batch_size may differ too when train.rescale_on_resume is true (the
 # global batch check then lets the new batch through).
 ATTEMPT_FREE_KEYS = (
-    "ray.", "storage.", "prepare.", "score.", "registry.", "scaling.", "tracking.", "train.tensorboard_every_steps",
+    "ray.", "storage.", "prepare.", "score.", "registry.", "scaling.", "tracking.",
     "data.cache_dir", "data.cache_max_gb", "data.download_concurrency", "data.read_parallelism",
     "data.cpu_threads", "train.max_failures", "train.checkpoints_to_keep", "train.lease_timeout_s", "train.lease_wait_s",
     "train.mixed_precision", "train.precision", "train.steps_per_execution", "train.xla",
     "train.min_val_accuracy", "train.rescale_on_resume", "train.allow_changed_resume",
+    "train.tensorboard_every_steps",
 )
 
 

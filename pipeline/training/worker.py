@@ -630,7 +630,10 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
     for tracker in cb.trackers:  # the epoch's scalars reach TensorBoard and MLflow as it ends
-        tracker.epoch(len(state.history), entry)
+        try:
+            tracker.epoch(len(state.history), entry)
+        except Exception as exc:  # noqa: BLE001 - tracking never fails training
+            log.warning("%s: epoch %d not written: %s", type(tracker).__name__, len(state.history), exc)
     maybe_fault(f"epoch-{len(state.history)}")
 
 
