@@ -6,6 +6,11 @@
     python -m jobs.registry rollback --registry URI --name NAME
     python -m jobs.registry promote  --registry URI --name NAME --version V --dry-run
 
+`show` prints the version's record with its lineage (data manifest digest, code,
+libraries, recipe, warm-start parent) and "chain": the parents' lineages, nearest
+first. With tracking.mlflow_model_name set (--set or --config), promote and
+rollback also move that MLflow registered model's alias (tracking.mlflow_alias).
+
 Here --version names a model version; `python -m jobs.registry --version` (or -V)
 alone prints the package version.
 """
@@ -20,6 +25,7 @@ from jobs._cli import dry_run_report, make_parser, resolve_config, run, setup_lo
 from pipeline import registry as reg
 from pipeline import storage as st
 from pipeline.errors import UsageError
+from pipeline.tracking import lineage, mlflow_runs
 
 
 def main(argv: Sequence[str]) -> int:
@@ -49,16 +55,28 @@ def main(argv: Sequence[str]) -> int:
         record = reg.get_version(uri, name, version, storage)
         record["production"] = bool(pointer and pointer["version"] == version)
         record["uri"] = reg.version_uri(uri, name, version)
+        # Where it came from: the warm-start parents' lineages, nearest first.
+        record["chain"] = lineage.chain(record.get("lineage"), storage)
         print(json.dumps(record, indent=2))
     elif args.action == "promote":
         if not args.version:
             raise UsageError("promote needs --version")
         pointer = reg.promote(uri, name, args.version, storage, reason="promoted by hand")
         print(f"production of '{name}' is now {pointer['version']}")
+        move_mlflow_alias(cfg, uri, name, pointer["version"])
     else:
         pointer = reg.rollback(uri, name, storage)
         print(f"production of '{name}' rolled back to {pointer['version']}")
+        move_mlflow_alias(cfg, uri, name, pointer["version"])
     return 0
+
+
+def move_mlflow_alias(cfg, uri: str, name: str, version: str) -> None:
+    """With tracking.mlflow_model_name: the MLflow alias follows production."""
+    if cfg.tracking.mlflow_model_name:
+        moved = mlflow_runs.set_production_alias(cfg, uri, name, version, reg.version_uri(uri, name, version))
+        if moved:
+            print(f"mlflow: model '{moved['model']}' alias '{moved['alias']}' -> version {moved['version']}")
 
 
 def plan_action(action: str, uri: str, name: str, version, storage) -> list[str]:

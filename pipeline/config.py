@@ -189,6 +189,10 @@ class TrainConfig(_Section):
     # the run complete. Off by default: it loads the model once more in the
     # job's own process; `python -m jobs.export` exports any run later.
     export: bool = False
+    # Rank 0 writes TensorBoard scalars (loss, accuracy, learning rate,
+    # images/s) every this many training steps and at every epoch's end, into
+    # RUN/tensorboard/ (uploaded after each epoch on object storage).
+    tensorboard_every_steps: int = Field(50, ge=1)
 
     def phases(self) -> list[tuple[str, PhaseConfig]]:
         """The phases that run, in order (a phase with 0 epochs is skipped)."""
@@ -202,6 +206,20 @@ class RegistryConfig(_Section):
     uri: Optional[str] = None
     name: Optional[str] = None
     tolerance: float = Field(0.0, ge=0, le=1)
+
+
+class TrackingConfig(_Section):
+    """Optional MLflow tracking (``pip install -e .[mlflow]``): with a tracking
+    URI (this, else the MLFLOW_TRACKING_URI environment variable of the job),
+    the training job logs its config, per-epoch metrics, evaluation and plots
+    to an MLflow run; a resumed run continues it. With ``mlflow_model_name``,
+    registry promotions and rollbacks move the alias ``mlflow_alias`` of that
+    registered model in MLflow's model registry."""
+
+    mlflow_uri: Optional[str] = None
+    mlflow_experiment: str = "inception-ray"
+    mlflow_model_name: Optional[str] = None
+    mlflow_alias: str = "production"
 
 
 class ScalingConfig(_Section):
@@ -292,6 +310,7 @@ class Config(_Section):
     scaling: ScalingConfig = ScalingConfig()
     registry: RegistryConfig = RegistryConfig()
     score: ScoreConfig = ScoreConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
     @classmethod

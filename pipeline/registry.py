@@ -12,7 +12,8 @@ a conditional write on S3, a file lock on local disk, a lease elsewhere): a
 promotion or rollback that lost a race to another writer starts again from
 what that writer left, so no change is lost, and the pointer only ever names a
 complete version. ``production.json`` keeps the list of changes that made it
-(``changes``: id, action, version, previous version, time).
+(``changes``: id, action, version, previous version, time, and the lineage of
+the version it points to).
 
 Names and versions are checked against strict patterns wherever they are read
 (flags, ``production.json``, folder names), so no reference can leave the
@@ -54,7 +55,7 @@ CHANGES_LIMIT = 1000  # entries of production.json's change list
 UPDATE_ATTEMPTS = 25  # tries of a pointer update that keeps losing races
 GATE_ATTEMPTS = 3  # comparisons of the gate when production keeps changing
 ARTIFACTS = ("model.keras", "labels.json", "preprocessing.json", "config.yaml", "history.json", "metrics.json",
-             "training.png", "confusion.png")
+             "training.png", "confusion.png", "mlflow.json")
 
 
 def parse_reference(uri: str) -> Optional[tuple[str, str]]:
@@ -161,11 +162,13 @@ def production_model_uri(reference: str, storage: StorageConfig) -> tuple[str, s
 
 
 def register_run(registry: str, name: str, run_uri: str, storage: StorageConfig, *,
-                 metrics: dict, data: str) -> dict:
+                 metrics: dict, data: str, lineage: Optional[dict] = None) -> dict:
     """Copy a finished run's artifacts into a new immutable version. Registering
     the same run again, or from two processes at once, gives one version: the
     first to create the run's claim (``runs/<hash>.json``, a conditional
-    create) makes it, the others wait for it to be complete."""
+    create) makes it, the others wait for it to be complete. ``lineage``
+    (pipeline.tracking.lineage: data manifest, code, libraries, recipe,
+    warm-start parent) is kept in ``version.json``."""
     for existing in list_versions(registry, name, storage):
         if existing.get("run") == run_uri:
             return existing
@@ -204,6 +207,7 @@ def register_run(registry: str, name: str, run_uri: str, storage: StorageConfig,
         "data": data,
         "metrics": {k: metrics[k] for k in ("examples", "accuracy", "top_k", "top_k_accuracy", "macro_f1") if k in metrics},
         "classes": metrics.get("classes"),
+        "lineage": lineage,
     }
     st.write_json(st.join(target, VERSION_FILE), record, storage)  # last: marks the version complete
     write_index(registry, name, storage)
@@ -312,7 +316,8 @@ def _update_pointer(registry: str, name: str, storage: StorageConfig,
         current = _parse_pointer(raw, uri)
         pointer = change(current)
         entry = {"id": uuid.uuid4().hex, "action": action, "version": pointer["version"],
-                 "from": current["version"] if current else None, "at": now_utc()}
+                 "from": current["version"] if current else None, "at": now_utc(),
+                 "lineage": get_version(registry, name, pointer["version"], storage).get("lineage")}
         pointer.update(promoted_at=entry["at"], id=entry["id"],
                        changes=(list(current.get("changes", [])) if current else [])[-(CHANGES_LIMIT - 1):] + [entry])
         pointer = {k: pointer[k] for k in ("version", "promoted_at", "reason", "id", "history", "changes")}

@@ -76,7 +76,7 @@ def learnable_shards(ray_session, tmp_path_factory):
 # --dist loadfile --no-loadscope-reorder), each taking the next file when it is
 # free: the longest first, so that no long file starts last while the other
 # process sits idle.
-LONGEST_FIRST = ["test_registry.py", "test_distributed.py", "test_faults.py", "test_score.py",
+LONGEST_FIRST = ["test_registry.py", "test_distributed.py", "test_faults.py", "test_tracking.py", "test_score.py",
                  "test_score_scale.py", "test_flaky_storage.py", "test_submit.py", "test_model.py",
                  "test_score_lease.py", "test_score_outputs.py", "test_gpu_path.py", "test_odd_keys.py"]
 

@@ -3,8 +3,10 @@ TensorflowTrainer, then a finalize task that evaluates the last checkpoint in
 inference mode over the whole validation split and writes the run directory.
 
 Run directory: model.keras, labels.json, preprocessing.json, config.yaml,
-history.json, metrics.json, training.png, confusion.png, tensorboard/,
-checkpoints/, and summary.json, written last: its presence marks a completed run.
+history.json, metrics.json, training.png, confusion.png, tensorboard/ (written
+live by rank 0 as training runs), checkpoints/, mlflow.json (when MLflow tracks
+the run: its run id, reused by a resume), and summary.json, written last: its
+presence marks a completed run.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class TrainPlan:
     resuming: bool
     # Keys a resume changes against ATTEMPT_FILE (allowed: train.allow_changed_resume).
     changes: list = field(default_factory=list)
+    # A warm start's parent (model.init_from): what was named, the model file, its folder.
+    parent: Optional[dict] = None
 
 
 def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
@@ -64,17 +68,19 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
         raise UsageError("both phases have 0 epochs (train.transfer.epochs, train.finetune.epochs)")
     if cfg.model.weights not in ("imagenet", "none") and not _exists(cfg.model.weights, cfg):
         raise UsageError(f"model.weights: file not found: {cfg.model.weights}")
+    parent = None
     if cfg.model.init_from:
         # Resolved once, here: every worker warm-starts from the same version,
         # a completed run or registry version in the .keras format without code.
         try:
-            location, _ = check_model_reference(cfg.model.init_from, cfg.storage,
+            location, shown = check_model_reference(cfg.model.init_from, cfg.storage,
                                                 hint="a warm start takes safe .keras models only")
         except UsageError as exc:
             raise UsageError(f"model.init_from: {exc}") from None
         cfg.model.init_from = model_file_uri(location)
         if not _exists(cfg.model.init_from, cfg):
             raise UsageError(f"model.init_from: no model at {cfg.model.init_from}")
+        parent = {"reference": shown, "model": cfg.model.init_from, "folder": cfg.model.init_from.rsplit("/", 1)[0]}
     if isinstance(cfg.train.class_weights, dict):
         unknown = sorted(set(cfg.train.class_weights) - set(manifest["classes"]))
         if unknown:
@@ -92,25 +98,30 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
     changes = check_attempt(cfg, output, data, manifest, resuming)
     st.check_writable(output, cfg.storage)
     check_local_placement(cfg)
+    from pipeline.tracking.mlflow_runs import check as check_tracking
+
+    check_tracking(cfg)
     _check_unfreeze(cfg)  # last: it loads TensorFlow, after every storage check
-    return TrainPlan(data, output, manifest, resuming, changes)
+    return TrainPlan(data, output, manifest, resuming, changes, parent)
 
 
 # ----------------------------------------------------------------- attempts
 
 # Keys that may differ between attempts of one run: where and how it runs
 # (cluster, storage, workers and their resources, caches, retries, the lease,
-# GPU switches), what happens after training (registry, quality gate), other
-# jobs' sections, and the switches that allow a changed resume. Everything else
-# (data, model, augmentation, phases, learning rates, seed...) must match.
+# GPU switches), what happens after training (registry, quality gate), tracking
+# (MLflow, TensorBoard's step interval), other jobs' sections, and the switches
+# that allow a changed resume. Everything else (data, model, augmentation,
+# phases, learning rates, seed...) must match.
 # data.batch_size may differ too when train.rescale_on_resume is true (the
 # global batch check then lets the new batch through).
 ATTEMPT_FREE_KEYS = (
-    "ray.", "storage.", "prepare.", "score.", "registry.", "scaling.",
+    "ray.", "storage.", "prepare.", "score.", "registry.", "scaling.", "tracking.",
     "data.cache_dir", "data.cache_max_gb", "data.download_concurrency", "data.read_parallelism",
     "data.cpu_threads", "train.max_failures", "train.checkpoints_to_keep", "train.lease_timeout_s", "train.lease_wait_s",
     "train.mixed_precision", "train.precision", "train.steps_per_execution", "train.xla",
     "train.min_val_accuracy", "train.rescale_on_resume", "train.allow_changed_resume", "train.export",
+    "train.tensorboard_every_steps",
 )
 
 
@@ -475,11 +486,50 @@ def run_training(cfg: Config, plan: TrainPlan, *, lease=None, own_ray: bool = Fa
     ``export``: called with the run directory once it is published (the
     serving export, ``train.export``), before summary.json; what it returns is
     summary.json's ``export``."""
-    import ray
+    from pipeline.tracking import mlflow_runs
 
     started = time.time()
     workers, use_gpu, mixed, xla = resolve_scaling(cfg)
     st.write_text(st.join(plan.output, "config.yaml"), cfg.to_yaml(), cfg.storage)
+    lineage = run_lineage(cfg, plan)
+    tracked = mlflow_runs.start_run(cfg, plan.output, tags=tracking_tags(plan, lineage))
+    try:
+        return _run_training(cfg, plan, lease, own_ray, started, workers, use_gpu, mixed, xla, lineage, tracked,
+                             export)
+    except BaseException:
+        mlflow_runs.fail_run(tracked)
+        raise
+
+
+def run_lineage(cfg: Config, plan: TrainPlan) -> dict:
+    """What made this run (pipeline.tracking.lineage)."""
+    from pipeline.tracking import lineage as lin
+
+    recipe = preprocessing_spec(cfg.data.image_size, plan.manifest.get("settings", {}).get("max_side"))
+    return lin.build(plan.data, cfg.storage, recipe_version=recipe.get("version"), parent=plan.parent)
+
+
+def tracking_tags(plan: TrainPlan, lineage: dict) -> dict:
+    from pipeline.tracking import lineage as lin
+    from pipeline.tracking.mlflow_runs import TAG_PREFIX
+
+    commit = lineage["code"]["commit"]
+    tags = {f"{TAG_PREFIX}data": plan.data, f"{TAG_PREFIX}data_manifest_sha256": lineage["data"]["manifest_sha256"],
+            f"{TAG_PREFIX}code_version": commit or lin.code_version(), f"{TAG_PREFIX}output": plan.output,
+            f"{TAG_PREFIX}recipe_version": lineage["recipe_version"]}
+    tags.update({f"{TAG_PREFIX}{k}_version": v for k, v in lineage["libraries"].items()})
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if plan.parent:
+        tags[f"{TAG_PREFIX}parent"] = plan.parent["reference"]
+    return tags
+
+
+def _run_training(cfg: Config, plan: TrainPlan, lease, own_ray: bool, started: float, workers: int, use_gpu: bool,
+                  mixed: bool, xla: bool, lineage: dict, tracked: Optional[dict], export=None) -> dict:
+    import ray
+
+    from pipeline.tracking import mlflow_runs
     log.info(
         "train: %d classes, %d train / %d validation images, %d worker(s)%s%s",
         len(plan.manifest["classes"]), plan.manifest["splits"]["train"]["num_examples"],
@@ -500,7 +550,7 @@ def run_training(cfg: Config, plan: TrainPlan, *, lease=None, own_ray: bool = Fa
         ensure_placeable(cfg, workers, use_gpu, own_ray)
         if lease is not None:
             lease.check()
-        checkpoint, state = _fit(cfg, plan, workers, use_gpu, mixed, xla, storage_path, storage_fs), None
+        checkpoint, state = _fit(cfg, plan, workers, use_gpu, mixed, xla, storage_path, storage_fs, tracked), None
     check_training_failure(cfg, plan.output, checkpoint)
     if lease is not None:
         lease.check()
@@ -516,7 +566,9 @@ def run_training(cfg: Config, plan: TrainPlan, *, lease=None, own_ray: bool = Fa
         lease.check()
     registered = None
     if cfg.registry.uri:
-        registered = register_and_gate(cfg, plan, outputs["metrics"], use_gpu)
+        registered = register_and_gate(cfg, plan, outputs["metrics"], use_gpu, lineage)
+    mlflow_runs.finish_run(tracked, cfg, plan.output, history=outputs["history"], metrics=outputs["metrics"],
+                           scaling=outputs["scaling"])
     elapsed = time.time() - started
     summary = {
         "job": "train",
@@ -541,6 +593,8 @@ def run_training(cfg: Config, plan: TrainPlan, *, lease=None, own_ray: bool = Fa
         "mixed_precision": mixed,
         "xla": xla,
         "registry": registered,
+        "lineage": lineage,
+        "mlflow": tracked,
         "outputs": {name: st.join(plan.output, name) for name in outputs["files"]},
         "history": outputs["history"],
     }
@@ -551,7 +605,7 @@ def run_training(cfg: Config, plan: TrainPlan, *, lease=None, own_ray: bool = Fa
 
 
 def _fit(cfg: Config, plan: TrainPlan, workers: int, use_gpu: bool, mixed: bool, xla: bool, storage_path,
-         storage_fs):
+         storage_fs, tracked: Optional[dict] = None):
     """Ray Train's TensorflowTrainer over the worker group; its last checkpoint."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
@@ -570,6 +624,7 @@ def _fit(cfg: Config, plan: TrainPlan, workers: int, use_gpu: bool, mixed: bool,
             "output": plan.output,
             "mixed_precision": mixed,
             "xla": xla,
+            "tracking": tracked,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -658,7 +713,8 @@ def _list_names(uri: str, cfg: Config) -> list[str]:
         return []
 
 
-def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool) -> dict:
+def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool,
+                      lineage: Optional[dict] = None) -> dict:
     """Register the run as a new version, score it and the current production
     version now on the same validation shards, and promote it if the gate
     passes and production is still the version it was compared against."""
@@ -667,7 +723,8 @@ def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool
     from pipeline import registry as reg
 
     uri, name = cfg.registry.uri, cfg.registry.name
-    version = reg.register_run(uri, name, plan.output, cfg.storage, metrics=metrics, data=plan.data)
+    version = reg.register_run(uri, name, plan.output, cfg.storage, metrics=metrics, data=plan.data,
+                               lineage=lineage)
     task = ray.remote(evaluate_models).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
 
     def accuracies(folders: list[str]) -> list[float]:
@@ -677,6 +734,11 @@ def register_and_gate(cfg: Config, plan: TrainPlan, metrics: dict, use_gpu: bool
                        tolerance=cfg.registry.tolerance, min_val_accuracy=cfg.train.min_val_accuracy)
     log.info("registry: %s#%s version %s %s (%s)", uri, name, version["version"],
              "promoted" if outcome["promoted"] else "not promoted", outcome["reason"])
+    if outcome["promoted"]:
+        from pipeline.tracking.mlflow_runs import set_production_alias
+
+        outcome["mlflow_alias"] = set_production_alias(cfg, uri, name, version["version"],
+                                                       reg.version_uri(uri, name, version["version"]))
     return outcome
 
 
@@ -697,7 +759,6 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
     """Ray task: evaluate the final checkpoint in inference mode on the whole
     validation split and publish the run directory's artifacts."""
     import numpy as np
-    import tensorflow as tf
 
     from pipeline.data import input as inp
     from pipeline.training import model as mdl
@@ -743,7 +804,7 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
         _dump(os.path.join(out, "metrics.json"), metrics)
         reports.plot_training(history, os.path.join(out, "training.png"))
         reports.plot_confusion(metrics, os.path.join(out, "confusion.png"))
-        _write_tensorboard(history, os.path.join(out, "tensorboard"), tf)
+        # tensorboard/: written live by training rank 0 (pipeline.tracking.tensorboard).
         files = []
         for root, _, names in os.walk(out):
             for name in names:
@@ -775,23 +836,6 @@ def _dump(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-
-
-def _write_tensorboard(history: list[dict], logdir: str, tf) -> None:
-    """Scalars per epoch (both phases on one step axis), train and validation."""
-    writers = {name: tf.summary.create_file_writer(os.path.join(logdir, name)) for name in ("train", "validation")}
-    for step, entry in enumerate(history, start=1):
-        for metric in ("loss", "accuracy", "top_k_accuracy"):
-            for name, key in (("train", metric), ("validation", f"val_{metric}")):
-                if key in entry:
-                    with writers[name].as_default():
-                        tf.summary.scalar(f"epoch_{metric}", entry[key], step=step)
-        if entry.get("images_per_s"):
-            with writers["train"].as_default():
-                tf.summary.scalar("images_per_s", entry["images_per_s"], step=step)
-    for w in writers.values():
-        w.flush()
-        w.close()
 
 
 def check_quality_gate(cfg: Config, summary: dict) -> Optional[str]:

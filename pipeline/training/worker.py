@@ -219,10 +219,32 @@ def steps_per_execution(cfg: Config, gpus: int, steps: int) -> int:
     return max(1, min(int(setting), steps))
 
 
-def training_callbacks(streams: list, reporter, every: int = STREAM_CHECK_EVERY) -> list:
+def training_callbacks(streams: list, reporter, every: int = STREAM_CHECK_EVERY, board=None,
+                       epoch_offset: int = 0) -> list:
     """The callbacks of the worker's ``model.fit``: none of them makes
-    tf_keras turn a step's logs into numbers (a host sync per step)."""
-    return [StreamCheck(streams, every=every), reporter]
+    tf_keras turn a step's logs into numbers (a host sync per step); rank 0's
+    TensorBoard scalars (``board``) read them once every
+    ``train.tensorboard_every_steps`` steps."""
+    out = [StreamCheck(streams, every=every), reporter]
+    if board is not None:
+        out.append(board.callback(epoch_offset))
+    return out
+
+
+def epoch_trackers(config: dict, cfg: Config, rank: int, *, steps: int, global_batch: int, learning_rate) -> list:
+    """Rank 0's live tracking: TensorBoard scalars in RUN/tensorboard, and the
+    MLflow run's per-epoch metrics when the driver started one. Other ranks: none."""
+    if rank != 0:
+        return []
+    from pipeline.tracking.tensorboard import LiveBoard
+
+    trackers = [LiveBoard(config["output"], cfg.storage, every_steps=cfg.train.tensorboard_every_steps,
+                          steps_per_epoch=steps, global_batch=global_batch, learning_rate=learning_rate)]
+    if config.get("tracking"):
+        from pipeline.tracking.mlflow_runs import EpochLogger
+
+        trackers.append(EpochLogger(config["tracking"]))
+    return trackers
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -319,6 +341,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     phases = cfg.train.phases()
     top_k = min(cfg.train.top_k, len(manifest["classes"]))
+    trackers = epoch_trackers(config, cfg, rank, steps=steps, global_batch=global_batch,
+                              learning_rate=lambda: mdl.learning_rate_at(model.optimizer))
+    board = next((t for t in trackers if hasattr(t, "callback")), None)
     freeze_bn = mdl.bn_frozen(cfg.model)
 
     def enter_phase(index: int) -> int:
@@ -384,7 +409,7 @@ def train_loop_per_worker(config: dict) -> None:
                      cfg.data.batch_size, scaling["replicas"], scaling["phases"][name]["learning_rate"], steps)
         reporter = Reporter(name, index, phase.epochs, state, cfg, rank, model,
                             bad_records=lambda: find_bad_records(cache, refs, assign, cfg, config["output"], rank),
-                            best_weights=resumed_best if index == state.phase_index else None)
+                            best_weights=resumed_best if index == state.phase_index else None, trackers=trackers)
         resumed_best = None
         first_epoch = sum(p.epochs for _, p in phases[:index]) + state.epoch  # counted over both phases
         model.fit(
@@ -394,11 +419,14 @@ def train_loop_per_worker(config: dict) -> None:
             steps_per_epoch=steps,
             validation_data=val_ds,
             validation_steps=val_steps,
-            callbacks=training_callbacks(streams, reporter),
+            callbacks=training_callbacks(streams, reporter, board=board,
+                                         epoch_offset=sum(p.epochs for _, p in phases[:index])),
             verbose=0,
         )
         for stream in streams:  # the data may have run out because a shard could not be had
             stream.check()
+    if board is not None:
+        board.close()
     cache.close()
 
 
@@ -508,8 +536,10 @@ class Reporter(keras.callbacks.Callback):
     """Per-epoch line, early stopping whose counters survive a restart, the
     bad-record limit, and a checkpoint + ``ray.train.report`` after every epoch."""
 
-    def __init__(self, phase, phase_index, epochs, state, cfg, rank, model, bad_records, best_weights=None):
+    def __init__(self, phase, phase_index, epochs, state, cfg, rank, model, bad_records, best_weights=None,
+                 trackers=()):
         super().__init__()
+        self.trackers = list(trackers)  # rank 0's live TensorBoard and MLflow logging, after each checkpoint
         self.early = EarlyStop(cfg.train.early_stopping_patience, state, best_weights)
         self.phase, self.phase_index, self.epochs = phase, phase_index, epochs
         self.state, self.cfg, self.rank = state, cfg, rank
@@ -599,6 +629,11 @@ def _on_epoch_end(cb, epoch: int, logs: dict) -> None:
                 json.dump(asdict(state), f)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+    for tracker in cb.trackers:  # the epoch's scalars reach TensorBoard and MLflow as it ends
+        try:
+            tracker.epoch(len(state.history), entry)
+        except Exception as exc:  # noqa: BLE001 - tracking never fails training
+            log.warning("%s: epoch %d not written: %s", type(tracker).__name__, len(state.history), exc)
     maybe_fault(f"epoch-{len(state.history)}")
 
 
