@@ -47,7 +47,7 @@ def test_split_points_are_inside_the_range_and_increasing():
         return keys[i] if i < len(keys) else None
 
     points = listing.split_points(probe, "p/", keys[0], keys[999], None, sample=tuple(keys[:1000]))
-    assert 2 <= len(points) <= listing.SPLIT_PIECES - 1
+    assert 2 <= len(points) <= listing.SPLIT_PIECES
     assert all(a < b for a, b in zip([keys[999], *points], points)) and points[-1] < "p/\x7f"
     # Roughly balanced: no piece holds more than half of what remains.
     import bisect

@@ -148,7 +148,9 @@ def split_points(probe, prefix: str, first: str, last: str, end: Optional[str], 
     that page is extended 4x at a time, ``probe(after)`` (the first key after
     ``after``, or None) telling whether keys remain beyond, until none do, and
     the end is narrowed down by halving between the last two probes; that
-    stretch is cut into at most ``pieces`` equal spans. [] when fewer than
+    stretch is cut into at most ``pieces`` equal spans, and its end is a point
+    too (the range past it is empty: one request). A range with an ``end``
+    is cut without probes. [] when fewer than
     ``min_pages`` pages seem to remain. The points are strictly increasing and
     strictly between ``last`` and ``end``; correctness never depends on them
     (ranges always cover everything), only balance does."""
@@ -166,7 +168,7 @@ def split_points(probe, prefix: str, first: str, last: str, end: Optional[str], 
         return key is not None and (end is None or key <= end)
 
     reach, known, mult = top, x1, 4
-    for _ in range(probes):
+    for _ in range(probes if end is None else 0):  # a known end needs no probes
         p = x1 + span * mult
         if p >= top:
             break
@@ -177,7 +179,7 @@ def split_points(probe, prefix: str, first: str, last: str, end: Optional[str], 
         if more:
             known = p
         mult *= 4
-    for _ in range(min(6, probes)):  # narrow the end down between the last two probes
+    for _ in range(min(6, probes) if end is None and reach < top else 0):  # narrow the end down
         mid = (known + reach) // 2
         more = beyond(mid) if known < mid < reach else None
         if more is None:
@@ -188,8 +190,11 @@ def split_points(probe, prefix: str, first: str, last: str, end: Optional[str], 
         return []
     n = int(min(pieces, pages))
     points: list[str] = []
-    for i in range(1, n):
-        point = prefix + space.key(x1 + (reach - x1) * i // n)
+    cuts = [x1 + (reach - x1) * i // n for i in range(1, n)]
+    if end is None and reach < top:
+        cuts.append(reach)  # the probes found no key after it: the open range past it is empty
+    for cut in cuts:
+        point = prefix + space.key(cut)
         if point > (points[-1] if points else last) and (end is None or point < end):
             points.append(point)
     return points
