@@ -50,11 +50,14 @@ def make_images(root: str, per_class: int = 8, storage: StorageConfig | None = N
 
 
 def expected_parts(src: Path, rows_per_file: int) -> int:
-    """Parts of a listed folder tree: each folder's images in parts of at most rows_per_file."""
+    """Parts of a listed folder tree: each folder's images in full parts of
+    rows_per_file, the last few of every folder packed together into parts of
+    rows_per_file."""
     per_folder: dict = {}
     for path in src.rglob("*.*"):
         per_folder[path.parent] = per_folder.get(path.parent, 0) + 1
-    return sum(-(-n // rows_per_file) for n in per_folder.values())
+    rest = sum(n % rows_per_file for n in per_folder.values())
+    return sum(n // rows_per_file for n in per_folder.values()) + -(-rest // rows_per_file)
 
 
 def check_scores(table: pa.Table, model: str, uris: list[str], top_k: int) -> dict:
@@ -135,18 +138,22 @@ def test_planned_parts_cover_every_image_once_and_are_stable(ray_session, tiny_m
     assert plan.ignored == 2 and plan.listing_tasks == 4 and not plan.plan_reused  # src, a, a/deep, b
     assert [p.index for p in plan.parts] == list(range(5))
 
-    # Another output: the same parts, the same names.
+    # Another output: the same parts (numbered in the order listing produced them).
     again, parts_again = planned(tiny_model, src, str(tmp_path / "out2"), "score.rows_per_file=1")
-    assert parts_again == parts
+    assert sorted(parts_again.values()) == sorted(parts.values())
+    assert {p.digest for p in again.parts} == {p.digest for p in plan.parts}
     # The same output: the plan is reused, nothing is listed.
     (tmp_path / "src" / "late.jpg").write_bytes(fx.rgb_jpeg())
     reused, parts_reused = planned(tiny_model, src, str(tmp_path / "out"), "score.rows_per_file=1")
     assert reused.plan_reused and reused.listing_tasks == 0 and parts_reused == parts
-    # Two per part: a part never spans two folders.
+    # Two per part: full parts of one folder (a/deep; late.jpg with top.jpg), the
+    # last few files of folders packed together (a/one.JPG with b/three.WebP).
     _, pairs = planned(tiny_model, src, str(tmp_path / "out3"), "score.rows_per_file=2")
-    assert sorted(len(u) for u in pairs.values()) == [1, 1, 2, 2]  # a, b; a/deep, and late.jpg with top.jpg
+    assert sorted(len(u) for u in pairs.values()) == [2, 2, 2]
     assert sum(len(u) for u in pairs.values()) == 6
-    assert all(len({os.path.dirname(u) for u in us}) == 1 for us in pairs.values())
+    assert sorted(u for us in pairs.values() for u in us if len({os.path.dirname(x) for x in us}) > 1) == [
+        os.path.join(src, "a/one.JPG"), os.path.join(src, "b/three.WebP")]
+    assert all(us == sorted(us) for us in pairs.values())
 
 
 @pytest.mark.slow

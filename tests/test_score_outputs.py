@@ -209,18 +209,18 @@ def test_other_rows_per_file_never_shows_an_image_twice(ray_session, tiny_model,
     uris = image_uris(src)
     argv = ["--model", tiny_model, "--images", str(src), "--output", str(out), "--batch-size", "4"]
     assert run(score_job.main, argv + ["--rows-per-file", "10"]) == 0
-    assert len(rows_by_file(out)) == 3
+    assert len(rows_by_file(out)) == 2  # 3 folders of 4, packed
 
     def most_rows_of_one_image() -> int:
         return max(Counter(u for us in rows_by_file(out).values() for u in us).values())
 
     seen = watch_parts(monkeypatch, most_rows_of_one_image)
     assert run(score_job.main, argv + ["--rows-per-file", "3"]) == 0
-    assert len(seen) == 6 and max(seen) == 1, seen
+    assert len(seen) == 4 and max(seen) == 1, seen  # 3 of one folder each, the last 3 packed
     files = rows_by_file(out)
-    assert len(files) == 6 and sorted(u for us in files.values() for u in us) == uris
+    assert len(files) == 4 and sorted(u for us in files.values() for u in us) == uris
     summary = json.loads((out / SUMMARY_NAME).read_text())
-    assert summary["stale_files_removed"] == 3 and summary["files_written"] == 6
+    assert summary["stale_files_removed"] == 2 and summary["files_written"] == 4
 
 
 @pytest.mark.slow
@@ -231,7 +231,7 @@ def test_success_marker_only_on_a_completed_output(ray_session, tiny_model, tmp_
     marker = out / SUCCESS_NAME
     assert run(score_job.main, argv) == 0
     done = json.loads(marker.read_text())
-    assert done["parts"] == 6 and done["images"] == 9 and done["model"] == tiny_model and done["completed"]
+    assert done["parts"] == 5 and done["images"] == 9 and done["model"] == tiny_model and done["completed"]
 
     # A run that fails: the marker goes before anything changes, and stays away.
     (src / "circle" / "zero.jpg").write_bytes(b"")

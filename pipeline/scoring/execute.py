@@ -347,8 +347,9 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
     if overwrite:
         start_writing()
     written: list[PartSpec] = []
+    timeline: dict = {}  # when listing ended and the first part was committed (time.time())
     try:
-        prepare_parts(cfg, plan, overwrite, start_writing)
+        prepare_parts(cfg, plan, overwrite, start_writing, stream=True)
         if lease is not None:
             lease.check()
 
@@ -356,13 +357,17 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
         kept = sum(p.rows for p in plan.parts if p.index in plan.committed)
         progress = Progress(len(plan.parts), plan.images, len(plan.committed), kept,
                             sum(plan.committed.values(), Counter()))
-        nothing = not writing and not todo and not plan.stale and plan.previous_complete is not None
+        nothing = (not writing and not todo and not plan.stale and plan.previous_complete is not None
+                   and plan.stream is None)
         if nothing:
             log.info("score: %s is complete, nothing to score (%d images in %d parts by %s)", plan.output,
                      plan.images, len(plan.parts), plan.model)
         else:
-            log.info("score: %d images in %d parts: %d parts already committed, %d to score", plan.images,
-                     len(plan.parts), len(plan.committed), len(todo))
+            if plan.stream is not None:
+                log.info("score: listing %s; parts are scored as they are listed", plan.source)
+            else:
+                log.info("score: %d images in %d parts: %d parts already committed, %d to score", plan.images,
+                         len(plan.parts), len(plan.committed), len(todo))
             start_writing()
             # Parts of another plan (other rows per file, a changed input) go
             # before any part of this one is published: never two rows for an image.
@@ -377,19 +382,24 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
                                             "plan_reused": plan.plan_reused}, storage)
 
             write_running()
-            if todo:
+            if todo or plan.stream is not None:
                 actors = start_predictors(cfg, plan, allow_unsafe)
                 try:
-                    written = _dispatch(cfg, plan, todo, actors, progress, lease, write_running)
+                    written = _dispatch(cfg, plan, todo, actors, progress, lease, write_running, timeline)
                 finally:
                     for actor in actors:
                         ray.kill(actor)
+            # Parts of a run stopped before its listing ended that this listing did not produce.
+            for name in plan.stale_after:
+                st.remove(st.join(plan.output, name), storage)
             maybe_fault("score-parts-committed")
             if lease is not None:
                 # Leftovers of this job's writers killed while publishing (local
                 # disks): nothing but the parts ends in .parquet.
                 remove_temp_files(plan.output, storage, [lease.job_id])
     except BaseException as exc:
+        if plan.stream is not None:
+            plan.stream.stop()
         if writing:
             # A reader can tell a failed output from a running one.
             try:
@@ -424,6 +434,8 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
         "listing_tasks": plan.listing_tasks,
         "plan_reused": plan.plan_reused,
         "nothing_to_score": nothing,
+        "listing_ended_s": round(timeline["listed"] - started, 2) if "listed" in timeline else None,
+        "first_part_committed_s": round(timeline["first_commit"] - started, 2) if "first_commit" in timeline else None,
         "elapsed_s": round(elapsed, 2),
         "images_per_s": round(scored_now / elapsed, 1) if scored_now and elapsed > 0 else None,
         "progress": progress.to_dict(),
@@ -450,7 +462,8 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
 
 
 def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, progress: Progress,
-              lease: Optional[OutputLease], report) -> list[PartSpec]:
+              lease: Optional[OutputLease], report, timeline: Optional[dict] = None) -> list[PartSpec]:
+    """Score ``todo``, and the parts of ``plan.stream`` as listing produces them."""
     import ray
 
     sc = cfg.score
@@ -468,22 +481,38 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
     task = ray.remote(score_part).options(num_cpus=0, max_retries=3)
     actors_ref = ray.put(actors)
     shared_ref, settings_ref = ray.put(shared), ray.put(settings)
-    queue = list(reversed(todo))
+    queue = deque(todo)
     running: dict = {}
     written: list[PartSpec] = []
+    timeline = {} if timeline is None else timeline
+    stream = plan.stream
     last_report = time.time()
     try:
-        while queue or running:
+        while queue or running or (stream is not None and not stream.done):
+            listing = stream is not None and not stream.done
+            if listing:
+                for spec in stream.poll(0.0 if queue or running else 0.5):
+                    _planned(progress, spec, plan.committed.get(spec.index))
+                    if spec.index not in plan.committed:
+                        queue.append(spec)
+                if stream.done:
+                    timeline["listed"] = time.time()
             while queue and len(running) < in_flight:
-                spec = queue.pop()
+                spec = queue.popleft()
                 running[task.remote(spec, shared_ref, cfg.storage, actors_ref, settings_ref)] = spec
-            done, _ = ray.wait(list(running), num_returns=1, timeout=min(5.0, sc.progress_every_s))
+            done = []
+            if running:
+                done, _ = ray.wait(list(running), num_returns=1,
+                                   timeout=0.2 if listing else min(5.0, sc.progress_every_s))
             for ref in done:
                 spec = running.pop(ref)
                 result = _result(ref)
                 written.append(spec)
+                timeline.setdefault("first_commit", time.time())
                 progress.part_done(result["rows"], result["errors"])
                 log.info("committed %s: %d rows, %d errors", spec.name, result["rows"], sum(result["errors"].values()))
+                if stream is not None and not stream.done:
+                    maybe_fault("score-part-committed-while-listing")
             if lease is not None:
                 lease.check()
             if time.time() - last_report >= sc.progress_every_s:
@@ -496,6 +525,17 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
         raise
     log.info(progress.line())
     return written
+
+
+def _planned(progress: Progress, spec: PartSpec, committed: Optional[Counter]) -> None:
+    """A part listed while scoring goes on: into the totals (and done, when
+    an earlier run committed it)."""
+    progress.parts_total += 1
+    progress.rows_total += spec.rows
+    if committed is not None:
+        progress.parts_done += 1
+        progress.rows_done += spec.rows
+        progress.errors.update(committed)
 
 
 def _result(ref) -> dict:

@@ -1,23 +1,28 @@
 """Finding the inputs: a prefix listed by Ray tasks in parallel, or URI lists
-read as a Ray Dataset; either way the URIs go straight into plan files
-(``pipeline.scoring.parts``), never through the driver.
+(and S3 Inventory manifests) read as a Ray Dataset; either way the URIs go
+into plan files (``pipeline.scoring.parts``) written by the tasks.
 
 Prefix: one task per folder level lists that level with the ``/`` delimiter
 (S3: ``ListObjectsV2`` pages, in key order; local disks: one ``scandir``),
-writes the image files it finds as plan files of at most ``rows_per_file``
-sorted URIs, and returns the sub-prefixes, which the driver hands to new tasks,
-at most ``score.list_concurrency`` at a time. A part therefore never spans two
-folders, and the same tree always gives the same parts. S3 keys and
-CommonPrefixes are used exactly as S3 returns them (``imgs//`` is a level of
-its own below ``imgs/``; nothing is stripped, collapsed, encoded or decoded),
-and a URI is ``s3://bucket/`` followed by the key.
+writes the image files it finds as plan files of ``rows_per_file`` sorted
+URIs, and returns the sub-prefixes, which the driver hands to new tasks, at
+most ``score.list_concurrency`` at a time. On S3 a task that finds more than
+a page sizes the rest of its level (``split_points``: ``StartAfter`` probes)
+and hands it back as key ranges, each listed by a task of its own, which may
+split again. The last files of a folder or range, fewer than
+``rows_per_file``, are packed by the driver with other folders' into parts of
+``rows_per_file``. Parts are yielded as they are made (``iter_prefix``). S3
+keys and CommonPrefixes are used exactly as S3 returns them (``imgs//`` is a
+level of its own below ``imgs/``; nothing is stripped, collapsed, encoded or
+decoded), and a URI is ``s3://bucket/`` followed by the key.
 
 Lists: ``.txt`` (one entry per line, ``#`` comments), ``.csv`` with a ``uri``
 column, ``.parquet`` with a ``uri`` column or ``bucket`` and ``key`` columns
-(an S3 Inventory data file; its ``size`` column is used when present). Every
-entry is checked (``pipeline.scoring.entries``) and hashed to one of
-``ceil(entries / rows_per_file)`` parts, so a URI listed twice, anywhere, is
-scored once.
+(an S3 Inventory data file; its ``size`` column is used when present), an S3
+Inventory ``manifest.json`` (its CSV or Parquet data files read by one task
+each). Every entry is checked (``pipeline.scoring.entries``) and hashed to one
+of ``ceil(entries / rows_per_file)`` parts, so a URI listed twice, anywhere,
+is scored once.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import zlib
 from collections import deque
 from typing import Iterator, Optional
@@ -41,7 +47,7 @@ from pipeline.scoring.parts import write_plan_chunk
 
 log = logging.getLogger(__name__)
 
-LIST_SUFFIXES = (".txt", ".csv", ".parquet")
+LIST_SUFFIXES = (".txt", ".csv", ".parquet", "manifest.json")
 HEAD_ENTRIES = 10_000  # entries of each list the driver checks before Ray starts
 
 
@@ -98,17 +104,182 @@ def _iter_s3_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
         yield "dir", d, 0
 
 
-def list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, rows_per_file: int) -> dict:
-    """One listing task: the image files directly under ``prefix`` into plan
-    files; returns {"prefixes": sub-prefixes, "parts": descriptors, "files":
-    images found, "ignored": other files}. An S3 ``prefix`` is taken exactly
-    as written: one that ends in ``/`` is that level (see ``_iter_s3_level``)."""
+PAGE_KEYS = 1000  # keys per ListObjectsV2 request
+SPLIT_PIECES = 8  # key ranges a listing task hands out when it splits
+SPLIT_MIN_PAGES = 4  # a task splits when at least this many pages seem to remain
+SPLIT_PROBES = 24  # StartAfter probes a task spends sizing what remains
+_DIGITS = 24  # characters of a key that split points look at
+
+
+class _KeySpace:
+    """Keys (after their level's prefix) as numbers, in key order: each
+    character by its rank in an alphabet of the characters seen (one that was
+    not seen counts as the nearest lower one), so that keys such as
+    ``img-000123.jpg`` spread over a range as evenly as their digits do.
+    Monotone, not one-to-one: split points are checked against the keys."""
+
+    def __init__(self, sample: list[str]):
+        self.alphabet = sorted({c for k in sample for c in k[:_DIGITS]} | {" "})
+        self.base = len(self.alphabet)
+        self.top = self.base**_DIGITS - 1
+
+    def number(self, suffix: str) -> int:
+        import bisect
+
+        n = 0
+        for i in range(_DIGITS):
+            rank = max(bisect.bisect_right(self.alphabet, suffix[i]) - 1, 0) if i < len(suffix) else 0
+            n = n * self.base + rank
+        return n
+
+    def key(self, n: int) -> str:
+        chars = []
+        for _ in range(_DIGITS):
+            n, d = divmod(n, self.base)
+            chars.append(self.alphabet[d])
+        return "".join(reversed(chars)).rstrip(" ")
+
+
+def split_points(probe, prefix: str, first: str, last: str, end: Optional[str], *, pieces: int = SPLIT_PIECES,
+                 min_pages: int = SPLIT_MIN_PAGES, probes: int = SPLIT_PROBES, sample: tuple = ()) -> list[str]:
+    """Where to split the keys after ``last`` (up to ``end``, inclusive; None:
+    the end of the level) into key ranges of about equal numbers of keys,
+    judged from a page that went from ``first`` to ``last``: the key span of
+    that page is extended 4x at a time, ``probe(after)`` (the first key after
+    ``after``, or None) telling whether keys remain beyond, until none do, and
+    the end is narrowed down by halving between the last two probes; that
+    stretch is cut into at most ``pieces`` equal spans, and its end is a point
+    too (the range past it is empty: one request). A range with an ``end``
+    is cut without probes. [] when fewer than
+    ``min_pages`` pages seem to remain. The points are strictly increasing and
+    strictly between ``last`` and ``end``; correctness never depends on them
+    (ranges always cover everything), only balance does."""
+    space = _KeySpace([k[len(prefix):] for k in (first, last, *sample, *([end] if end else []))])
+    x0, x1 = space.number(first[len(prefix):]), space.number(last[len(prefix):])
+    top = space.number(end[len(prefix):]) if end is not None else space.top
+    span = max(x1 - x0, 1)
+
+    def beyond(n: int) -> Optional[bool]:
+        """Keys of the range after the point n (None: not a point after ``last``)."""
+        after = prefix + space.key(n)
+        if after <= last:
+            return None
+        key = probe(after)
+        return key is not None and (end is None or key <= end)
+
+    reach, known, mult = top, x1, 4
+    for _ in range(probes if end is None else 0):  # a known end needs no probes
+        p = x1 + span * mult
+        if p >= top:
+            break
+        more = beyond(p)
+        if more is False:
+            reach = p
+            break
+        if more:
+            known = p
+        mult *= 4
+    for _ in range(min(6, probes) if end is None and reach < top else 0):  # narrow the end down
+        mid = (known + reach) // 2
+        more = beyond(mid) if known < mid < reach else None
+        if more is None:
+            break
+        known, reach = (mid, reach) if more else (known, mid)
+    pages = (reach - x1) // span
+    if pages < min_pages:
+        return []
+    n = int(min(pieces, pages))
+    points: list[str] = []
+    cuts = [x1 + (reach - x1) * i // n for i in range(1, n)]
+    if end is None and reach < top:
+        cuts.append(reach)  # the probes found no key after it: the open range past it is empty
+    for cut in cuts:
+        point = prefix + space.key(cut)
+        if point > (points[-1] if points else last) and (end is None or point < end):
+            points.append(point)
+    return points
+
+
+def _iter_s3_range(fs, path: str, start_after: Optional[str], end: Optional[str], split: Optional[dict],
+                   handed: list) -> Iterator[tuple[str, str, int]]:
+    """Like ``_iter_s3_level`` for the keys of the level in (``start_after``,
+    ``end``] (None: from the start, to the end). With ``split`` (keyword
+    arguments of ``split_points``), after its first full page the task sizes
+    what remains and, when it is large, appends the ranges of the rest to
+    ``handed`` and stops: other tasks list them. A CommonPrefix belongs to the
+    range that holds its own string (S3 repeats one whose keys span ranges)."""
+    bucket, _, key = path.partition("/")
+    prefix = key if not key or key.endswith("/") else key + "/"
+    page_keys = (split or {}).get("page_keys", PAGE_KEYS)
+    token: Optional[str] = None
+    dirs: list[str] = []
+    first_page = True
+    while True:
+        kwargs = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": page_keys}
+        if token:
+            kwargs["ContinuationToken"] = token
+        elif start_after is not None:
+            kwargs["StartAfter"] = start_after
+        page = fs.call_s3("list_objects_v2", **kwargs)
+        contents = page.get("Contents", [])
+        common = [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        past_end = False
+        for obj in contents:
+            if end is not None and obj["Key"] > end:
+                past_end = True
+                break
+            if obj["Key"] != prefix:  # the folder marker of this level is not a file in it
+                yield "file", f"{bucket}/{obj['Key']}", int(obj.get("Size") or 0)
+        for p in common:
+            if end is not None and p > end:
+                past_end = True
+            elif (len(p) > len(prefix) and p.startswith(prefix)
+                  and (start_after is None or p > start_after)):
+                dirs.append(f"{bucket}/{p}")
+        token = page.get("NextContinuationToken")
+        if past_end or not page.get("IsTruncated") or not token:
+            break
+        seen = [o["Key"] for o in contents] + common
+        if first_page and split and seen:
+            def probe(after: str) -> Optional[str]:
+                got = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, StartAfter=after, MaxKeys=1)
+                return next((o["Key"] for o in got.get("Contents", [])), None)
+
+            last = max(seen)
+            opts = {k: v for k, v in split.items() if k in ("pieces", "min_pages", "probes")}
+            points = split_points(probe, prefix, min(seen), last, end, sample=tuple(seen), **opts)
+            if points:
+                bounds = [last, *points, end]
+                handed.extend((bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1))
+                break
+        first_page = False
+    for d in dirs:
+        yield "dir", d, 0
+
+
+def list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, rows_per_file: int,
+               start_after: Optional[str] = None, end: Optional[str] = None, split: Optional[dict] = None,
+               loose_below: int = 0) -> dict:
+    """One listing task: the image files directly under ``prefix`` (on S3: in
+    the key range (``start_after``, ``end``]) into plan files of
+    ``rows_per_file`` sorted URIs; returns {"prefixes": sub-prefixes,
+    "ranges": [(start_after, end)] of this level for other tasks (``split``),
+    "parts": descriptors, "loose": [(uri, size)] of the last few files when
+    fewer than ``loose_below`` (the driver packs them with other folders'),
+    "files": images found, "ignored": other files, "range": (prefix, after,
+    end) this task listed, "took": (start, end) times}. An S3 ``prefix`` is taken exactly as written: one that ends in
+    ``/`` is that level (see ``_iter_s3_level``)."""
+    started = time.time()
     fs, path = st.get_fs_exact(prefix, storage)
-    prefixes, parts = [], []
+    prefixes, parts, handed = [], [], []
     uris: list[str] = []
     sizes: list[int] = []
     images = ignored = 0
-    for kind, name, size in iter_level(fs, path):
+    if st.protocol(fs.unstrip_protocol(path)) in ("s3", "s3a"):
+        entries = _iter_s3_range(fs, path, start_after, end, split, handed)
+    else:
+        entries = iter_level(fs, path)
+    for kind, name, size in entries:
         if kind == "dir":
             prefixes.append(st.full_uri(fs, name, like=like))
             continue
@@ -124,35 +295,83 @@ def list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, ro
         if len(uris) == rows_per_file:
             parts.append(write_plan_chunk(plan_dir, uris, sizes, storage))
             uris, sizes = [], []
-    if uris:
+    loose: list = []
+    if uris and len(uris) < loose_below:
+        loose = list(zip(uris, sizes))
+    elif uris:
         parts.append(write_plan_chunk(plan_dir, uris, sizes, storage))
-    return {"prefixes": prefixes, "parts": parts, "files": images, "ignored": ignored}
+    return {"prefixes": prefixes, "ranges": handed, "parts": parts, "loose": loose, "files": images,
+            "ignored": ignored, "range": (prefix, start_after, handed[0][0] if handed else end),
+            "took": (started, time.time())}
 
 
-def list_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file: int,
-                concurrency: int) -> tuple[list[dict], int, int]:
+def iter_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file: int, concurrency: int,
+                stats: dict, *, split: bool = True, pack: bool = True, stop=None) -> Iterator[dict]:
     """List ``root`` recursively with Ray tasks, at most ``concurrency`` at a
-    time. Returns (part descriptors, files ignored, listing tasks run)."""
+    time, yielding part descriptors (index -1) as the tasks produce them. A
+    task hands back the sub-prefixes of its level and, on S3, the key ranges
+    of a large level it split (``split``); each becomes a task. The last files
+    of a folder, fewer than ``rows_per_file``, are packed with those of other
+    folders into parts of ``rows_per_file`` (``pack``; the driver holds at
+    most one part's URIs). ``stats`` gets "ignored", "tasks" and "files";
+    "record" (a list), if present, one entry per task (range, start, end).
+    ``stop()`` true: cancel and return."""
     import ray
 
     task = ray.remote(num_cpus=0.5, max_retries=3)(list_level)
-    todo: deque[str] = deque([root_level(root)])
+    split_opts = {"page_keys": PAGE_KEYS, "pieces": SPLIT_PIECES, "min_pages": SPLIT_MIN_PAGES,
+                  "probes": SPLIT_PROBES} if split else None
+    todo: deque[tuple] = deque([(root_level(root), None, None)])
     running: dict = {}
-    parts: list[dict] = []
-    ignored = tasks = 0
-    while todo or running:
-        while todo and len(running) < concurrency:
-            prefix = todo.popleft()
-            running[task.remote(prefix, root, storage, plan_dir, rows_per_file)] = prefix
-            tasks += 1
-        done, _ = ray.wait(list(running), num_returns=1)
-        for ref in done:
-            del running[ref]
-            result = ray.get(ref)
-            todo.extend(result["prefixes"])
-            parts.extend(result["parts"])
-            ignored += result["ignored"]
-    return parts, ignored, tasks
+    packed: list = []
+    stats.setdefault("ignored", 0)
+    stats.setdefault("tasks", 0)
+    stats.setdefault("files", 0)
+    loose_below = rows_per_file if pack else 0
+    try:
+        while todo or running:
+            while todo and len(running) < concurrency:
+                prefix, after, end = todo.popleft()
+                running[task.remote(prefix, root, storage, plan_dir, rows_per_file, after, end, split_opts,
+                                    loose_below)] = prefix
+                stats["tasks"] += 1
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            if stop is not None and stop():
+                return
+            for ref in done:
+                prefix = running.pop(ref)
+                result = ray.get(ref)
+                todo.extend((prefix, a, b) for a, b in result["ranges"])
+                todo.extend((p, None, None) for p in result["prefixes"])
+                stats["ignored"] += result["ignored"]
+                stats["files"] += result["files"]
+                if "record" in stats:
+                    stats["record"].append({"range": result["range"], "took": result["took"],
+                                            "handed": len(result["ranges"])})
+                yield from result["parts"]
+                packed.extend(result["loose"])
+                while len(packed) >= rows_per_file:
+                    yield _pack(packed[:rows_per_file], plan_dir, storage)
+                    del packed[:rows_per_file]
+        if packed:
+            yield _pack(packed, plan_dir, storage)
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+
+
+def _pack(entries: list, plan_dir: str, storage: StorageConfig) -> dict:
+    entries = sorted(entries)
+    return write_plan_chunk(plan_dir, [u for u, _ in entries], [s for _, s in entries], storage)
+
+
+def list_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file: int,
+                concurrency: int, **kwargs) -> tuple[list[dict], int, int]:
+    """All of ``iter_prefix`` at once: (part descriptors, files ignored,
+    listing tasks run)."""
+    stats: dict = {}
+    parts = list(iter_prefix(root, storage, plan_dir, rows_per_file, concurrency, stats, **kwargs))
+    return parts, stats["ignored"], stats["tasks"]
 
 
 def root_level(root: str) -> str:
@@ -185,7 +404,80 @@ def first_level(root: str, storage: StorageConfig) -> tuple[bool, bool]:
 
 
 def list_kind(uri: str) -> str:
+    if uri.lower().endswith("manifest.json"):
+        return "manifest"
     return uri.lower().rsplit(".", 1)[-1]
+
+
+# ---------------------------------------------------------------- S3 Inventory
+
+
+def read_manifest(uri: str, storage: StorageConfig) -> dict:
+    """An S3 Inventory ``manifest.json``, checked: {"bucket": sourceBucket,
+    "format": "CSV" | "Parquet", "schema": [column names], "files": [URIs of
+    its data files, in the manifest's own bucket]}. UsageError otherwise."""
+    import json
+
+    bucket_key = st.s3_bucket_key(uri)
+    try:
+        manifest = json.loads(st.read_bytes(uri, storage))
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read the S3 Inventory manifest {uri}: {st.describe_error(exc)}") from None
+    if bucket_key is None:
+        raise UsageError(f"{uri}: an S3 Inventory manifest is read from its S3 bucket (s3://...)")
+    fmt = str(manifest.get("fileFormat", "")) if isinstance(manifest, dict) else ""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    schema = [c.strip() for c in str(manifest.get("fileSchema", "")).split(",") if c.strip()] \
+        if isinstance(manifest, dict) else []
+    if fmt.lower() not in ("csv", "parquet") or not isinstance(files, list) or not files \
+            or not all(isinstance(f, dict) and f.get("key") for f in files) or not manifest.get("sourceBucket"):
+        raise UsageError(f"{uri} is not an S3 Inventory manifest of CSV or Parquet files (it needs sourceBucket, "
+                         "fileFormat CSV or Parquet, fileSchema and files with keys)")
+    if fmt.lower() == "csv" and "Key" not in schema:
+        raise UsageError(f"{uri}: fileSchema {manifest.get('fileSchema')!r} has no Key column")
+    home = bucket_key[0]
+    return {"bucket": str(manifest["sourceBucket"]), "format": fmt.lower(), "schema": schema,
+            "files": [f"s3://{home}/{f['key']}" for f in files]}
+
+
+def read_inventory_file(uri: str, fmt: str, schema: list, source_bucket: str, storage: StorageConfig) -> pa.Table:
+    """One data file of an S3 Inventory: {bucket, key, size} of its image
+    keys. CSV files are gzip-compressed, without a header, their columns those
+    of ``schema`` and their keys URL-encoded (decoded here); Parquet files
+    have lower-case columns and plain keys."""
+    import gzip
+    import io
+    from urllib.parse import unquote_plus
+
+    from pyarrow import csv
+
+    data = st.read_bytes(uri, storage)
+    if fmt == "csv":
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        names = [c for c in schema]
+        table = csv.read_csv(io.BytesIO(data), read_options=csv.ReadOptions(column_names=names),
+                             convert_options=csv.ConvertOptions(column_types={n: pa.string() for n in names}))
+        keys = [unquote_plus(k) if k else "" for k in table.column("Key").to_pylist()]
+        buckets = table.column("Bucket").to_pylist() if "Bucket" in names else [source_bucket] * len(keys)
+        sizes = table.column("Size").to_pylist() if "Size" in names else [None] * len(keys)
+    else:
+        table = pq.read_table(io.BytesIO(data))
+        names = table.column_names
+        keys = table.column("key").to_pylist()
+        buckets = table.column("bucket").to_pylist() if "bucket" in names else [source_bucket] * len(keys)
+        sizes = table.column("size").to_pylist() if "size" in names else [None] * len(keys)
+    rows = [(b or source_bucket, k, -1 if s in (None, "") else int(s)) for b, k, s in zip(buckets, keys, sizes)
+            if k and not k.endswith("/") and has_image_extension(k.rsplit("/", 1)[-1])]
+    return pa.table({"bucket": pa.array([r[0] for r in rows], pa.string()),
+                     "key": pa.array([r[1] for r in rows], pa.string()),
+                     "size": pa.array([r[2] for r in rows], pa.int64())})
+
+
+def _read_inventory_batch(batch: pa.Table, *, fmt: str, schema: list, source_bucket: str,
+                          storage: StorageConfig) -> pa.Table:
+    tables = [read_inventory_file(u, fmt, schema, source_bucket, storage) for u in batch.column("file").to_pylist()]
+    return pa.concat_tables(tables)
 
 
 def _columns(names: list[str]) -> Optional[list[str]]:
@@ -214,6 +506,11 @@ def check_list_head(uri: str, storage: StorageConfig, allowed: frozenset[str]) -
     """Before Ray starts: the list is readable, has the columns it needs, names
     at least one image in its first entries, and those entries are allowed."""
     kind = list_kind(uri)
+    if kind == "manifest":
+        read_manifest(uri, storage)
+        if "s3" not in allowed:
+            raise UsageError(f"{uri}: an S3 Inventory names s3:// objects, which are not allowed here")
+        return
     try:
         fs, path = st.get_fs(uri, storage)
         if kind == "parquet":
@@ -299,7 +596,7 @@ def _write_bucket(table: pa.Table, *, plan_dir: str, storage: StorageConfig) -> 
     if bucket == REJECTED:
         reasons = table.column("rejected").to_pylist()
         return pa.Table.from_pylist([{"index": REJECTED, "rows": len(reasons), "digest": "", "plan_file": "",
-                                      "first": "", "rejected": min(reasons)}])
+                                      "first": "", "uris_hash": "", "rejected": min(reasons)}])
     sizes: dict[str, int] = {}
     for uri, size in zip(table.column("uri").to_pylist(), table.column("size").to_pylist()):
         sizes[uri] = max(size, sizes.get(uri, -1))
@@ -316,10 +613,19 @@ def read_list(uri: str, storage: StorageConfig, allowed: frozenset[str], plan_di
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, path = st.get_fs(uri, storage)
-    filesystem = PyFileSystem(FSSpecHandler(fs))
     kind = list_kind(uri)
     rows = None
+    if kind == "manifest":
+        manifest = read_manifest(uri, storage)
+        # One task per data file, reading it whole; the entries are counted to size the parts.
+        ds = ray.data.from_items([{"file": f} for f in manifest["files"]], override_num_blocks=len(manifest["files"]))
+        ds = ds.map_batches(_read_inventory_batch, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"fmt": manifest["format"], "schema": manifest["schema"],
+                                       "source_bucket": manifest["bucket"], "storage": storage}).materialize()
+        rows = ds.count()
+        return _hash_into_parts(ds, rows, uri, storage, allowed, plan_dir, rows_per_file)
+    fs, path = st.get_fs(uri, storage)
+    filesystem = PyFileSystem(FSSpecHandler(fs))
     if kind == "parquet":
         with fs.open(path, "rb") as f:  # the footer only
             meta = pq.ParquetFile(f)
@@ -335,6 +641,16 @@ def read_list(uri: str, storage: StorageConfig, allowed: frozenset[str], plan_di
         ds = ray.data.read_text(path, filesystem=filesystem, encoding="utf-8", drop_empty_lines=True)
     if rows is None:
         rows = count_lines(fs, path) - (1 if kind == "csv" else 0)
+    return _hash_into_parts(ds, rows, uri, storage, allowed, plan_dir, rows_per_file)
+
+
+def _hash_into_parts(ds, rows: int, uri: str, storage: StorageConfig, allowed: frozenset[str], plan_dir: str,
+                     rows_per_file: int) -> list[dict]:
+    """Entries of a list's rows, checked and hashed into about ``rows /
+    rows_per_file`` parts by Ray Data tasks, each part's sorted URIs written
+    as its plan file."""
+    import ray
+
     buckets = max(1, math.ceil(rows / rows_per_file))
     ds = ds.map_batches(_normalize, batch_format="pyarrow", zero_copy_batch=True,
                         fn_kwargs={"base": _list_base(uri, storage), "allowed": allowed, "where": uri, "buckets": buckets})
@@ -377,5 +693,6 @@ def is_list(uri: str, storage: StorageConfig) -> bool:
         raise UsageError(f"cannot read {uri}: {st.describe_error(exc)}") from None
     if is_file and not uri.lower().endswith(LIST_SUFFIXES):
         raise UsageError(f"--images {uri} is a file: give a folder/prefix of images or a list of URIs "
-                         "(.txt, .csv with a 'uri' column, or .parquet with 'uri' or 'bucket' and 'key' columns)")
+                         "(.txt, .csv with a 'uri' column, .parquet with 'uri' or 'bucket' and 'key' columns, "
+                         "or an S3 Inventory manifest.json)")
     return is_file

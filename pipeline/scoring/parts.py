@@ -34,6 +34,15 @@ def digest(uris: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(uris).encode("utf-8")).hexdigest()
 
 
+SET_MOD = 2**64
+
+
+def set_hash(uris: Sequence[str]) -> int:
+    """Of a set of distinct URIs, whatever their order or grouping into parts:
+    the sum of the parts' ``set_hash`` is that of all their URIs."""
+    return sum(int.from_bytes(hashlib.sha1(u.encode("utf-8")).digest()[:8], "big") for u in uris) % SET_MOD
+
+
 @dataclass(frozen=True)
 class PartSpec:
     """One part: ``rows`` sorted URIs in the plan file ``plan_file``."""
@@ -42,7 +51,8 @@ class PartSpec:
     rows: int
     digest: str  # of the part's sorted URIs
     plan_file: str  # name under _plan/
-    first: str = ""  # its first URI (orders the parts of a listed prefix)
+    first: str = ""  # its first URI
+    uris_hash: str = ""  # set_hash of its URIs (hex): compares listings whose part boundaries differ
 
     @property
     def name(self) -> str:
@@ -69,7 +79,7 @@ def write_plan_chunk(plan_dir: str, uris: Sequence[str], sizes: Sequence[int], s
         pq.write_table(table, local)
         st.publish_file(local, st.join(plan_dir, f"{d[:16]}{PLAN_CHUNK_SUFFIX}"), storage)
     return {"index": index, "rows": len(uris), "digest": d, "plan_file": f"{d[:16]}{PLAN_CHUNK_SUFFIX}",
-            "first": uris[0] if uris else ""}
+            "first": uris[0] if uris else "", "uris_hash": f"{set_hash(uris):016x}"}
 
 
 def read_plan_chunk(plan_dir: str, spec: PartSpec, storage: StorageConfig) -> pa.Table:

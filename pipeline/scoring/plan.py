@@ -11,7 +11,10 @@ reuses ``OUTPUT/_plan/plan.json`` when an earlier run with the same images,
 rows per file and allowed protocols wrote one: as it is when that run did not
 finish (resume), and after checking the input when it did (``_SUCCESS``): a
 list by its ETag or content hash and size (checked in ``plan_score``, before
-Ray), a prefix by listing it again and comparing part digests. A changed input
+Ray), a prefix by listing it again and comparing its set of URIs (count and an
+order-free hash: parts may be packed differently). Without a plan to reuse, a
+prefix's parts are handed to scoring as listing produces them (``PartStream``)
+and plan.json is written when listing ends. A changed input
 is refused (UsageError) unless ``--overwrite``. ``plan.json`` records what it
 was built from (``input``). The driver holds one small descriptor per part,
 whatever the number of images. It then finds the parts already committed by
@@ -25,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +44,7 @@ from pipeline.scoring import listing
 from pipeline.scoring.commit import (SUCCESS_NAME, SUMMARY_NAME, NotKept, committed_errors, listdir,
                                      short_digest)
 from pipeline.scoring.entries import EntryRejected, allowed_protocols
-from pipeline.scoring.parts import PART_NAME, PLAN_DIR, PLAN_FILE, PartSpec, read_plan_chunk
+from pipeline.scoring.parts import PART_NAME, PLAN_DIR, PLAN_FILE, SET_MOD, PartSpec, read_plan_chunk
 
 log = logging.getLogger(__name__)
 PLAN_VERSION = 2  # 2: plan.json records its input
@@ -66,6 +71,8 @@ class ScorePlan:
     plan_reused: bool = False
     committed: dict[int, Counter] = field(default_factory=dict)  # part index -> error reasons
     stale: list[str] = field(default_factory=list)  # our parts this plan does not produce
+    stale_after: list[str] = field(default_factory=list)  # known once listing ends (removed then)
+    stream: Optional["PartStream"] = None  # parts still being listed (prepare_parts(stream=True))
     rescored: dict[str, list] = field(default_factory=dict)  # why parts present are scored again -> names
     # Filled by plan_score:
     model_fingerprint: str = ""  # changes when the model file's bytes do
@@ -259,13 +266,14 @@ def plan_key(plan: ScorePlan) -> dict:
 
 
 def prepare_parts(cfg: Config, plan: ScorePlan, overwrite: bool = False,
-                  start_writing: Optional[Callable[[], None]] = None) -> None:
+                  start_writing: Optional[Callable[[], None]] = None, stream: bool = False) -> None:
     """Fill ``plan.parts`` (from ``_plan/`` or by listing), ``committed``,
     ``rescored`` and ``stale``. ``start_writing`` is called before the plan
     in the output changes (a new plan.json); a changed input of a completed
-    output raises UsageError before anything is written."""
+    output raises UsageError before anything is written. ``stream``: a prefix
+    to list is not waited for: ``plan.stream`` hands out its parts as listing
+    produces them (``PartStream``) and writes plan.json when listing ends."""
     storage = cfg.storage
-    plan_uri = st.join(plan.plan_dir, PLAN_FILE)
     saved = plan.saved if not overwrite else None
     if saved is not None and saved.get("key") == plan_key(plan):
         plan.parts = [PartSpec(**p) for p in saved["parts"]]
@@ -283,17 +291,149 @@ def prepare_parts(cfg: Config, plan: ScorePlan, overwrite: bool = False,
                                if saved.get("key", {}).get(k) != v) or "an older plan format")
         if start_writing is not None:
             start_writing()
-        _build(cfg, plan)
-        st.write_json(plan_uri, {"key": plan_key(plan), "made": _now(), "input": plan.input, "images": plan.images,
-                                 "ignored": plan.ignored, "listing_tasks": plan.listing_tasks,
-                                 "parts": [p.to_dict() for p in plan.parts]}, storage)
-        wanted = {p.plan_file for p in plan.parts} | {PLAN_FILE}
-        for name in listdir(plan.plan_dir, storage):
-            if name not in wanted and not name.startswith(st.TMP_MARK):
-                st.remove(st.join(plan.plan_dir, name), storage)
+        if plan.is_list:
+            _build(cfg, plan)
+            _write_plan(plan, storage)
+        else:
+            parts = PartStream(cfg, plan, overwrite or saved is not None)
+            if stream:
+                plan.stream = parts
+                parts.start()
+                return
+            parts.start()
+            while not parts.done:
+                parts.poll(1.0)
     if not plan.parts:
         raise UsageError(no_images(plan.source) if not plan.is_list else f"{plan.source} lists no images")
     _find_committed(plan, storage, overwrite)
+
+
+def _write_plan(plan: ScorePlan, storage: StorageConfig) -> None:
+    """plan.json, then the plan files it does not name are removed."""
+    st.write_json(st.join(plan.plan_dir, PLAN_FILE),
+                  {"key": plan_key(plan), "made": _now(), "input": plan.input, "images": plan.images,
+                   "ignored": plan.ignored, "listing_tasks": plan.listing_tasks,
+                   "parts": [p.to_dict() for p in sorted(plan.parts, key=lambda p: p.index)]}, storage)
+    wanted = {p.plan_file for p in plan.parts} | {PLAN_FILE}
+    for name in listdir(plan.plan_dir, storage):
+        if name not in wanted and not name.startswith(st.TMP_MARK):
+            st.remove(st.join(plan.plan_dir, name), storage)
+
+
+def uris_hash(parts: list) -> str:
+    """The set hash of all URIs of these parts ("" when a part lacks one:
+    a plan from before parts recorded it)."""
+    if any(not p.uris_hash for p in parts):
+        return ""
+    return f"{sum(int(p.uris_hash, 16) for p in parts) % SET_MOD:016x}"
+
+
+class PartStream:
+    """The parts of a prefix, handed out as listing produces them (the
+    listing runs in a thread of the driver; ``poll`` numbers the parts in the
+    order they come, from 0). When listing ends, plan.json is written.
+
+    ``replace`` (``--overwrite``, or an earlier plan of other settings): our
+    parts already in the output are all removed before any part of this plan
+    is published (``plan.stale``). Otherwise part files found without a plan
+    (a run stopped before its listing ended) are kept where this listing
+    produces the same URIs again (the same digest, the part keeps its
+    number; the file's footer says it is complete and of this model); new
+    parts take numbers no such file has, and the files this listing does not
+    produce are removed once it ends (``plan.stale_after``)."""
+
+    def __init__(self, cfg: Config, plan: ScorePlan, replace: bool):
+        self.cfg, self.plan = cfg, plan
+        self.stats: dict = {}
+        self.done = False
+        self._items: queue.Queue = queue.Queue()
+        self._stop = False
+        self._listed_at = _now()
+        self._next = 0
+        names = sorted(n for n in listdir(plan.output, cfg.storage) if PART_NAME.match(n))
+        plan.parts, plan.committed, plan.stale = [], {}, (names if replace else [])
+        self._found: dict[str, list[str]] = {}
+        self._used: set[int] = set()
+        if not replace:
+            for name in names:
+                self._found.setdefault(name.rsplit("-", 1)[1][:8], []).append(name)
+                self._used.add(int(name.split("-")[1]))
+        self._kept: set[str] = set()
+        self._thread = threading.Thread(target=self._list, name="score-listing", daemon=True)
+
+    def start(self) -> None:
+        st.remove(st.join(self.plan.plan_dir, PLAN_FILE), self.cfg.storage)  # no plan until listing ends
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _list(self) -> None:
+        plan, sc = self.plan, self.cfg.score
+        try:
+            for d in listing.iter_prefix(plan.source, self.cfg.storage, plan.plan_dir, plan.rows_per_file,
+                                         sc.list_concurrency, self.stats, stop=lambda: self._stop):
+                self._items.put(d)
+        except BaseException as exc:  # noqa: BLE001 - raised again by poll
+            self._items.put(exc)
+        else:
+            self._items.put(None)
+
+    def poll(self, timeout: float = 0.0) -> list[PartSpec]:
+        """The parts listed since the last call (waiting up to ``timeout``
+        for the first); the listing's error, if it failed."""
+        new: list[PartSpec] = []
+        while not self.done:
+            try:
+                item = self._items.get(timeout=timeout) if (timeout > 0 and not new) else self._items.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, BaseException):
+                self.done = True
+                raise item
+            if item is None:
+                self._finish()
+                break
+            new.append(self._number(item))
+        return new
+
+    def _number(self, d: dict) -> PartSpec:
+        plan = self.plan
+        for name in self._found.get(d["digest"][:8], []):
+            spec = PartSpec(**{**d, "index": int(name.split("-")[1])})
+            if name in self._kept or spec.name != name:
+                continue
+            try:
+                errors = committed_errors(st.join(plan.output, name), self.cfg.storage, spec.rows, plan.writer,
+                                          spec.digest)
+            except NotKept as why:
+                plan.rescored.setdefault(why.kind, []).append((name, str(why)))
+                continue
+            self._kept.add(name)
+            plan.committed[spec.index] = errors
+            break
+        else:
+            while self._next in self._used:
+                self._next += 1
+            spec = PartSpec(**{**d, "index": self._next})
+            self._used.add(self._next)
+        plan.parts.append(spec)
+        return spec
+
+    def _finish(self) -> None:
+        plan = self.plan
+        self._thread.join()
+        plan.ignored, plan.listing_tasks = self.stats.get("ignored", 0), self.stats.get("tasks", 0)
+        plan.input = {"kind": "prefix", "uri": plan.source, "listed_at": self._listed_at, "images": plan.images,
+                      "parts": len(plan.parts), "ignored": plan.ignored, "uris_hash": uris_hash(plan.parts)}
+        self.done = True
+        log.info("score: planned %d images in %d parts (%d listing tasks)", plan.images, len(plan.parts),
+                 plan.listing_tasks)
+        if not plan.parts:
+            raise UsageError(no_images(plan.source))
+        _write_plan(plan, self.cfg.storage)
+        wanted = {p.name for p in plan.parts}
+        plan.stale_after = sorted(n for names in self._found.values() for n in names if n not in wanted)
 
 
 def _check_prefix_unchanged(cfg: Config, plan: ScorePlan) -> None:
@@ -305,7 +445,15 @@ def _check_prefix_unchanged(cfg: Config, plan: ScorePlan) -> None:
         plan.source, storage, plan.plan_dir, plan.rows_per_file, cfg.score.list_concurrency)
     old = {p.digest: p for p in plan.parts}
     new = {d["digest"]: PartSpec(**{**d, "index": -1}) for d in found}
-    if set(new) == set(old):
+    keep = {p.plan_file for p in plan.parts} | {PLAN_FILE}
+    # Part boundaries may differ between two listings (small folders are
+    # packed in the order their listings end): the same set of URIs is the same input.
+    same = set(new) == set(old) or (sum(p.rows for p in new.values()) == plan.images
+                                     and _uris_hash_of(plan, storage) == uris_hash(list(new.values())))
+    if same:
+        for p in new.values():
+            if p.plan_file not in keep:
+                st.remove(st.join(plan.plan_dir, p.plan_file), storage)
         log.info("score: listed %s again: the same %d images in %d parts as when %s was completed", plan.source,
                  plan.images, len(plan.parts), plan.output)
         return
@@ -321,13 +469,27 @@ def _check_prefix_unchanged(cfg: Config, plan: ScorePlan) -> None:
     else:
         how = (f"{len(came)} parts changed or new and {len(gone)} changed or gone, "
                f"about {max(now - plan.images, 0)} images added and {max(plan.images - now, 0)} removed")
-    keep = {p.plan_file for p in plan.parts} | {PLAN_FILE}
     for p in came:
         if p.plan_file not in keep:
             st.remove(st.join(plan.plan_dir, p.plan_file), storage)
     raise UsageError(f"{plan.source} changed since {plan.output} was completed ({plan.input.get('listed_at', '?')}): "
                      f"{now} images now, {plan.images} then: {how}. Pass --overwrite to score it as it is now, "
                      "or give a new --output")
+
+
+def _uris_hash_of(plan: ScorePlan, storage: StorageConfig) -> str:
+    """The set hash of the plan's URIs; read from its plan files when the
+    plan is older than parts that record it."""
+    recorded = uris_hash(plan.parts)
+    if recorded:
+        return recorded
+    from pipeline.scoring.parts import set_hash
+
+    def one(p: PartSpec) -> int:
+        return set_hash(read_plan_chunk(plan.plan_dir, p, storage).column("uri").to_pylist())
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return f"{sum(pool.map(one, plan.parts)) % SET_MOD:016x}"
 
 
 def _read_plan(uri: str, storage: StorageConfig) -> Optional[dict]:
@@ -339,26 +501,15 @@ def _read_plan(uri: str, storage: StorageConfig) -> Optional[dict]:
 
 
 def _build(cfg: Config, plan: ScorePlan) -> None:
-    sc = cfg.score
-    if plan.is_list:
-        try:
-            found = listing.read_list(plan.source, cfg.storage, plan.allowed, plan.plan_dir, plan.rows_per_file)
-        except EntryRejected as exc:
-            raise UsageError(str(exc)) from None
-        found.sort(key=lambda d: d["index"])
-        plan.listing_tasks = 0
-    else:
-        listed_at = _now()
-        found, plan.ignored, plan.listing_tasks = listing.list_prefix(
-            plan.source, cfg.storage, plan.plan_dir, plan.rows_per_file, sc.list_concurrency)
-        found.sort(key=lambda d: d["first"])
-        for i, d in enumerate(found):
-            d["index"] = i
-        plan.input = {"kind": "prefix", "uri": plan.source, "listed_at": listed_at,
-                      "images": sum(d["rows"] for d in found), "parts": len(found), "ignored": plan.ignored}
+    """The parts of a URI list."""
+    try:
+        found = listing.read_list(plan.source, cfg.storage, plan.allowed, plan.plan_dir, plan.rows_per_file)
+    except EntryRejected as exc:
+        raise UsageError(str(exc)) from None
+    found.sort(key=lambda d: d["index"])
+    plan.listing_tasks = 0
     plan.parts = [PartSpec(**d) for d in found]
-    log.info("score: planned %d images in %d parts (%d listing tasks)", plan.images, len(plan.parts),
-             plan.listing_tasks)
+    log.info("score: planned %d images in %d parts", plan.images, len(plan.parts))
 
 
 def _find_committed(plan: ScorePlan, storage: StorageConfig, overwrite: bool) -> None:

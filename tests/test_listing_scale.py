@@ -1,0 +1,205 @@
+"""Listing at scale, at test size, on moto's S3 server: a flat prefix split
+into key ranges listed by several tasks at once, small folders packed into
+few parts, parts scored while listing goes on (and a run stopped mid-listing
+resumed without duplicates), and S3 Inventory manifests as ``--images``."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import score as score_job
+from jobs._cli import run
+from pipeline.config import StorageConfig
+from pipeline.scoring import listing
+from pipeline.scoring.commit import SUMMARY_NAME
+from pipeline.scoring.parts import PartSpec, read_plan_chunk
+from tests.test_score import tiny_model  # noqa: F401 - the session fixture
+
+
+def put_keys(endpoint: str, bucket: str, keys: list[str], body: bytes = b"") -> None:
+    client = boto3.client("s3", endpoint_url=endpoint)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=body), keys))
+
+
+def stored_keys(endpoint: str, bucket: str, prefix: str) -> list[str]:
+    client = boto3.client("s3", endpoint_url=endpoint)
+    return sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                  for o in page.get("Contents", []))
+
+
+def plan_uris(plan_dir: str, parts: list[dict]) -> list[str]:
+    return [u for d in parts for u in read_plan_chunk(plan_dir, PartSpec(**d), StorageConfig()).column("uri").to_pylist()]
+
+
+def test_split_points_are_inside_the_range_and_increasing():
+    keys = [f"p/k-{i:06d}.jpg" for i in range(100_000)]
+
+    def probe(after):
+        import bisect
+        i = bisect.bisect_right(keys, after)
+        return keys[i] if i < len(keys) else None
+
+    points = listing.split_points(probe, "p/", keys[0], keys[999], None, sample=tuple(keys[:1000]))
+    assert 2 <= len(points) <= listing.SPLIT_PIECES
+    assert all(a < b for a, b in zip([keys[999], *points], points)) and points[-1] < "p/\x7f"
+    # Roughly balanced: no piece holds more than half of what remains.
+    import bisect
+    cuts = [bisect.bisect_right(keys, p) for p in points]
+    sizes = [b - a for a, b in zip([1000, *cuts], [*cuts, len(keys)])]
+    assert max(sizes) <= len(keys) // 2, sizes
+    # Little left: no split.
+    assert listing.split_points(probe, "p/", keys[0], keys[999], keys[1400], sample=tuple(keys[:1000])) == []
+
+
+@pytest.mark.s3
+def test_flat_prefix_listed_by_overlapping_range_tasks(ray_session, s3_endpoint, s3_bucket, tmp_path, monkeypatch):
+    """1,200 keys in one folder, 100 keys a page: the first task splits the
+    level into key ranges, other tasks list them at the same time; every key
+    is in the plan exactly once. Without the split: one task."""
+    _, bucket = s3_bucket
+    keys = [f"flat/img-{i:05d}.jpg" for i in range(1200)] + ["flat/notes.txt", "flat/sub/x.jpg"]
+    put_keys(s3_endpoint, bucket, keys)
+    assert stored_keys(s3_endpoint, bucket, "flat/") == sorted(keys)
+    monkeypatch.setattr(listing, "PAGE_KEYS", 100)
+    root = f"s3://{bucket}/flat"
+    expected = sorted(f"s3://{bucket}/{k}" for k in keys if k.endswith(".jpg"))
+    for split in (True, False):
+        stats = {"record": []}
+        plan_dir = str(tmp_path / f"plan-{split}")
+        parts = list(listing.iter_prefix(root, StorageConfig(endpoint_url=s3_endpoint), plan_dir, 300, 8, stats,
+                                           split=split))
+        uris = plan_uris(plan_dir, parts)
+        assert sorted(uris) == expected and len(set(uris)) == len(uris)
+        assert stats["ignored"] == 1
+        level = [r for r in stats["record"] if r["range"][0].endswith("/flat/")]
+        if not split:
+            assert len(level) == 1 and level[0]["range"][1:] == (None, None)
+            continue
+        assert len(level) > 2, level
+        # The ranges partition the level: each starts where another ended.
+        ranges = sorted((r["range"][1:] for r in level), key=lambda r: r[0] or "")
+        assert ranges[0][0] is None and ranges[-1][1] is None
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), ranges
+        assert any(r["handed"] for r in level)
+        # Range tasks ran at the same time (each records when it ran).
+        spans = sorted(r["took"] for r in level)
+        assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+
+
+@pytest.mark.s3
+def test_small_folders_are_packed_into_few_parts(ray_session, s3_endpoint, s3_bucket, tmp_path):
+    _, bucket = s3_bucket
+    keys = [f"many/f{a:03d}/i{i}.jpg" for a in range(60) for i in range(7)]
+    put_keys(s3_endpoint, bucket, keys)
+    plan_dir = str(tmp_path / "plan")
+    parts, _, tasks = listing.list_prefix(f"s3://{bucket}/many", StorageConfig(endpoint_url=s3_endpoint),
+                                         plan_dir, 100, 16)
+    assert tasks == 61
+    uris = plan_uris(plan_dir, parts)
+    assert sorted(uris) == sorted(f"s3://{bucket}/{k}" for k in keys) and len(set(uris)) == len(uris)
+    assert len(parts) == 5 and sorted(d["rows"] for d in parts) == [20, 100, 100, 100, 100]
+    for d in parts:  # sorted within a part, named by its URIs
+        got = read_plan_chunk(plan_dir, PartSpec(**d), StorageConfig()).column("uri").to_pylist()
+        assert got == sorted(got)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_parts_scored_while_listing_and_a_run_stopped_mid_listing_resumes(ray_session, tiny_model, s3_endpoint,
+                                                                          s3_bucket, tmp_path, monkeypatch):
+    """40 folders of 30 empty image files (error rows, no model), one listing
+    task at a time: the first run fails on purpose right after a part is
+    committed while listing still goes on (a fault point reached only then),
+    before plan.json exists. The second run lists again, keeps the parts
+    committed before (same URIs, same file), scores the rest while it lists
+    (its first part committed before its listing ended) and leaves one row per
+    image."""
+    from pipeline.runtime.faults import FAULT_ENV
+
+    fs, bucket = s3_bucket
+    keys = [f"deep/f{a:02d}/img-{i:02d}.jpg" for a in range(40) for i in range(30)]
+    put_keys(s3_endpoint, bucket, keys)
+    out = f"s3://{bucket}/scores"
+    argv = ["--model", tiny_model, "--images", f"s3://{bucket}/deep", "--output", out, "--rows-per-file", "30",
+            "--set", "score.list_concurrency=1"]
+    marker = tmp_path / "fault"
+    monkeypatch.setenv(FAULT_ENV, f"score-part-committed-while-listing:raise:{marker}")
+    assert run(score_job.main, argv) != 0
+    assert marker.exists()  # a part was committed while listing went on
+    monkeypatch.delenv(FAULT_ENV)
+    assert not fs.exists(f"{bucket}/scores/_plan/plan.json")
+    before = set(fs.glob(f"{bucket}/scores/part-*.parquet"))
+    assert 1 <= len(before) < 40
+
+    assert run(score_job.main, argv) == 1  # every row an error (empty files)
+    summary = json.loads(fs.cat_file(f"{bucket}/scores/{SUMMARY_NAME}"))
+    assert summary["status"] == "complete" and summary["images"] == len(keys) and summary["files"] == 40
+    assert summary["files_kept"] >= len(before) - 1 and summary["files_kept"] >= 1
+    assert summary["files_written"] + summary["files_kept"] == 40
+    assert summary["first_part_committed_s"] < summary["listing_ended_s"], summary
+    parts = fs.glob(f"{bucket}/scores/part-*.parquet")
+    assert len(parts) == 40
+    table = pa.concat_tables(pq.read_table(f, filesystem=fs) for f in parts)
+    assert sorted(table["uri"].to_pylist()) == sorted(f"s3://{bucket}/{k}" for k in keys)
+    plan = json.loads(fs.cat_file(f"{bucket}/scores/_plan/plan.json"))
+    assert sorted(p["index"] for p in plan["parts"]) == sorted(int(f.rsplit("/", 1)[1].split("-")[1]) for f in parts)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_s3_inventory_manifests_csv_and_parquet(ray_session, tiny_model, s3_endpoint, s3_bucket):
+    """--images .../manifest.json: an S3 Inventory of 2 gzip CSV files (no
+    header, URL-encoded keys: '+' and %20 for spaces, %2B for '+') and one of
+    a Parquet file (plain keys); every image listed is scored once, other
+    keys are left out."""
+    import gzip
+    from urllib.parse import quote, quote_plus
+
+    from tests import imagefactory as fx
+
+    fs, bucket = s3_bucket
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    images = {f"photos/{name}": fx.rgb_jpeg(colour=(20 * i, 90, 200 - 20 * i), size=(30 + i, 24))
+              for i, name in enumerate(["plain.jpg", "a b.jpg", "p+q.jpg", "100%.jpg", "x y/z+1.png", "dé.jpg"])}
+    for key, data in images.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+    keys = sorted(images) + ["photos/readme.txt", "photos/sub/"]
+    rows = [(bucket, k, len(images.get(k, b"")), "2026-01-01T00:00:00.000Z") for k in keys]
+
+    def csv_file(part, encode):
+        lines = "".join(f'"{b}","{encode(k)}","{s}","{t}"\n' for b, k, s, t in part)
+        return gzip.compress(lines.encode())
+
+    files = {"inv/data/one.csv.gz": csv_file(rows[:4], quote_plus), "inv/data/two.csv.gz": csv_file(rows[4:], quote)}
+    for key, data in files.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+    manifest = {"sourceBucket": bucket, "destinationBucket": f"arn:aws:s3:::{bucket}", "fileFormat": "CSV",
+                "fileSchema": "Bucket, Key, Size, LastModifiedDate",
+                "files": [{"key": k, "size": len(v), "MD5checksum": "0"} for k, v in files.items()]}
+    client.put_object(Bucket=bucket, Key="inv/csv/manifest.json", Body=json.dumps(manifest).encode())
+    table = pa.table({"bucket": [r[0] for r in rows], "key": [r[1] for r in rows], "size": [r[2] for r in rows]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    client.put_object(Bucket=bucket, Key="inv/data/all.parquet", Body=sink.getvalue().to_pybytes())
+    manifest = {**manifest, "fileFormat": "Parquet", "fileSchema": "message s3.inventory { required binary bucket; }",
+                "files": [{"key": "inv/data/all.parquet", "size": 1, "MD5checksum": "0"}]}
+    client.put_object(Bucket=bucket, Key="inv/parquet/manifest.json", Body=json.dumps(manifest).encode())
+
+    expected = sorted(f"s3://{bucket}/{k}" for k in images)
+    for kind in ("csv", "parquet"):
+        out = f"s3://{bucket}/scores-{kind}"
+        argv = ["--model", tiny_model, "--images", f"s3://{bucket}/inv/{kind}/manifest.json", "--output", out,
+                "--rows-per-file", "4"]
+        assert run(score_job.main, argv) == 0, kind
+        got = pa.concat_tables(pq.read_table(f, filesystem=fs) for f in fs.glob(f"{bucket}/scores-{kind}/*.parquet"))
+        assert sorted(got["uri"].to_pylist()) == expected, kind
+        assert set(got["error"].to_pylist()) == {None}, kind
+        summary = json.loads(fs.cat_file(f"{bucket}/scores-{kind}/{SUMMARY_NAME}"))
+        assert summary["images"] == summary["scored"] == len(images)
