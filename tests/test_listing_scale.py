@@ -6,6 +6,7 @@ resumed without duplicates), and S3 Inventory manifests as ``--images``."""
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -129,6 +130,28 @@ def test_parts_scored_while_listing_and_a_run_stopped_mid_listing_resumes(ray_se
     out = f"s3://{bucket}/scores"
     argv = ["--model", tiny_model, "--images", f"s3://{bucket}/deep", "--output", out, "--rows-per-file", "30",
             "--set", "score.list_concurrency=1"]
+    from pipeline.scoring.progress import Progress
+
+    # Whether scoring overlaps listing must not depend on how fast the
+    # predictors start: the listing (a thread of the driver) holds, once it
+    # has handed out `hold_after` parts, until a part is committed. Without
+    # the overlap the job would wait for the whole listing first and the hold
+    # would never end before its 120 s.
+    committed, hold_after = threading.Event(), [1]
+    real_done, real_iter = Progress.part_done, listing.iter_prefix
+
+    def part_done(self, *args, **kwargs):
+        committed.set()
+        return real_done(self, *args, **kwargs)
+
+    def held(*args, **kwargs):
+        for n, d in enumerate(real_iter(*args, **kwargs)):
+            yield d
+            if n + 1 >= hold_after[0] and not committed.is_set():
+                assert committed.wait(120), "no part was committed while listing went on"
+
+    monkeypatch.setattr(Progress, "part_done", part_done)
+    monkeypatch.setattr(listing, "iter_prefix", held)
     marker = tmp_path / "fault"
     monkeypatch.setenv(FAULT_ENV, f"score-part-committed-while-listing:raise:{marker}")
     assert run(score_job.main, argv) != 0
@@ -137,6 +160,8 @@ def test_parts_scored_while_listing_and_a_run_stopped_mid_listing_resumes(ray_se
     assert not fs.exists(f"{bucket}/scores/_plan/plan.json")
     before = set(fs.glob(f"{bucket}/scores/part-*.parquet"))
     assert 1 <= len(before) < 40
+    committed.clear()
+    hold_after[0] = len(before) + 1  # at least one of them is a part to score
 
     assert run(score_job.main, argv) == 1  # every row an error (empty files)
     summary = json.loads(fs.cat_file(f"{bucket}/scores/{SUMMARY_NAME}"))

@@ -109,7 +109,9 @@ def test_a_second_model_on_a_half_written_output(ray_session, tiny_model, tmp_pa
     argv = ["--model", str(model), "--images", str(src), "--output", str(out), "--rows-per-file", "2",
             "--batch-size", "4"]
     assert run(score_job.main, argv) == 0
-    a_parts = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
+    # A's parts by the images they hold (part numbers follow the order in
+    # which parallel listing produces the parts, so B's may differ).
+    a_parts = {tuple(pq.read_table(p).column("uri").to_pylist()): p.read_bytes() for p in out.glob("part-*.parquet")}
     assert len(a_parts) == 6
 
     save_weights(model, seed=1)
@@ -123,9 +125,10 @@ def test_a_second_model_on_a_half_written_output(ray_session, tiny_model, tmp_pa
 
     # What B's --overwrite run leaves when it is killed with half of its
     # parts written: A's other parts, no _SUCCESS, its summary not complete.
-    old = sorted(a_parts)[::2]
+    b_parts = {p.name: tuple(pq.read_table(p).column("uri").to_pylist()) for p in out.glob("part-*.parquet")}
+    old = sorted(b_parts)[::2]
     for name in old:
-        (out / name).write_bytes(a_parts[name])
+        (out / name).write_bytes(a_parts[b_parts[name]])  # A's part of the same images, not yet replaced
     (out / SUCCESS_NAME).unlink()
     summary = json.loads((out / SUMMARY_NAME).read_text())
     (out / SUMMARY_NAME).write_text(json.dumps({**summary, "status": "failed"}))

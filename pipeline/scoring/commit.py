@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 from collections import Counter
 from typing import Optional
 
@@ -174,12 +175,20 @@ def listdir(uri: str, storage: StorageConfig) -> list[str]:
         raise UsageError(f"cannot list {uri}: {st.describe_error(exc)}") from None
 
 
-def remove_temp_files(folder: str, storage: StorageConfig, tags: list[str]) -> int:
-    """Leftovers of the jobs ``tags`` (killed while publishing on a local disk)."""
+# The temporary name of a small file the lease holder writes (the lease, the
+# summary, the completion marker), left by a writer killed mid-write.
+CONTROL_TEMP = re.compile(r"^\.tmp-[0-9a-f]{12}-(_lease\.json|_summary\.json|_SUCCESS)\.tmp$")
+
+
+def remove_temp_files(folder: str, storage: StorageConfig, tags: list[str], control: bool = False) -> int:
+    """Leftovers of the jobs ``tags`` (killed while publishing on a local
+    disk); with ``control``, also those of the lease, summary and marker writes
+    (only the lease holder writes them: call it once the lease is ours, before
+    our own writers start)."""
     prefixes = tuple(f"{st.TMP_MARK}{t}-" for t in tags if t)
     removed = 0
     for name in listdir(folder, storage):
-        if prefixes and name.startswith(prefixes):
+        if (prefixes and name.startswith(prefixes)) or (control and CONTROL_TEMP.match(name)):
             st.remove(st.join(folder, name), storage)
             removed += 1
     return removed

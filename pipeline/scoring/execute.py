@@ -343,7 +343,8 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
 
     if lease is not None:
         tags = [lease.job_id] + ([lease.previous.get("holder")] if lease.previous else [])
-        remove_temp_files(plan.output, storage, tags)
+        # A heartbeat of ours caught mid-write here only fails and is retried.
+        remove_temp_files(plan.output, storage, tags, control=True)
     if overwrite:
         start_writing()
     written: list[PartSpec] = []
