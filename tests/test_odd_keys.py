@@ -22,7 +22,7 @@ from jobs._cli import run
 from pipeline import storage as st
 from pipeline.config import StorageConfig, load_config
 from pipeline.scoring.commit import SUMMARY_NAME
-from pipeline.scoring.decode import read_files
+from pipeline.scoring.decode import iter_files
 from pipeline.scoring.entries import check_entry
 from pipeline.scoring.listing import _list_base, iter_level, list_level
 from pipeline.scoring.plan import plan_score, prepare_parts
@@ -162,8 +162,8 @@ def test_storage_layer_reads_each_key_exactly(s3_endpoint, odd_bucket):
         assert st.size_of(uri, storage) == len(data), key
     with pytest.raises(FileNotFoundError):
         st.read_bytes(f"s3://{bucket}/imgs/x/", storage)  # not the key imgs/x//
-    got = read_files([f"s3://{bucket}/{k}" for k in images], [-1] * len(images), storage, max_bytes=1 << 20,
-                     retry_s=5)
+    got = list(iter_files([f"s3://{bucket}/{k}" for k in images], [-1] * len(images), storage, max_bytes=1 << 20,
+                          retry_s=5))
     assert got == list(images.values())
 
 
@@ -194,7 +194,7 @@ def test_local_names_with_odd_characters(tmp_path):
     fx.write_tree(str(root), files)
     levels, uris = walk(str(root), str(tmp_path / "plan"))
     assert sorted(uris) == sorted(str(root / n) for n in names)
-    got = read_files(uris, [-1] * len(uris), StorageConfig(), max_bytes=1 << 20, retry_s=5)
+    got = list(iter_files(uris, [-1] * len(uris), StorageConfig(), max_bytes=1 << 20, retry_s=5))
     assert got == [files[os.path.relpath(u, root)] for u in uris]
     assert all(st.read_bytes(str(root / n), StorageConfig()) == data for n, data in files.items())
 

@@ -88,18 +88,13 @@ def read_and_decode(batch: dict, *, storage: StorageConfig, recipe: Recipe, max_
     return {"uri": np.array(uris, dtype=object), "image": images, "error": errors}
 
 
-def read_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, retry_s: float = 120.0) -> list:
-    """Bytes per URI, or a one-line reason that is a property of the file;
-    fetched concurrently. Raises TransientReadError when a file could not be
-    read for ``retry_s`` seconds for any other reason."""
-    return list(iter_files(uris, sizes, storage, max_bytes, retry_s))
-
-
 def iter_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, retry_s: float = 120.0):
-    """``read_files`` as a generator: every read starts at once (in the
-    process's fetch threads) and each file's bytes or reason is yielded, in
-    order, as soon as it has arrived, so the caller decodes while the rest are
-    read. An error stops the reads not yet started."""
+    """Bytes per URI, or a one-line reason that is a property of the file:
+    every read starts at once (in the process's fetch threads) and each is
+    yielded, in order, as soon as it has arrived, so the caller decodes while
+    the rest are read. Raises TransientReadError when a file could not be read
+    for ``retry_s`` seconds for any other reason (the reads not yet started
+    are then cancelled)."""
 
     def attempt(uri: str, size: int):
         # By the URI's exact key (st.read_bytes): fsspec's path handling would

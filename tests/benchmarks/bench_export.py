@@ -22,7 +22,6 @@ and the process's CPU ms per image. Each figure is its fastest round.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import os
 import statistics
 import sys
@@ -32,25 +31,13 @@ import time
 import numpy as np
 
 from tests.benchmarks.bench_score import build_model_dir
+from tests.photos import photo
 
 IMAGES = 128
 BATCH = 32
 SINGLE = 30
 ROUNDS = 3
 TOP_K = 5
-
-
-def photo(seed: int) -> bytes:
-    """A 500x375 JPEG q90 with photo-like content (smooth fields plus noise)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:375, 0:500].astype(np.float32)
-    base = np.stack([np.sin(x / (20 + 10 * c) + seed) * np.cos(y / (15 + 7 * c)) for c in range(3)], -1)
-    pixels = np.clip(127 + 90 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG", quality=90)
-    return out.getvalue()
 
 
 def run() -> dict:
@@ -71,11 +58,12 @@ def run() -> dict:
         served = tf.saved_model.load(export_dir).signatures["serving_default"]
         predictor = ScoringPredictor(model_dir, storage, top_k=TOP_K, device_batch=BATCH)
         recipe = artifact.recipe
+        rng = np.random.default_rng(0)
         files = []
         for i in range(IMAGES):
             path = os.path.join(tmp, f"photo_{i:04d}.jpg")
             with open(path, "wb") as f:
-                f.write(photo(i))
+                f.write(photo(rng))
             files.append(path)
         blobs = [open(p, "rb").read() for p in files]
         groups = [files[i : i + BATCH] for i in range(0, IMAGES, BATCH)]

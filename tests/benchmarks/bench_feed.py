@@ -177,7 +177,6 @@ def ray_fit_loop(config: dict) -> None:
 
 def measure_ray_vs_fit(tmp: str) -> dict:
     import json
-    import threading
     from pathlib import Path
 
     import ray.train
@@ -186,7 +185,7 @@ def measure_ray_vs_fit(tmp: str) -> dict:
     from pipeline.config import Config
     from pipeline.training.driver import worker_env
     from tests.benchmarks.bench_prepare import environment
-    from tests.benchmarks.bench_train import CPUS, _await, _bench_env, loopback_ray
+    from tests.benchmarks.bench_train import CPUS, _await, _bench_env, finish, fit_in_background, loopback_ray
     from tests.photos import write_photo_shard
 
     shard = os.path.join(tmp, "ray-train-00000-of-00001.tfrecord")
@@ -202,16 +201,7 @@ def measure_ray_vs_fit(tmp: str) -> dict:
             run_config=ray.train.RunConfig(name="bench-feed", storage_path=os.path.join(tmp, "ray-results"),
                                            worker_runtime_env={"env_vars": worker_env(Config())}),
         )
-        outcome: dict = {}
-
-        def fit() -> None:
-            try:
-                outcome["result"] = trainer.fit()
-            except BaseException as exc:  # noqa: BLE001
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=fit, name="ray-trainer", daemon=True)
-        thread.start()
+        thread, outcome = fit_in_background(trainer)
         model = _model()
         _fit_round(model, shard, tmp, "fit-warm")  # tracing, meanwhile
         json.loads(_await(control / "ready.json", thread, outcome))
@@ -225,10 +215,7 @@ def measure_ray_vs_fit(tmp: str) -> dict:
                 else:
                     result[name] = _fit_round(model, shard, tmp, f"fit-{r}")
             rounds.append(result)
-        (control / "stop").touch()
-        thread.join(timeout=600)
-        if "error" in outcome:
-            raise RuntimeError(f"TensorflowTrainer failed: {outcome['error']!r}")
+        finish(control, thread, outcome)
     return {"rounds": rounds, "size": RAY_SIZE, "images": RAY_IMAGES, "epochs": RAY_EPOCHS}
 
 

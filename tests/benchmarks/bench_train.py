@@ -455,16 +455,7 @@ def measure_ray(tmp: str) -> dict:
             run_config=ray.train.RunConfig(name="bench-train", storage_path=os.path.join(tmp, "ray-results"),
                                            worker_runtime_env={"env_vars": worker_env(Config())}),
         )
-        outcome: dict = {}
-
-        def fit() -> None:
-            try:
-                outcome["result"] = trainer.fit()
-            except BaseException as exc:  # noqa: BLE001
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=fit, name="ray-trainer", daemon=True)
-        thread.start()
+        thread, outcome = fit_in_background(trainer)
         # Meanwhile (untimed): the same model here, traced on the same arrays.
         model = new_model(RAY_SIZE)
         images, labels = synthetic_arrays(RAY_IMAGES, RAY_SIZE)
@@ -477,10 +468,7 @@ def measure_ray(tmp: str) -> dict:
 
         runs = {"ray": ray_round, "fit": lambda r: timed_fit(model, images, labels)}
         rounds = rounds_of(runs, RAY_RUNS, RAY_ROUNDS, cpu_meter(-1), "train bench: ray vs fit")
-        (control / "stop").touch()
-        thread.join(timeout=600)
-        if "error" in outcome:
-            raise RuntimeError(f"TensorflowTrainer failed: {outcome['error']!r}")
+        finish(control, thread, outcome)
     return {"rounds": rounds, "worker": worker}
 
 
@@ -523,6 +511,29 @@ def _wait_for(path: Path, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {path} after {timeout_s:.0f}s")
         time.sleep(0.02)
+
+
+def fit_in_background(trainer) -> tuple[threading.Thread, dict]:
+    """``trainer.fit()`` in a thread; its result or error lands in the dict."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - raised by finish()
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-trainer", daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def finish(control: Path, thread: threading.Thread, outcome: dict) -> None:
+    """Tell the worker loop to stop, wait for the trainer and raise its error."""
+    (control / "stop").touch()
+    thread.join(timeout=600)
+    if "error" in outcome:
+        raise RuntimeError(f"TensorflowTrainer failed: {outcome['error']!r}")
 
 
 def _await(path: Path, thread: threading.Thread, outcome: dict, timeout_s: float = 900) -> str:
