@@ -35,10 +35,17 @@ VERSION_COMPLETE_FILE = "version.json"  # a registry version writes it last
 UNSAFE_HINT = "pass --allow-unsafe only if you trust its author"
 
 
-def preprocessing_spec(image_size: int, max_side: Optional[int] = None) -> dict:
+def preprocessing_spec(image_size: int, max_side: Optional[int] = None, jpeg_scale_to: Optional[int] = None) -> dict:
     """``preprocessing.json`` of a model trained today at ``image_size`` on
-    shards prepared with ``max_side``: the full recipe."""
-    return current_recipe(image_size, max_side).to_dict()
+    shards prepared with ``max_side`` and ``jpeg_scale_to``: the full recipe."""
+    return current_recipe(image_size, max_side, jpeg_scale_to).to_dict()
+
+
+def manifest_preprocessing_spec(image_size: int, manifest: dict) -> dict:
+    """``preprocessing_spec`` for shards described by ``manifest`` (its
+    ``settings`` are the ``prepare`` section they were made with)."""
+    settings = manifest.get("settings", {})
+    return preprocessing_spec(image_size, settings.get("max_side"), settings.get("jpeg_scale_to"))
 
 
 def model_file_uri(uri: str) -> str:

@@ -39,6 +39,10 @@ class PrepareConfig(_Section):
     min_shards: int = Field(4, ge=1)
     min_examples_per_shard: int = Field(64, ge=1)
     max_side: Optional[int] = Field(None, ge=16)
+    # JPEGs decoded at the largest DCT scale (1/2, 1/4, 1/8) that keeps the
+    # shorter side >= this (and the longer >= max_side); such records are PNG.
+    # None: full-size decode. Training refuses a data.image_size above it.
+    jpeg_scale_to: Optional[int] = Field(None, ge=16)
     # PIL's own decompression-bomb threshold.
     max_pixels: int = Field(89_478_485, ge=1)
     # zlib level of the lossless PNG that prepare writes for a file whose own

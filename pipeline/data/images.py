@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
+JPEG_SCALES = (8, 4, 2)  # libjpeg's scaled IDCT: 1/8, 1/4, 1/2 (1/1 is a full decode), largest first
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _EXIF_ORIENTATION = 0x0112
 
@@ -26,9 +27,40 @@ def has_image_extension(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def open_image(raw: bytes, max_pixels: int) -> Image.Image:
-    """Open, check format and size, and fully decode (first frame of animations).
-    Raises ImageRejected with a reason."""
+def jpeg_scale_fits(width, height, scale: int, scale_to, max_side):
+    """Whether a JPEG of ``width`` x ``height`` decoded at 1/``scale`` (libjpeg's
+    size: ceil(width / scale) x ceil(height / scale)) keeps its shorter side
+    >= ``scale_to`` and, when ``max_side`` is set, its longer side >=
+    ``max_side``; a side is never scaled below one pixel per scale step. Plain
+    arithmetic, comparisons and ``&`` / ``|``, so that it works on Python ints
+    and on TensorFlow tensors alike (pipeline.export.graph)."""
+    scaled_w, scaled_h = (width + scale - 1) // scale, (height + scale - 1) // scale
+    fits = (scaled_w >= scale_to) & (scaled_h >= scale_to) & (width >= scale) & (height >= scale)
+    if max_side is not None:
+        fits = fits & ((scaled_w >= max_side) | (scaled_h >= max_side))
+    return fits
+
+
+def jpeg_scale(width: int, height: int, scale_to: Optional[int], max_side: Optional[int] = None) -> int:
+    """The recipe's ``jpeg_scale_to`` rule: the denominator (1, 2, 4 or 8) of the
+    largest DCT scale at which a JPEG of ``width`` x ``height`` is decoded. The
+    decoded image's shorter side stays >= ``scale_to`` and, with ``max_side``,
+    its longer side >= ``max_side`` (so the ``max_side`` shrink stays the last
+    shrink before the resize). ``scale_to`` None: 1 (full-size decode)."""
+    if scale_to is None:
+        return 1
+    for scale in JPEG_SCALES:
+        if jpeg_scale_fits(width, height, scale, scale_to, max_side):
+            return scale
+    return 1
+
+
+def open_image(raw: bytes, max_pixels: int, *, jpeg_scale_to: Optional[int] = None,
+               max_side: Optional[int] = None) -> Image.Image:
+    """Open, check format and size, and fully decode (first frame of animations);
+    a JPEG at the scale ``jpeg_scale(width, height, jpeg_scale_to, max_side)``
+    (libjpeg's scaled IDCT through Pillow's ``draft``; ``jpeg_scale_to`` None:
+    full size). Raises ImageRejected with a reason."""
     if not raw:
         raise ImageRejected("empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -53,12 +85,35 @@ def open_image(raw: bytes, max_pixels: int) -> Image.Image:
                 f"too many pixels: {width}x{height} is over the limit of {max_pixels} "
                 "(prepare.max_pixels; possible decompression bomb)"
             )
+        if img.format == "JPEG" and jpeg_scale_to is not None:
+            _draft(img, jpeg_scale(width, height, jpeg_scale_to, max_side))
         try:
             img.seek(0)
             img.load()
         except Exception as exc:  # noqa: BLE001
             raise ImageRejected(f"corrupt or truncated image data: {_short(exc)}") from None
     return img
+
+
+def _draft(img: Image.Image, scale: int) -> None:
+    """Make Pillow decode the JPEG ``img`` (not yet loaded) at 1/``scale``.
+    ``JpegImageFile.draft(mode, size)`` picks the largest of 8, 4, 2, 1 that is
+    at most ``min(width // size[0], height // size[1])``; for
+    ``size = (width // scale, height // scale)`` that minimum lies in
+    [scale, 2 * scale) because both sides are >= ``scale`` (``jpeg_scale_fits``)."""
+    if scale == 1:
+        return
+    width, height = img.size
+    img.draft(None, (width // scale, height // scale))
+    expected = ((width + scale - 1) // scale, (height + scale - 1) // scale)
+    if img.size != expected or jpeg_scale_of(img) != scale:
+        raise RuntimeError(f"Pillow's draft gave {img.size} for {width}x{height} at 1/{scale}, not {expected}")
+
+
+def jpeg_scale_of(img: Image.Image) -> int:
+    """The denominator ``open_image`` decoded ``img`` at (1: full size)."""
+    config = getattr(img, "decoderconfig", ())
+    return int(config[0]) if img.format == "JPEG" and config else 1
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

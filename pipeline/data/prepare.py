@@ -174,6 +174,7 @@ def write_shard(
                             raw,
                             max_pixels=cfg.max_pixels,
                             max_side=cfg.max_side,
+                            jpeg_scale_to=cfg.jpeg_scale_to,
                             png_compress_level=cfg.png_compress_level,
                         )
                     except ImageRejected as exc:

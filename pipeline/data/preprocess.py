@@ -2,7 +2,10 @@
 resize, used by prepare (what a shard stores), the training input, evaluation,
 the promotion gate, ``jobs.predict`` and ``jobs.score``.
 
-1. Pixels: Pillow decodes the file (first frame of animations), applies the
+1. Pixels: Pillow decodes the file (first frame of animations; a JPEG, when
+   the recipe has ``jpeg_scale_to``, at the largest DCT scale 1/2, 1/4 or 1/8
+   that keeps its shorter side >= ``jpeg_scale_to`` and its longer side >=
+   ``max_side``: ``pipeline.data.images.jpeg_scale``), applies the
    EXIF orientation, converts to 8-bit RGB (alpha composited on white, 16-bit
    and float grayscale scaled, not clipped) and, when ``max_side`` is set and
    the longer side is over it, shrinks it once with a Lanczos filter
@@ -11,7 +14,8 @@ the promotion gate, ``jobs.predict`` and ``jobs.score``.
    record decoder (``decode_image``: ``tf.io.decode_jpeg`` with
    ``dct_method="INTEGER_ACCURATE"``, which is the IDCT Pillow's libjpeg uses,
    or ``tf.io.decode_png``) accepts them and gives exactly those pixels;
-   otherwise the pixels re-encoded losslessly as PNG. So a training record
+   otherwise (a JPEG decoded at a scale among them) the pixels re-encoded
+   losslessly as PNG. So a training record
    always decodes, and to the very pixels scoring gets from the file.
 3. The one resize (``resize_images``): the whole image to ``image_size`` x
    ``image_size`` (no crop). A side longer than that is shrunk by area
@@ -29,7 +33,8 @@ predict read it back (``Recipe.from_dict``) and apply that recipe, so a model
 keeps being scored the way it was trained when the defaults change. A file
 written before the recipe was recorded in full maps to what the code did then:
 TensorFlow's default JPEG IDCT (``INTEGER_FAST``), resize without antialiasing,
-no ``max_side``.
+no ``max_side``. Recipes before version 3 have no ``jpeg_scale_to``: full-size
+JPEG decodes.
 
 No Ray; TensorFlow is imported only inside the functions that need it.
 """
@@ -43,9 +48,9 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.data.images import exif_orientation, open_image, to_rgb, upright
+from pipeline.data.images import exif_orientation, jpeg_scale_of, open_image, to_rgb, upright
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # 3: jpeg_scale_to
 ACCURATE = "INTEGER_ACCURATE"  # libjpeg's JDCT_ISLOW: the IDCT Pillow decodes with
 TF_DEFAULT_DCT = "INTEGER_FAST"  # what tf.io.decode_jpeg uses when not told (JDCT_IFAST)
 DCT_METHODS = (ACCURATE, TF_DEFAULT_DCT)
@@ -69,6 +74,9 @@ class Recipe:
     high_bit_depth: str = "scaled to 8 bits"
     max_side: Optional[int] = None  # longer side shrunk to this, once, before anything else
     max_side_filter: str = "lanczos"
+    # JPEGs decoded at the largest DCT scale keeping the shorter side >= this
+    # (and the longer >= max_side): pipeline.data.images.jpeg_scale. None: full size (before version 3).
+    jpeg_scale_to: Optional[int] = None
     resize_method: str = AREA_THEN_BILINEAR
     resize_antialias: bool = True  # follows from resize_method, written for the reader
     resize_geometry: str = "whole image to image_size x image_size, half-pixel centres, no crop"
@@ -105,6 +113,12 @@ class Recipe:
             known["input_range"] = tuple(float(v) for v in known["input_range"])
         if known.get("max_side") is not None:
             known["max_side"] = int(known["max_side"])
+        scale_to = known.get("jpeg_scale_to")
+        if scale_to is not None:
+            if isinstance(scale_to, bool) or not isinstance(scale_to, int) or scale_to < 1:
+                raise ValueError(f"jpeg_scale_to {scale_to!r} is not a positive integer or null")
+            if version < 3:
+                raise ValueError(f"jpeg_scale_to is new in recipe version 3 (this recipe is version {version})")
         recipe = cls(**{**known, "image_size": image_size, "version": version})
         fixed = ("decoder", "orientation", "color", "alpha", "high_bit_depth", "max_side_filter", "resize_geometry",
                  "input_dtype", "input_range", "scaling")
@@ -122,10 +136,11 @@ class Recipe:
         return recipe
 
 
-def current_recipe(image_size: int, max_side: Optional[int] = None) -> Recipe:
+def current_recipe(image_size: int, max_side: Optional[int] = None, jpeg_scale_to: Optional[int] = None) -> Recipe:
     """Today's recipe for a model of ``image_size`` trained on shards prepared
-    with ``max_side``."""
-    return Recipe(image_size=int(image_size), max_side=None if max_side is None else int(max_side))
+    with ``max_side`` and ``jpeg_scale_to``."""
+    return Recipe(image_size=int(image_size), max_side=None if max_side is None else int(max_side),
+                  jpeg_scale_to=None if jpeg_scale_to is None else int(jpeg_scale_to))
 
 
 # ------------------------------------------------------------------- pixels
@@ -152,7 +167,7 @@ def file_pixels(raw: bytes, recipe: Recipe, max_pixels: int) -> np.ndarray:
     """A file's bytes -> the uint8 HxWx3 pixels that ``recipe`` resizes into
     the model's input: for today's recipe, exactly what the training decoder
     gets from the record prepare writes for this file. Raises ImageRejected."""
-    img = open_image(raw, max_pixels)
+    img = open_image(raw, max_pixels, jpeg_scale_to=recipe.jpeg_scale_to, max_side=recipe.max_side)
     if recipe.jpeg_dct_method != ACCURATE and _kept_by_old_prepare(img):
         # Such a model was trained on these very bytes, decoded by TensorFlow
         # with the recipe's IDCT (Pillow has only the accurate one).
@@ -179,13 +194,14 @@ class PreparedImage:
 
 
 def prepare_image(raw: bytes, *, max_pixels: int, max_side: Optional[int] = None,
-                  png_compress_level: int = 1) -> PreparedImage:
+                  jpeg_scale_to: Optional[int] = None, png_compress_level: int = 1) -> PreparedImage:
     """Validate ``raw`` and return the bytes of its training record: the
     original JPEG or PNG bytes when ``decode_image`` gives exactly the pixels
     ``file_pixels`` gives (then they are kept byte for byte), else those pixels
-    as a lossless PNG. Raises ImageRejected with a reason for anything
-    unusable; never returns bytes the training decoder cannot decode."""
-    img = open_image(raw, max_pixels)
+    as a lossless PNG (always for a JPEG decoded at a scale, ``jpeg_scale_to``).
+    Raises ImageRejected with a reason for anything unusable; never returns
+    bytes the training decoder cannot decode."""
+    img = open_image(raw, max_pixels, jpeg_scale_to=jpeg_scale_to, max_side=max_side)
     pixels = pixels_of(img, max_side)
     height, width = pixels.shape[:2]
     if _may_keep(img, pixels):
@@ -203,6 +219,8 @@ def _may_keep(img: Image.Image, pixels: np.ndarray) -> bool:
     mode TensorFlow expands to RGB the way Pillow converts it. The pixel
     comparison decides."""
     if img.format not in ("JPEG", "PNG") or pixels.shape[:2] != (img.height, img.width):
+        return False
+    if jpeg_scale_of(img) != 1:  # the bytes decode to the full size
         return False
     if exif_orientation(img) not in (None, 1):
         return False

@@ -5,7 +5,9 @@ functions become the SavedModel's serving signatures.
 [S, S, 3] tensor ``jobs.score`` sends to its model for the same file:
 
 1. decode: JPEG with the recipe's IDCT (``tf.io.decode_jpeg``, which also
-   converts CMYK the way Pillow does); PNG as 16 bits per channel, then
+   converts CMYK the way Pillow does), with ``jpeg_scale_to`` at the scale of
+   ``pipeline.data.images.jpeg_scale`` (``decode_jpeg``'s ``ratio``: the
+   scaled IDCT Pillow's ``draft`` uses; the same pixels); PNG as 16 bits per channel, then
    grayscale scaled (``rint(v / 65535 * 255)``, as Pillow's I;16 path) and
    colour by its high byte (as Pillow reads 16-bit RGB); GIF first frame;
    WebP; BMP. Alpha (PNG colour types 3 with tRNS, 4 and 6; WebP) is
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from pipeline.data.images import JPEG_SCALES, jpeg_scale_fits
 from pipeline.data.preprocess import ACCURATE, Recipe, resize_images
 
 BYTES_SIGNATURE = "serving_bytes"
@@ -130,6 +133,8 @@ def _decode_jpeg(data, recipe: Recipe, orientation, max_pixels: int):
     shape = tf.io.extract_jpeg_shape(data)
     with tf.control_dependencies([_check_pixels(shape[0], shape[1], max_pixels, "JPEG")]):
         accurate = lambda: tf.io.decode_jpeg(data, channels=3, dct_method=ACCURATE)  # noqa: E731
+        if recipe.jpeg_scale_to is not None:
+            return _decode_jpeg_scaled(data, recipe, shape)
         if recipe.jpeg_dct_method == ACCURATE:
             return accurate()
         # A model recorded before the full recipe: the bytes prepare kept then
@@ -137,6 +142,23 @@ def _decode_jpeg(data, recipe: Recipe, orientation, max_pixels: int):
         plain = tf.equal(shape[2], 3) & tf.equal(orientation, 1)
         return tf.cond(plain, lambda: tf.io.decode_jpeg(data, channels=3, dct_method=recipe.jpeg_dct_method),
                        accurate)
+
+
+def _decode_jpeg_scaled(data, recipe: Recipe, shape):
+    """``jpeg_scale`` in the graph: the same rule (``jpeg_scale_fits``, largest
+    scale first) on the stored size, then ``decode_jpeg`` at that ``ratio``.
+    The EXIF orientation is applied after, as for a full decode (the rule
+    looks at the shorter and longer sides only)."""
+    import tensorflow as tf
+
+    height, width = shape[0], shape[1]
+    index = tf.constant(0)  # full size
+    for i, scale in enumerate(reversed(JPEG_SCALES), start=1):  # 2, 4, 8: a larger fitting scale wins
+        index = tf.where(jpeg_scale_fits(width, height, scale, recipe.jpeg_scale_to, recipe.max_side), i, index)
+    ratios = (1,) + tuple(reversed(JPEG_SCALES))
+    return tf.switch_case(index, [
+        (lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method=recipe.jpeg_dct_method))
+        for r in ratios])
 
 
 def _decode_png(data, max_pixels: int):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pipeline import storage as st
-from pipeline.artifact import LABELS_FILE, MODEL_FILE, PREPROCESSING_FILE, preprocessing_spec
+from pipeline.artifact import LABELS_FILE, MODEL_FILE, PREPROCESSING_FILE, manifest_preprocessing_spec
 from pipeline.config import Config
 from pipeline.errors import JobFailed, UsageError
 from pipeline.runtime.faults import maybe_fault
@@ -64,6 +64,7 @@ def plan_training(cfg: Config, data: str, output: str) -> TrainPlan:
         raise UsageError(f"{data}: the manifest lists {len(manifest['classes'])} class; need at least 2")
     if manifest["splits"]["train"]["num_examples"] == 0:
         raise UsageError(f"{data}: no training examples in the manifest")
+    _check_jpeg_scale(cfg, manifest, data)
     if not cfg.train.phases():
         raise UsageError("both phases have 0 epochs (train.transfer.epochs, train.finetune.epochs)")
     if cfg.model.weights not in ("imagenet", "none") and not _exists(cfg.model.weights, cfg):
@@ -379,6 +380,20 @@ def ensure_placeable(cfg: Config, workers: int, use_gpu: bool, own_ray: bool = F
                         "check the autoscaler's limits and its log")
 
 
+def _check_jpeg_scale(cfg: Config, manifest: dict, data: str) -> None:
+    """Shards whose JPEGs were decoded at a scale (prepare.jpeg_scale_to) hold
+    images with a shorter side of about that size: a model input larger than
+    it would be enlarged from them."""
+    scale_to = manifest.get("settings", {}).get("jpeg_scale_to")
+    if scale_to is not None and cfg.data.image_size > scale_to:
+        raise UsageError(
+            f"data.image_size={cfg.data.image_size} is larger than prepare.jpeg_scale_to={scale_to} of the shards at "
+            f"{data} (their JPEGs were decoded down to a shorter side of {scale_to}); train with data.image_size <= "
+            f"{scale_to}, or prepare the shards again with prepare.jpeg_scale_to >= {cfg.data.image_size} "
+            f"(or null: full-size decode)"
+        )
+
+
 def _check_cache_bound(cfg: Config, manifest: dict, data: str) -> None:
     """A worker keeps the shards it reads and fetches ahead pinned in its cache."""
     from pipeline.data.shard_stream import stream_window
@@ -505,7 +520,7 @@ def run_lineage(cfg: Config, plan: TrainPlan) -> dict:
     """What made this run (pipeline.tracking.lineage)."""
     from pipeline.tracking import lineage as lin
 
-    recipe = preprocessing_spec(cfg.data.image_size, plan.manifest.get("settings", {}).get("max_side"))
+    recipe = manifest_preprocessing_spec(cfg.data.image_size, plan.manifest)
     return lin.build(plan.data, cfg.storage, recipe_version=recipe.get("version"), parent=plan.parent)
 
 
@@ -799,7 +814,7 @@ def finalize_run(cfg: Config, manifest: dict, data: str, output: str, checkpoint
         mdl.save_model(model, os.path.join(out, MODEL_FILE))
         _dump(os.path.join(out, LABELS_FILE), classes)
         _dump(os.path.join(out, PREPROCESSING_FILE),
-              preprocessing_spec(size, manifest.get("settings", {}).get("max_side")))
+              manifest_preprocessing_spec(size, manifest))
         _dump(os.path.join(out, "history.json"), _history_by_phase(history))
         _dump(os.path.join(out, "metrics.json"), metrics)
         reports.plot_training(history, os.path.join(out, "training.png"))
