@@ -26,10 +26,12 @@ from jobs import export as export_job
 from jobs._cli import run
 from pipeline.config import StorageConfig, load_config
 from pipeline.data.preprocess import Recipe, current_recipe, file_pixels, model_inputs
-from pipeline.export.graph import preprocess_bytes
+from pipeline.data.images import jpeg_scale
+from pipeline.export.graph import decode_upright, preprocess_bytes
 from pipeline.scoring.decode import NO_ERROR, read_and_decode, to_uint8
 from pipeline.scoring.predictor import ScoringPredictor
 from tests import imagefactory as fx
+from tests.photos import photo
 from tests.test_preprocess import LIMIT, detailed, parity_corpus
 
 CLASSES = ["circle", "square", "triangle"]
@@ -139,6 +141,67 @@ def test_the_graph_makes_the_very_pixels_scoring_sends_its_model(tmp_path):
     for i, (name, data) in enumerate(files.items()):
         got = preprocess_bytes(tf.constant(data), recipe, LIMIT).numpy()
         np.testing.assert_array_equal(got, batch["image"][i], err_msg=name)
+
+
+def scaled_jpegs() -> dict[str, bytes]:
+    """Photo-like JPEGs (tests.photos) of odd sizes, one with EXIF orientation 6
+    and one CMYK, for recipes with jpeg_scale_to."""
+    rng = np.random.default_rng(12)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = Image.open(io.BytesIO(photo(rng, 333, 251)))
+    return {"photo-641x479.jpg": photo(rng, 641, 479), "photo-61x47.jpg": photo(rng, 61, 47),
+            "photo-exif-6.jpg": fx.encode(turned, "JPEG", exif=exif.tobytes()),
+            "photo-cmyk.jpg": fx.encode(turned.convert("CMYK"), "JPEG", quality=90)}
+
+
+@pytest.mark.parametrize("jpeg_scale_to", [16, 75])
+def test_the_graph_decodes_jpegs_at_the_recipes_scale_to_the_very_pixels_scoring_gets(tmp_path, jpeg_scale_to):
+    """Recipe version 3: decode_jpeg's ratio in the graph is Pillow's draft in
+    scoring, bit for bit (the same libjpeg scaled IDCT), at 1/2, 1/4 and 1/8,
+    odd sizes, CMYK, gray, progressive and EXIF-turned files."""
+    files = {**all_files(), **scaled_jpegs()}
+    recipe = current_recipe(75, jpeg_scale_to=jpeg_scale_to)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    uris = [str(folder / name) for name in files]
+    batch = read_and_decode({"uri": np.array(uris, dtype=object), "size": np.full(len(uris), -1)},
+                            storage=StorageConfig(), recipe=recipe, max_bytes=2**30, max_pixels=LIMIT)
+    scales = set()
+    for i, (name, data) in enumerate(files.items()):
+        if name.endswith(".jpg"):
+            stored = Image.open(io.BytesIO(data)).size
+            scales.add(jpeg_scale(*stored, jpeg_scale_to))
+            upright = decode_upright(tf.constant(data), recipe, LIMIT).numpy()
+            np.testing.assert_array_equal(upright, file_pixels(data, recipe, LIMIT), err_msg=name)
+        got = preprocess_bytes(tf.constant(data), recipe, LIMIT).numpy()
+        np.testing.assert_array_equal(got, batch["image"][i], err_msg=name)
+    assert scales == {1, 2, 4, 8}, scales  # every branch of the graph's switch_case
+
+
+def test_the_bytes_signature_gives_what_scoring_gives_for_a_recipe_with_jpeg_scale_to(tmp_path):
+    """An export of a model whose preprocessing.json has jpeg_scale_to (prepare
+    --set prepare.jpeg_scale_to=75): its bytes signature gives the top-k of
+    jobs.score for the same files."""
+    from pipeline.export.savedmodel import export_run
+    from tests.small_model import write_run
+
+    run_dir = write_run(tmp_path / "run", CLASSES)
+    Path(run_dir, "preprocessing.json").write_text(json.dumps(current_recipe(75, jpeg_scale_to=75).to_dict()))
+    files = {**scaled_jpegs(), **{name: parity_corpus()[name] for name in ("detailed-4000x3000.jpg", "baseline.jpg",
+                                                                         "alpha.png")}}
+    images, expected, top1 = scoring_path(run_dir, files, tmp_path / "files", top_k=2)
+    record = export_run(run_dir, StorageConfig(), output=str(tmp_path / "export"), top_k=2)
+    assert record["recipe"]["jpeg_scale_to"] == 75 and record["recipe"]["version"] == 3
+    model = tf.saved_model.load(record["output"])
+    out = model.signatures["serving_bytes"](image_bytes=tf.constant(list(files.values())))
+    labels, probs = as_text(out["labels"]), out["probabilities"].numpy()
+    for i, name in enumerate(files):
+        assert labels[i][0] == top1[name], name
+        for label, p in zip(labels[i], probs[i]):
+            assert abs(p - expected[name][label]) < 1e-5, (name, label, p, expected[name])
 
 
 def test_a_recipe_recorded_before_the_full_recipe_decodes_as_scoring_decodes_it():

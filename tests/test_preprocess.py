@@ -19,6 +19,7 @@ from jobs.predict import read_inputs
 from pipeline.data import input as inp
 from pipeline.artifact import preprocessing_spec
 from pipeline.config import StorageConfig, load_config
+from pipeline.data.images import jpeg_scale, open_image
 from pipeline.data.preprocess import (ACCURATE, TF_DEFAULT_DCT, Recipe, current_recipe, file_pixels, prepare_image,
                                  shrink_to_max_side)
 from pipeline.scoring.decode import NO_ERROR, read_and_decode, to_uint8
@@ -79,7 +80,7 @@ def parity_corpus() -> dict[str, bytes]:
     }
 
 
-def prepare_shard(tmp_path, files: dict[str, bytes], max_side) -> tuple[str, list[str], list]:
+def prepare_shard(tmp_path, files: dict[str, bytes], max_side, jpeg_scale_to=None) -> tuple[str, list[str], list]:
     """Each file as prepare stores it, in one shard (label = index), and the files
     themselves as score and predict read them."""
     src = tmp_path / "src"
@@ -90,7 +91,7 @@ def prepare_shard(tmp_path, files: dict[str, bytes], max_side) -> tuple[str, lis
         for label, (name, data) in enumerate(files.items()):
             (src / name).write_bytes(data)
             uris.append(str(src / name))
-            out = prepare_image(data, max_pixels=LIMIT, max_side=max_side)
+            out = prepare_image(data, max_pixels=LIMIT, max_side=max_side, jpeg_scale_to=jpeg_scale_to)
             writer.write(make_example(out.data, label, "c", uris[-1], out.height, out.width, image_format=out.format))
             prepared.append(out)
     return shard, uris, prepared
@@ -112,14 +113,21 @@ def score_inputs(uris: list[str], recipe: Recipe) -> np.ndarray:
     return out["image"]
 
 
-@pytest.mark.parametrize("max_side", [None, 64], ids=["full-size", "max-side-64"])
-def test_scoring_and_predict_give_the_model_exactly_what_evaluation_gives_it(tmp_path, max_side):
+@pytest.mark.parametrize("max_side, jpeg_scale_to", [(None, None), (64, None), (None, 40), (300, 40)],
+                         ids=["full-size", "max-side-64", "jpeg-scale-to-40", "max-side-300-jpeg-scale-to-40"])
+def test_scoring_and_predict_give_the_model_exactly_what_evaluation_gives_it(tmp_path, max_side, jpeg_scale_to):
+    """jpeg_scale_to 40 (below the model's 75, which training refuses, so that
+    the small JPEGs of the corpus are scaled too): 120x90 at 1/2 (not with
+    max_side 300: 60 < 300), 4000x3000 at 1/8 (with max_side 300 as well: 500
+    >= 300, then Lanczos to 300), 48x30 not at all."""
     files = parity_corpus()
     if max_side is not None:  # the large image is shrunk once by prepare, and by score and predict alike
         files = {name: files[name] for name in ("baseline.jpg", "alpha.png", "exif-6.jpg", "detailed-4000x3000.jpg",
                                                 "one-pixel.png", "rgb.png")}
-    shard, uris, prepared = prepare_shard(tmp_path, files, max_side)
-    recipe = Recipe.from_dict(json.loads(json.dumps(preprocessing_spec(SIZE, max_side))))  # as the artifact has it
+    shard, uris, prepared = prepare_shard(tmp_path, files, max_side, jpeg_scale_to)
+    spec = preprocessing_spec(SIZE, max_side, jpeg_scale_to)
+    recipe = Recipe.from_dict(json.loads(json.dumps(spec)))  # as the artifact has it
+    assert recipe.jpeg_scale_to == jpeg_scale_to and recipe.version == 3
 
     evaluated = evaluation_inputs(shard, len(files))
     scored = score_inputs(uris, recipe)
@@ -131,7 +139,15 @@ def test_scoring_and_predict_give_the_model_exactly_what_evaluation_gives_it(tmp
         np.testing.assert_array_equal(predicted[i], evaluated[i], err_msg=f"predict vs evaluation: {name}")
 
     kept = {name for name, out in zip(files, prepared) if not out.reencoded}
-    if max_side is None:
+    sizes = {name: (out.width, out.height) for name, out in zip(files, prepared)}
+    if jpeg_scale_to is not None:  # a scaled JPEG's record is its pixels as PNG
+        if max_side is None:
+            assert kept == {"one-pixel.png", "rgb.png"} and sizes["baseline.jpg"] == (60, 45)
+        else:  # 120x90 is not scaled: 60 < max_side
+            assert kept == {"baseline.jpg", "one-pixel.png", "rgb.png"} and sizes["baseline.jpg"] == (120, 90)
+        assert sizes["exif-6.jpg"] == (48, 30)
+        assert sizes["detailed-4000x3000.jpg"] == ((500, 375) if max_side is None else (300, 225))
+    elif max_side is None:
         assert kept == {"baseline.jpg", "progressive.jpg", "gray.jpg", "detailed-4000x3000.jpg", "one-pixel.png",
                         "rgb.png"}
     else:
@@ -160,11 +176,11 @@ def test_shrink_to_max_side_keeps_aspect_and_leaves_small_images_alone():
 
 
 def test_recipe_round_trips_through_preprocessing_json():
-    recipe = current_recipe(299, max_side=800)
+    recipe = current_recipe(299, max_side=800, jpeg_scale_to=299)
     written = json.loads(json.dumps(recipe.to_dict()))
-    assert Recipe.from_dict(written) == recipe
+    assert Recipe.from_dict(written) == recipe and written["version"] == 3 and written["jpeg_scale_to"] == 299
     for key in ("jpeg_dct_method", "orientation", "color", "alpha", "max_side", "max_side_filter", "resize_method",
-                "resize_antialias", "image_size", "input_range", "decoder"):
+                "resize_antialias", "image_size", "input_range", "decoder", "jpeg_scale_to"):
         assert key in written
     assert written["jpeg_dct_method"] == ACCURATE and written["resize_antialias"] is True
     assert written["max_side"] == 800 and written["input_range"] == [0.0, 255.0]
@@ -186,10 +202,77 @@ def test_a_recipe_written_before_the_full_recipe_means_the_old_behaviour():
     ({"jpeg_dct_method": "FLOAT"}, "jpeg_dct_method"),
     ({"orientation": "ignore"}, "orientation"),
     ({"resize_antialias": "yes"}, "resize_antialias"),
+    ({"jpeg_scale_to": 0}, "jpeg_scale_to"),
+    ({"jpeg_scale_to": "299"}, "jpeg_scale_to"),
+    ({"jpeg_scale_to": 7.5}, "jpeg_scale_to"),
+    ({"jpeg_scale_to": True}, "jpeg_scale_to"),
+    ({"jpeg_scale_to": 299, "version": 2}, "version 3"),
 ])
 def test_a_recipe_this_code_cannot_apply_is_refused(change, message):
     with pytest.raises(ValueError, match=message):
         Recipe.from_dict({**current_recipe(75).to_dict(), **change})
+
+
+@pytest.mark.parametrize("width, height, scale_to, max_side, scale", [
+    (1600, 1200, None, None, 1),  # off
+    (1600, 1200, 75, None, 8),  # 200x150
+    (1200, 1600, 75, None, 8),  # portrait alike
+    (1600, 1200, 150, None, 8),  # 150 exactly
+    (1600, 1200, 151, None, 4),
+    (1600, 1200, 299, None, 4),  # 400x300
+    (1600, 1200, 301, None, 2),
+    (1601, 1193, 150, None, 8),  # odd sizes round up, as libjpeg's: ceil(1193 / 8) = 150
+    (1600, 1192, 150, None, 4),  # 149 at 1/8
+    (597, 333, 167, None, 2),  # ceil(333 / 2) = 167
+    (299, 299, 299, None, 1),  # the shorter side is the target already
+    (10, 8, 16, None, 1),  # tiny: smaller than the target
+    (17, 9, 1, None, 8),  # down to 3x2
+    (9, 7, 1, None, 4),  # never past the shorter side (7 < 8)
+    (1600, 1200, 75, 800, 2),  # 800x600: the longer side stays >= max_side
+    (1600, 1200, 75, 400, 4),
+    (1600, 1200, 75, 401, 2),
+    (1600, 1200, 299, 1000, 1),  # 800 < 1000 at 1/2
+    (1600, 1200, 75, 2000, 1),  # smaller than max_side: never scaled
+])
+def test_the_jpeg_scale_rule(width, height, scale_to, max_side, scale):
+    assert jpeg_scale(width, height, scale_to, max_side) == scale
+    assert jpeg_scale(height, width, scale_to, max_side) == scale  # only the shorter and longer sides count
+
+
+def test_jpegs_decode_at_the_rules_scale_and_other_formats_at_full_size():
+    """open_image asks Pillow's draft for exactly the rule's scale (libjpeg's
+    ceil sizes) on odd and tiny sizes; PNG, WebP, GIF and BMP are untouched."""
+    for (width, height), scale_to, max_side, size in [
+        ((161, 121), 16, None, (21, 16)),  # 1/8: ceil(121 / 8) = 16
+        ((161, 119), 16, None, (41, 30)),  # ceil(119 / 8) = 15 < 16: 1/4
+        ((161, 121), 40, None, (81, 61)),  # 1/2
+        ((161, 121), 16, 80, (81, 61)),  # 1/4 would leave the longer side 41 < 80
+        ((17, 9), 1, None, (3, 2)),  # 1/8 of a tiny image
+        ((9, 7), 1, None, (3, 2)),  # 1/4: 7 < 8
+        ((30, 20), 16, None, (30, 20)),  # not scaled
+    ]:
+        scale = jpeg_scale(width, height, scale_to, max_side)
+        img = open_image(fx.encode(detailed(width, height), "JPEG", quality=90), LIMIT, jpeg_scale_to=scale_to,
+                         max_side=max_side)
+        assert img.size == size == (-(-width // scale), -(-height // scale)), (width, height, scale_to, max_side)
+    noise = detailed(160, 120)
+    for fmt in ("PNG", "WEBP", "GIF", "BMP"):
+        raw = fx.encode(noise if fmt != "GIF" else noise.convert("P"), fmt)
+        assert open_image(raw, LIMIT, jpeg_scale_to=16).size == (160, 120), fmt
+        np.testing.assert_array_equal(file_pixels(raw, current_recipe(SIZE, jpeg_scale_to=16), LIMIT),
+                                      file_pixels(raw, current_recipe(SIZE), LIMIT), err_msg=fmt)
+
+
+def test_a_version_2_recipe_decodes_jpegs_at_full_size():
+    """preprocessing.json of a model trained before version 3 (no
+    jpeg_scale_to) gives exactly the pixels it gave then: a full decode."""
+    raw = fx.encode(detailed(400, 300, seed=6), "JPEG", quality=90)
+    v2 = {k: v for k, v in current_recipe(SIZE).to_dict().items() if k != "jpeg_scale_to"}
+    recipe = Recipe.from_dict({**v2, "version": 2})
+    assert recipe.version == 2 and recipe.jpeg_scale_to is None
+    full = tf.io.decode_jpeg(raw, channels=3, dct_method=ACCURATE).numpy()
+    np.testing.assert_array_equal(file_pixels(raw, recipe, LIMIT), full)
+    assert file_pixels(raw, current_recipe(SIZE, jpeg_scale_to=SIZE), LIMIT).shape == (75, 100, 3)  # v3: 1/4
 
 
 def test_old_recipe_decodes_jpeg_with_tensorflows_default_idct():

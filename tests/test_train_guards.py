@@ -33,19 +33,24 @@ class RayStarted(Exception):
     """Raised by the stand-in for start_ray: the job got past every check before Ray."""
 
 
-@pytest.fixture
-def shards(tmp_path) -> str:
+def write_shards(root: Path, settings: dict) -> str:
+    """A manifest of shards prepared with ``settings`` (the shards themselves
+    are never read: every test stops before Ray)."""
     from pipeline.data.shards import MANIFEST_NAME, build_manifest
 
-    root = tmp_path / "shards"
     root.mkdir()
     counts = {c: 3 for c in CLASSES}
     entries = {split: [{"file": f"{split}-00000-{'0' * 12}.tfrecord", "examples": 6, "bytes": 4096,
                         "sha256": "0" * 64, "class_counts": counts}] for split in ("train", "validation")}
     manifest = build_manifest(source="images", classes=CLASSES, shards=entries, rejected=[], files_seen=12,
-                              layout="flat", settings={})
+                              layout="flat", settings=settings)
     (root / MANIFEST_NAME).write_text(json.dumps(manifest))
     return str(root)
+
+
+@pytest.fixture
+def shards(tmp_path) -> str:
+    return write_shards(tmp_path / "shards", {})
 
 
 @pytest.fixture
@@ -73,6 +78,20 @@ def train(shards: str, out: str, no_ray: dict, *extra: str) -> int | str:
     except UsageError as exc:  # as jobs._cli.run reports it
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def test_a_model_larger_than_the_shards_jpeg_scale_to_is_refused_before_any_work(tmp_path, no_ray, capsys):
+    """Shards prepared with prepare.jpeg_scale_to hold JPEGs decoded down to a
+    shorter side of about that size: training a larger model on them is a
+    configuration error (exit 2) naming both numbers and the fix."""
+    data = write_shards(tmp_path / "shards", {"jpeg_scale_to": 150, "max_side": None})
+    out = tmp_path / "run"
+    assert train(data, str(out), no_ray, "--set", "data.image_size=299") == 2
+    err = capsys.readouterr().err
+    assert "data.image_size=299" in err and "prepare.jpeg_scale_to=150" in err, err
+    assert "data.image_size <= 150" in err and "prepare.jpeg_scale_to >= 299" in err, err
+    assert not out.exists()  # nothing written
+    assert train(data, str(out), no_ray, "--set", "data.image_size=150") == "ray"
 
 
 # --- the run directory's lease ----------------------------------------------------------
