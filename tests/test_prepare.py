@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from jobs import prepare as prepare_job
 from jobs._cli import run
+from pipeline.artifact import manifest_preprocessing_spec
 from pipeline.data import demo_data
 from pipeline.data.prepare import split_by_hash
 from pipeline.data.input import decode_example
@@ -109,8 +110,12 @@ def test_prepare_uses_existing_train_validation_split(ray_session, tmp_path):
     demo_data.generate(str(src / "validation"), per_class=3, seed=1, classes=["circle", "square"])
     fx.write_tree(str(src), {"extra/circle/a.jpg": fx.rgb_jpeg()})
     dst = tmp_path / "out"
-    assert run(prepare_job.main, ["--src", str(src), "--dst", str(dst), "--val-fraction", "0.9"]) == 0
+    # With prepare.jpeg_scale_to the 128x128 JPEGs are decoded at 1/4 and stored as PNG.
+    assert run(prepare_job.main, ["--src", str(src), "--dst", str(dst), "--val-fraction", "0.9",
+                                  "--set", "prepare.jpeg_scale_to=32"]) == 0
     manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["settings"]["jpeg_scale_to"] == 32
+    assert manifest_preprocessing_spec(75, manifest)["jpeg_scale_to"] == 32  # what training writes
     assert manifest["layout"] == "split"
     assert manifest["splits"]["train"]["class_counts"] == {"circle": 6, "square": 6}
     assert manifest["splits"]["validation"]["class_counts"] == {"circle": 3, "square": 3}
@@ -118,6 +123,8 @@ def test_prepare_uses_existing_train_validation_split(ray_session, tmp_path):
     records = check_shards_match_manifest(str(dst), manifest)
     for rec in records:
         assert f"{os.sep}{rec['split']}{os.sep}" in rec["source"]
+        side = 32 if rec["source"].endswith(".jpg") else 128
+        assert (rec["format"], rec["width"], rec["height"]) == ("png", side, side), rec["source"]
 
 
 @pytest.mark.slow
