@@ -325,3 +325,30 @@ def test_parts_written_before_parts_recorded_their_writer_are_scored_again(ray_s
     said = [r.getMessage() for r in caplog.records if "before parts recorded their writer" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("score: 6 parts"), said
     assert all(b"inception_ray.writer" in pq.read_metadata(p).metadata for p in out.glob("part-*.parquet"))
+
+
+@pytest.mark.slow
+def test_rows_of_each_part_are_sorted_by_uri(ray_session, tiny_model, tmp_path):
+    """Readers may rely on it: each part's rows are in ``uri`` order (its
+    plan's order), however its decode tasks finish. One file per decode
+    task and two per model batch, images of several sizes and missing files
+    among them, so the tasks end in any order; a list in reverse order."""
+    src, out = tmp_path / "images", tmp_path / "scores"
+    make_images(str(src), per_class=4)
+    uris = image_uris(src)
+    (src / "big.jpg").write_bytes(fx.rgb_jpeg(size=(400, 300)))
+    listed = sorted(uris + [str(src / "big.jpg"), str(tmp_path / "missing-a.jpg"), str(src / "zz-missing.jpg")])
+    (tmp_path / "list.txt").write_text("\n".join(reversed(listed)) + "\n")
+    argv = ["--model", tiny_model, "--images", str(tmp_path / "list.txt"), "--output", str(out), "--rows-per-file",
+            "7", "--batch-size", "2", "--set", "score.read_batch=1"]
+    assert run(score_job.main, argv) == 0
+    parts = rows_by_file(out)
+    assert len(parts) > 1 and sorted(u for rows in parts.values() for u in rows) == listed
+    for name, rows in parts.items():
+        assert rows == sorted(rows), name
+    # A prefix too: its listing's parts.
+    out2 = tmp_path / "scores-prefix"
+    assert run(score_job.main, ["--model", tiny_model, "--images", str(src), "--output", str(out2),
+                                "--rows-per-file", "5", "--batch-size", "2", "--set", "score.read_batch=1"]) == 0
+    for name, rows in rows_by_file(out2).items():
+        assert rows == sorted(rows), name

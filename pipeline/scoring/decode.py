@@ -94,7 +94,9 @@ def iter_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, r
     yielded, in order, as soon as it has arrived, so the caller decodes while
     the rest are read. Raises TransientReadError when a file could not be read
     for ``retry_s`` seconds for any other reason (the reads not yet started
-    are then cancelled)."""
+    are then cancelled). A local file's size is looked at in the calling
+    thread first: a missing, unreadable or too large one gets its reason
+    without a read (the same reasons ``fetch`` gives)."""
 
     def attempt(uri: str, size: int):
         # By the URI's exact key (st.read_bytes): fsspec's path handling would
@@ -129,18 +131,45 @@ def iter_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, r
             time.sleep(wait)
             backoff = min(backoff * 2, 10.0)
 
+    def local_size(uri: str, size: int):
+        """A local file's size (``size`` when known), or its row's reason when
+        it is missing, unreadable or too large: answered here, in the calling
+        thread (a stat costs a fraction of a hand-off to a fetch thread);
+        None: leave it to ``fetch``."""
+        if size < 0:
+            try:
+                size = st.size_of(uri, storage)
+            except FileNotFoundError:
+                return "cannot read: file not found"
+            except PERMANENT as exc:
+                return f"cannot read: {st.describe_error(exc)}"
+            except OSError as exc:  # a local disk's answer is about the file
+                return f"cannot read: {st.describe_error(exc)}"
+            except Exception:  # noqa: BLE001 - fetch retries it as it would any read
+                return None
+        if size > max_bytes:
+            return f"file too large: {size / 2**20:.1f} MiB is over score.max_file_mb ({max_bytes / 2**20:g} MiB)"
+        return size
+
     items = list(zip(uris, (int(s) for s in sizes)))
     if len(items) <= 1:
         for item in items:
             yield fetch(item)
         return
-    futures = [_fetch_pool().submit(fetch, item) for item in items]
+    futures = []
+    for uri, size in items:
+        known = local_size(uri, size) if st.is_local(uri) else None
+        if isinstance(known, str):  # the row's reason: no read
+            futures.append(known)
+        else:
+            futures.append(_fetch_pool().submit(fetch, (uri, size if known is None else known)))
     try:
         for future in futures:
-            yield future.result()
+            yield future if isinstance(future, str) else future.result()
     finally:
         for future in futures:
-            future.cancel()
+            if not isinstance(future, str):
+                future.cancel()
 
 
 _pool: Optional[ThreadPoolExecutor] = None

@@ -10,9 +10,9 @@ Parquet write): no decoding, no model call. Runs, side by side in one run:
 (a) per-row overhead: ``python -m jobs.score`` on a list of ``OVERHEAD_ROWS``
     missing files; rows per second of the job's own time (``elapsed_s`` in
     ``_summary.json``: planning, scoring, publishing; Ray start-up excluded);
-(b) the same with the implementation before scoring was spread over the
-    cluster (``BASELINE``, taken from this repository's history with
-    ``git archive``), which listed on the driver and wrote every part there;
+(b) the same with the implementation at ``BASELINE`` (taken from this
+    repository's history with ``git archive``): every file, missing or not,
+    handed to a fetch thread;
 (c) driver memory: the job on lists of ``SMALL`` and ``LARGE`` missing files;
     the driver's peak resident memory (``VmHWM`` of the driver process).
 
@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
-BASELINE = "d6c5e41"  # the last commit with pipeline/score.py as one module
+BASELINE = "4ffb088"  # before local missing files were stat-ed in the calling thread (decode.iter_files)
 OVERHEAD_ROWS = 200_000
 SMALL, LARGE = 100_000, 1_000_000
-TARGETS = {"rows_per_s_min": 3000, "rss_ratio_max": 1.3}
+TARGETS = {"rows_per_s_min": 8000, "rss_ratio_max": 1.3}
 
 # Runs the job's main in this process and reports the driver's own peak RSS:
 # VmHWM, the high-water mark of this process image (ru_maxrss would carry over
@@ -147,7 +147,7 @@ with its own local Ray; rows/s is over the job's `elapsed_s` (Ray's start exclud
 | run | URIs | rows/s | driver peak RSS MB | job s | ratio | target | |
 |---|---:|---:|---:|---:|---|---|---|
 | (a) per-row overhead | {OVERHEAD_ROWS:,} | {rate} | {r['overhead']['driver_peak_rss_mb']} | {r['overhead']['elapsed_s']} | | ≥ {t['rows_per_s_min']:,} rows/s | {mark(rate >= t['rows_per_s_min'])} |
-| (b) the same, implementation at `{results['baseline']}` (driver lists and writes) | {OVERHEAD_ROWS:,} | {base} | {r['overhead_baseline']['driver_peak_rss_mb']} | {r['overhead_baseline']['elapsed_s']} | (a)/(b) = {results['overhead_vs_baseline']:.2f} | | |
+| (b) the same, implementation at `{results['baseline']}` (each missing file via a fetch thread) | {OVERHEAD_ROWS:,} | {base} | {r['overhead_baseline']['driver_peak_rss_mb']} | {r['overhead_baseline']['elapsed_s']} | (a)/(b) = {results['overhead_vs_baseline']:.2f} | | |
 | (c) driver memory, small list | {SMALL:,} | {r['small']['rows_per_s']} | {r['small']['driver_peak_rss_mb']} | {r['small']['elapsed_s']} | | | |
 | (c) driver memory, large list | {LARGE:,} | {r['large']['rows_per_s']} | {r['large']['driver_peak_rss_mb']} | {r['large']['elapsed_s']} | large/small = {results['rss_ratio']:.2f} | ≤ {t['rss_ratio_max']} | {mark(results['rss_ratio'] <= t['rss_ratio_max'])} |
 
@@ -155,6 +155,11 @@ with its own local Ray; rows/s is over the job's `elapsed_s` (Ray's start exclud
   other processes). The driver holds one small descriptor per part; the list is read, checked and
   split into parts by Ray Data tasks that write `OUTPUT/_plan/`, and each part's rows are written by
   the task that scored them.
+- At 200,000 URIs a fixed cost dominates: 100k, 200k and 1M URIs take about 26, 36 and 76 s here, so about
+  26 s is fixed (reading and hashing the list with Ray Data, starting the predictor, Ray's scheduling) and
+  each further row about 50 µs (about 20,000 rows/s). (a) and (b) differ in decode (a missing local file's
+  stat in the calling thread: 18 vs 134 µs a file in `iter_files` on this machine), which the job's
+  elapsed time at this size does not show; the machine was shared with other work during these runs.
 - The correctness of (a) at 500 rows is part of `make test`
   (`tests/test_score_scale.py::test_per_row_overhead_run_is_correct_at_small_size`).
 """
