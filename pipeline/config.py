@@ -287,7 +287,8 @@ class ScoreConfig(_Section):
     # Protocols a URI list may name besides its own and the output's (e.g. ["s3"]
     # for a local list of S3 images); local paths only when the list is local.
     uri_protocols: list[str] = Field(default_factory=list)
-    # Listing tasks in flight at once (one per folder level of a prefix).
+    # Listing tasks in flight at once (one per folder level or key range of a
+    # prefix), and at most twice the cluster's CPUs: they reserve no Ray CPU.
     list_concurrency: int = Field(16, ge=1)
     # A job's hold on its output: a lease whose heartbeat is older than this
     # (or whose holder process on this machine and pid namespace is gone) may
