@@ -127,7 +127,7 @@ def test_scoring_and_predict_give_the_model_exactly_what_evaluation_gives_it(tmp
     shard, uris, prepared = prepare_shard(tmp_path, files, max_side, jpeg_scale_to)
     spec = preprocessing_spec(SIZE, max_side, jpeg_scale_to)
     recipe = Recipe.from_dict(json.loads(json.dumps(spec)))  # as the artifact has it
-    assert recipe.jpeg_scale_to == jpeg_scale_to and recipe.version == 3
+    assert recipe.jpeg_scale_to == jpeg_scale_to and recipe.version == (2 if jpeg_scale_to is None else 3)
 
     evaluated = evaluation_inputs(shard, len(files))
     scored = score_inputs(uris, recipe)
@@ -184,6 +184,15 @@ def test_recipe_round_trips_through_preprocessing_json():
         assert key in written
     assert written["jpeg_dct_method"] == ACCURATE and written["resize_antialias"] is True
     assert written["max_side"] == 800 and written["input_range"] == [0.0, 255.0]
+
+
+def test_a_recipe_without_scaled_decoding_is_written_as_version_2():
+    """What code from before scaled decoding can read: a model that does not
+    use it keeps recording version 2, without the new key (that code refuses
+    a newer version)."""
+    written = json.loads(json.dumps(current_recipe(299, max_side=800).to_dict()))
+    assert written["version"] == 2 and "jpeg_scale_to" not in written
+    assert Recipe.from_dict(written) == current_recipe(299, max_side=800)
 
 
 def test_a_recipe_written_before_the_full_recipe_means_the_old_behaviour():

@@ -87,6 +87,8 @@ class Recipe:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["input_range"] = list(self.input_range)
+        if self.version < 3:
+            del out["jpeg_scale_to"]  # as code before version 3 wrote it
         return out
 
     @classmethod
@@ -138,8 +140,11 @@ class Recipe:
 
 def current_recipe(image_size: int, max_side: Optional[int] = None, jpeg_scale_to: Optional[int] = None) -> Recipe:
     """Today's recipe for a model of ``image_size`` trained on shards prepared
-    with ``max_side`` and ``jpeg_scale_to``."""
+    with ``max_side`` and ``jpeg_scale_to``: version 3 only when
+    ``jpeg_scale_to`` is set, else version 2 (the same pixels), so that code
+    from before scaled decoding still scores such a model."""
     return Recipe(image_size=int(image_size), max_side=None if max_side is None else int(max_side),
+                  version=RECIPE_VERSION if jpeg_scale_to is not None else 2,
                   jpeg_scale_to=None if jpeg_scale_to is None else int(jpeg_scale_to))
 
 

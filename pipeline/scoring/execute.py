@@ -266,10 +266,8 @@ class LeastLoaded:
 
 
 def start_predictors(cfg: Config, plan: ScorePlan, allow_unsafe: bool) -> list:
-    """The predictor actors, each with its model loaded and compiled; one
-    clear error before any part is scored when the model does not load
-    (UsageError for the model's own faults, else JobFailed) or the actors are
-    not all up within ``score.actor_start_timeout_s``."""
+    """Create the predictor actors: each starts loading and compiling the
+    model at once; ``predictors_ready`` waits for them."""
     import ray
 
     from pipeline.scoring.predictor import ScoringPredictor
@@ -279,9 +277,19 @@ def start_predictors(cfg: Config, plan: ScorePlan, allow_unsafe: bool) -> list:
     # device while the other's run; the device work is one call at a time.
     cls = ray.remote(ScoringPredictor).options(num_cpus=pool.cpus, num_gpus=pool.gpus, max_restarts=3,
                                                max_task_retries=3, max_concurrency=2)
-    handles = [cls.remote(plan.model_uri, cfg.storage, plan.top_k, plan.recipe, allow_unsafe,
-                          device_batch=pool.batch_size, defer_errors=True)
-               for _ in range(pool.actors)]
+    return [cls.remote(plan.model_uri, cfg.storage, plan.top_k, plan.recipe, allow_unsafe,
+                       device_batch=pool.batch_size, defer_errors=True)
+            for _ in range(pool.actors)]
+
+
+def predictors_ready(cfg: Config, handles: list) -> list:
+    """``handles`` once each has its model loaded and compiled; one clear
+    error before any part is scored when the model does not load (UsageError
+    for the model's own faults, else JobFailed) or the actors are not all up
+    within ``score.actor_start_timeout_s`` (the actors are then killed)."""
+    import ray
+
+    pool = predictor_pool(cfg)
     try:
         wait_ready(handles, cfg.score.actor_start_timeout_s)
     except BaseException:
@@ -349,7 +357,13 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
         start_writing()
     written: list[PartSpec] = []
     timeline: dict = {}  # when listing ended and the first part was committed (time.time())
+    early: list = []  # predictors started before planning, not yet handed to scoring
     try:
+        if plan.is_list and (overwrite or plan.previous_complete is None):
+            # Ray Data tasks read and split a list before any part can be
+            # scored: the predictors load the model meanwhile. (A prefix is
+            # scored while it is listed; a completed output may need nothing.)
+            early = start_predictors(cfg, plan, allow_unsafe)
         prepare_parts(cfg, plan, overwrite, start_writing, stream=True)
         if lease is not None:
             lease.check()
@@ -384,7 +398,7 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
 
             write_running()
             if todo or plan.stream is not None:
-                actors = start_predictors(cfg, plan, allow_unsafe)
+                actors, early = predictors_ready(cfg, early or start_predictors(cfg, plan, allow_unsafe)), []
                 try:
                     written = _dispatch(cfg, plan, todo, actors, progress, lease, write_running, timeline)
                 finally:
@@ -410,6 +424,9 @@ def run_score(cfg: Config, plan: ScorePlan, *, lease: Optional[OutputLease] = No
             except Exception:  # noqa: BLE001 - the job's own error is the one to report
                 pass
         raise
+    finally:
+        for actor in early:  # started early, never used (nothing to score, or planning failed)
+            ray.kill(actor)
 
     elapsed = time.time() - started
     scored_now = sum(p.rows for p in written)
