@@ -85,7 +85,9 @@ def test_top_k_on_the_device_orders_ties_as_the_stable_sort():
 def test_least_loaded_dispatch_sends_batches_away_from_a_slow_actor(ray_session, tiny_model, tmp_path):
     """A part task (score_part, as the job runs it) with two actors, one of
     which takes 5 s a batch: the fast one gets most of the 16 batches,
-    where a fixed rotation gives each 8."""
+    where a fixed rotation gives each 8. The bound leaves room for a loaded
+    machine (the part takes longer, so the slow actor is free more often) and
+    still fails for rotation."""
     import ray
 
     from pipeline.scoring.execute import score_part
@@ -119,7 +121,7 @@ def test_least_loaded_dispatch_sends_batches_away_from_a_slow_actor(ray_session,
     assert result["rows"] == 16 and result["errors"] == {}
     calls = {"slow": ray.get(slow.count.remote()), "fast": ray.get(fast.count.remote())}
     assert calls["slow"] + calls["fast"] == 16
-    assert calls["fast"] >= 13, calls  # rotation: 8 each
+    assert calls["fast"] >= 11, calls  # rotation: 8 each
 
 
 # ---------------------------------------------------------------- start-up
