@@ -125,19 +125,25 @@ def test_the_bytes_signature_gives_what_scoring_gives_in_one_batch_of_mixed_size
                                                                     "class_ids": (0, 2)}
 
 
+def scoring_images(tmp_path: Path, files: dict[str, bytes], recipe) -> dict:
+    """``files`` written to disk and read as a score job's decode task does
+    (read_and_decode): {uri, image, error}, in the order of ``files``."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    uris = [str(folder / name) for name in files]
+    return read_and_decode({"uri": np.array(uris, dtype=object), "size": np.full(len(uris), -1)},
+                           storage=StorageConfig(), recipe=recipe, max_bytes=2**30, max_pixels=LIMIT)
+
+
 def test_the_graph_makes_the_very_pixels_scoring_sends_its_model(tmp_path):
     """preprocess_bytes (what the bytes signature maps over the batch) equals
     read_and_decode's uint8 images for every file: decode, EXIF orientation,
     CMYK, alpha on white, 16-bit scaling, GIF first frame, WebP, BMP, resize."""
     files = all_files()
     recipe = current_recipe(75)
-    folder = tmp_path / "files"
-    folder.mkdir()
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    uris = [str(folder / name) for name in files]
-    batch = read_and_decode({"uri": np.array(uris, dtype=object), "size": np.full(len(uris), -1)},
-                            storage=StorageConfig(), recipe=recipe, max_bytes=2**30, max_pixels=LIMIT)
+    batch = scoring_images(tmp_path, files, recipe)
     for i, (name, data) in enumerate(files.items()):
         got = preprocess_bytes(tf.constant(data), recipe, LIMIT).numpy()
         np.testing.assert_array_equal(got, batch["image"][i], err_msg=name)
@@ -162,13 +168,7 @@ def test_the_graph_decodes_jpegs_at_the_recipes_scale_to_the_very_pixels_scoring
     odd sizes, CMYK, gray, progressive and EXIF-turned files."""
     files = {**all_files(), **scaled_jpegs()}
     recipe = current_recipe(75, jpeg_scale_to=jpeg_scale_to)
-    folder = tmp_path / "files"
-    folder.mkdir()
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    uris = [str(folder / name) for name in files]
-    batch = read_and_decode({"uri": np.array(uris, dtype=object), "size": np.full(len(uris), -1)},
-                            storage=StorageConfig(), recipe=recipe, max_bytes=2**30, max_pixels=LIMIT)
+    batch = scoring_images(tmp_path, files, recipe)
     scales = set()
     for i, (name, data) in enumerate(files.items()):
         if name.endswith(".jpg"):

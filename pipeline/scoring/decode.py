@@ -98,14 +98,27 @@ def iter_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, r
     thread first: a missing, unreadable or too large one gets its reason
     without a read (the same reasons ``fetch`` gives)."""
 
+    def too_large(size: int) -> Optional[str]:
+        if size <= max_bytes:
+            return None
+        return f"file too large: {size / 2**20:.1f} MiB is over score.max_file_mb ({max_bytes / 2**20:g} MiB)"
+
+    def file_reason(uri: str, exc: Exception) -> Optional[str]:
+        """The row's reason when ``exc`` says something about the file; None
+        for a failure of the moment (retried)."""
+        if isinstance(exc, FileNotFoundError):
+            return "cannot read: file not found"
+        # A local disk's answer is about the file (permissions, a broken link).
+        if isinstance(exc, PERMANENT) or (isinstance(exc, OSError) and st.is_local(uri)):
+            return f"cannot read: {st.describe_error(exc)}"
+        return None
+
     def attempt(uri: str, size: int):
         # By the URI's exact key (st.read_bytes): fsspec's path handling would
         # drop a trailing "/" or read "?versionId=" as a version.
         if size < 0:
             size = st.size_of(uri, storage)
-        if size > max_bytes:
-            return f"file too large: {size / 2**20:.1f} MiB is over score.max_file_mb ({max_bytes / 2**20:g} MiB)"
-        return st.read_bytes(uri, storage)
+        return too_large(size) or st.read_bytes(uri, storage)
 
     def fetch(item: tuple[str, int]):
         uri, size = item
@@ -114,15 +127,10 @@ def iter_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, r
         while True:
             try:
                 return attempt(uri, size)
-            except FileNotFoundError:
-                return "cannot read: file not found"
-            except PERMANENT as exc:
-                return f"cannot read: {st.describe_error(exc)}"
-            except OSError as exc:
-                if st.is_local(uri):  # a local disk's answer is about the file (permissions, a broken link)
-                    return f"cannot read: {st.describe_error(exc)}"
-                transient = exc
-            except Exception as exc:  # noqa: BLE001 - of the moment: retried, then the part fails
+            except Exception as exc:  # noqa: BLE001 - a file's own fault is its row, the rest is retried
+                reason = file_reason(uri, exc)
+                if reason is not None:
+                    return reason
                 transient = exc
             wait = random.uniform(0, backoff)  # full jitter
             if time.monotonic() + wait > deadline:
@@ -139,17 +147,9 @@ def iter_files(uris: list[str], sizes, storage: StorageConfig, max_bytes: int, r
         if size < 0:
             try:
                 size = st.size_of(uri, storage)
-            except FileNotFoundError:
-                return "cannot read: file not found"
-            except PERMANENT as exc:
-                return f"cannot read: {st.describe_error(exc)}"
-            except OSError as exc:  # a local disk's answer is about the file
-                return f"cannot read: {st.describe_error(exc)}"
-            except Exception:  # noqa: BLE001 - fetch retries it as it would any read
-                return None
-        if size > max_bytes:
-            return f"file too large: {size / 2**20:.1f} MiB is over score.max_file_mb ({max_bytes / 2**20:g} MiB)"
-        return size
+            except Exception as exc:  # noqa: BLE001 - None: fetch retries it as it would any read
+                return file_reason(uri, exc)
+        return too_large(size) or size
 
     items = list(zip(uris, (int(s) for s in sizes)))
     if len(items) <= 1:
