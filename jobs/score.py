@@ -1,7 +1,7 @@
 """Score every image under a folder/prefix (or in a list of URIs) into Parquet.
 
     python -m jobs.score --model s3://bucket/runs/2026-11-30 --images s3://bucket/images --output s3://bucket/scores \
-                         --batch-size 64 --top-k 5 --rows-per-file 100000
+                         --batch-size 64 --top-k 5
     python -m jobs.score --model 's3://bucket/registry#flowers' --images s3://bucket/incoming/ \
                          --output s3://bucket/scores/2026-12-01
     python -m jobs.score --model demo_output/runs/RUN --images demo_output/validation.txt \
@@ -47,7 +47,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--cpus-per-actor", type=float,
                         help="CPUs each predictor actor reserves for feeding its device (default 4 on GPU "
                              "actors, 1 on CPU actors), kept from decode tasks")
-    parser.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default 100000)")
+    parser.add_argument("--rows-per-file", type=int,
+                        help="the most rows per Parquet file (default: as many as fit in score.part_mb, 128 MiB)")
     parser.add_argument("--overwrite", action="store_true",
                         help="list the images again and score everything, replacing what OUTPUT holds (needed "
                              "when the model, image source or top-k differ, or the images changed since)")
@@ -75,7 +76,9 @@ def main(argv: Sequence[str]) -> int:
             f"(top {plan.top_k}; listed by Ray tasks when it runs, or from the plan an earlier run left"
             + ("; the earlier run completed: its input is checked for changes" if plan.previous_complete is not None
                else "") + ")",
-            f"write Parquet files of up to {plan.rows_per_file} rows and {SUMMARY_NAME} to {plan.output}, "
+            f"write Parquet files of up to {plan.rows_per_file} rows"
+            + (f" (about {plan.part_mb:g} MiB at most)" if plan.part_mb else "")
+            + f" and {SUMMARY_NAME} to {plan.output}, "
             "holding its lease (_lease.json) meanwhile",
             f"run on {ray_target(cfg)}",
         ])

@@ -267,8 +267,16 @@ class ScoreConfig(_Section):
     # started, model loaded and compiled) before any part is scored; then it
     # exits 1 naming how many were ready.
     actor_start_timeout_s: float = Field(600.0, gt=0)
-    # Rows per Parquet file; each file is also the unit of resume.
-    rows_per_file: int = Field(100_000, ge=1)
+    # A part's Parquet file aims at this size (MiB): before Ray starts, the
+    # job encodes rows of the first image URIs it finds (a list's head, a
+    # prefix's first keys) as a part file would hold them and takes as many
+    # rows per part as fit, rounded down to two significant digits (about
+    # 2.5M rows of 60-character URIs, top 5, at 128). Parts are also the unit
+    # of work and of resume. None: rows_per_file alone.
+    part_mb: Optional[float] = Field(128.0, gt=0)
+    # The most rows a part (one Parquet file) holds; None: as many as
+    # part_mb gives. One of the two must be set.
+    rows_per_file: Optional[int] = Field(None, ge=1)
     # Files read (concurrently on object stores) and decoded per CPU task call;
     # a model batch is ceil(batch_size / read_batch) such tasks.
     read_batch: int = Field(64, ge=1)
@@ -302,6 +310,12 @@ class ScoreConfig(_Section):
     # Progress (parts, rows/s, errors, ETA) is logged and written into
     # _summary.json this often.
     progress_every_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _part_size_given(self) -> "ScoreConfig":
+        if self.part_mb is None and self.rows_per_file is None:
+            raise ValueError("score.part_mb and score.rows_per_file are both null: set one (the size of a part)")
+        return self
 
 
 class Config(_Section):

@@ -83,8 +83,9 @@ def to_table(batch: dict, labels: list[str], model: str) -> pa.Table:
     top_labels = pa.ListArray.from_arrays(offsets, pa.array(names[index[ok]].ravel(), pa.string()))
     top_scores = pa.ListArray.from_arrays(offsets, pa.array(scores[ok].ravel(), pa.float32()))
     first = np.where(ok, index[:, 0], 0)
+    uri = batch["uri"]
     columns = [
-        pa.array([str(u) for u in batch["uri"]], pa.string()),
+        uri if isinstance(uri, pa.Array) else pa.array([str(u) for u in uri], pa.string()),
         pa.array(names[first], pa.string(), mask=~ok),
         pa.array(scores[:, 0], pa.float32(), mask=~ok),
         top_labels,
@@ -93,6 +94,25 @@ def to_table(batch: dict, labels: list[str], model: str) -> pa.Table:
         pa.array([model] * len(errors), pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+def row_bytes(uris: list[str], labels: list[str], top_k: int, model: str) -> float:
+    """The bytes a scored row of these URIs takes in a part file: the URIs
+    (sorted, as in a part) scored with random labels and scores, encoded as
+    ``publish_part`` writes them, less the file's fixed cost (schema, footer).
+    Random scores do not compress, so it errs on the large side."""
+    rng = np.random.default_rng(0)
+    n = len(uris)
+    scores = -np.sort(-rng.random((n, top_k), dtype=np.float32), axis=1)
+    table = to_table({"uri": sorted(uris), "top_k_index": rng.integers(0, len(labels), (n, top_k)),
+                      "top_k_scores": scores, "error": [NO_ERROR] * n}, labels, model)
+
+    def size(t: pa.Table) -> int:
+        sink = pa.BufferOutputStream()
+        pq.write_table(t, sink)
+        return sink.getvalue().size
+
+    return max(1.0, (size(table) - size(table.slice(0, 0))) / max(n, 1))
 
 
 def publish_part(table: pa.Table, uris: pa.Array, uri: str, storage: StorageConfig, tmp_tag: str,

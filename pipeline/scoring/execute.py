@@ -12,8 +12,9 @@ batch goes to the actor that this part task expects to finish it first
 less work; each actor takes two calls at once, so one batch is fetched and
 copied to the device while the other runs.
 A batch in which no file decoded never reaches the model. At most a few parts
-are in flight, each with a bounded window of batches, so memory does not grow
-with the number of images.
+are in flight, each with a bounded window of batches (4, or more while too few
+parts run to keep the actors and decode CPUs busy: ``batches_ahead``), so
+memory does not grow with the number of images.
 
 The driver checks that the cluster can place the actors (else exit 2), starts
 them and waits until every one has loaded and compiled the model (one clear
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
@@ -141,14 +142,18 @@ def decode_files(uris: list, sizes: list, storage: StorageConfig, recipe: Recipe
     return errors, out["image"][errors == NO_ERROR]
 
 
-def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list, settings: dict) -> dict:
-    """A Ray task: score one part and publish its Parquet file. Returns
+def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list, settings: dict,
+               ahead: int = BATCHES_AHEAD) -> dict:
+    """A Ray task: score one part and publish its Parquet file, ``ahead``
+    model batches being decoded and as many being scored at a time. Returns
     {"index", "rows", "errors": {reason: count}}."""
     import ray
 
     table = read_plan_chunk(plan["plan_dir"], spec, storage)
-    uris = table.column("uri").to_pylist()
-    sizes = table.column("size").to_pylist()
+    # Kept as Arrow (a part may hold millions of URIs): Python lists only of
+    # the files each decode task gets.
+    uris = table.column("uri").combine_chunks()
+    sizes = table.column("size").combine_chunks()
     batch, group = settings["batch_size"], settings["read_batch"]
     decode = ray.remote(decode_files).options(num_cpus=1, num_returns=2, max_retries=DECODE_RETRIES,
                                               retry_exceptions=[TransientReadError])
@@ -156,18 +161,19 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
 
     def submit(start: int) -> list:
         end = min(start + batch, len(uris))
-        return [decode.remote(uris[s : min(s + group, end)], sizes[s : min(s + group, end)], storage,
+        return [decode.remote(uris.slice(s, min(group, end - s)).to_pylist(),
+                              sizes.slice(s, min(group, end - s)).to_pylist(), storage,
                               settings["recipe"], settings["max_bytes"], settings["max_pixels"], settings["retry_s"])
                 for s in range(start, end, group)]
 
     balance = LeastLoaded(len(actors))
-    decoding = [submit(s) for s in starts[:BATCHES_AHEAD]]
+    decoding = [submit(s) for s in starts[:ahead]]
     scored: list = []  # per batch: [errors, result ref, result or None]
     waiting: deque[int] = deque()  # batches whose result is still a reference
     for i in range(len(starts)):
         refs = decoding[i]
-        if i + BATCHES_AHEAD < len(starts):
-            decoding.append(submit(starts[i + BATCHES_AHEAD]))
+        if i + ahead < len(starts):
+            decoding.append(submit(starts[i + ahead]))
         errors = np.concatenate(ray.get([e for e, _ in refs]))
         ok = errors == NO_ERROR
         result = None
@@ -178,7 +184,7 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
             waiting.append(i)
         decoding[i] = None  # the images are the actor's now
         scored.append([errors, result])
-        while len(waiting) > BATCHES_AHEAD:
+        while len(waiting) > ahead:
             first = waiting.popleft()
             scored[first][1] = ray.get(scored[first][1])
     k = settings["top_k"]
@@ -196,7 +202,7 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
                     plan["labels"], plan["model"])
     limit = settings.get("max_error_fraction")
     failed = int(np.sum(np.concatenate(error_parts) != NO_ERROR))
-    if limit is not None and uris and failed > limit * len(uris):
+    if limit is not None and len(uris) and failed > limit * len(uris):
         reasons = Counter(e for e in np.concatenate(error_parts) if e != NO_ERROR).most_common(3)
         raise TooManyErrors(f"{spec.name}: {failed} of {len(uris)} images could not be scored, over "
                             f"score.max_error_fraction={limit} ({'; '.join(f'{n} {r}' for r, n in reasons)}); "
@@ -207,10 +213,25 @@ def score_part(spec: PartSpec, plan: dict, storage: StorageConfig, actors: list,
         # holds it with a fresh heartbeat; nobody can take it over for a full
         # timeout afterwards, far longer than the publish below takes.
         check_holder(plan["output"], plan["lease_job"], storage)
-    published = publish_part(rows, pa.array(sorted(uris), pa.string()), st.join(plan["output"], spec.name),
+    published = publish_part(rows, uris.take(pc.sort_indices(uris)), st.join(plan["output"], spec.name),
                              storage, tmp_tag=plan.get("lease_job", ""), writer=plan.get("writer"),
                              part_digest=spec.digest)
     return {"index": spec.index, "rows": published.num_rows, "errors": dict(error_counts(published))}
+
+
+def batches_wanted(pool: PredictorPool, read_batch: int) -> int:
+    """Model batches in flight, over all parts, that keep every actor busy
+    (two calls each) and every decode CPU busy."""
+    return max(2 * pool.actors, math.ceil(pool.decode_cpus / math.ceil(pool.batch_size / read_batch)))
+
+
+def batches_ahead(wanted: int, running: list[int]) -> int:
+    """The window of a part task started while parts with the windows
+    ``running`` are in flight: BATCHES_AHEAD, or what the running ones leave
+    of ``wanted`` when that is more. So a job of few large parts (score.part_mb)
+    still keeps the actors and decode CPUs busy, and in-flight batches stay
+    within ``wanted`` plus BATCHES_AHEAD a part."""
+    return max(BATCHES_AHEAD, wanted - sum(running))
 
 
 class LeastLoaded:
@@ -486,11 +507,14 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
 
     sc = cfg.score
     # Enough parts that their decode tasks can fill the free CPUs and their
-    # batches keep every actor busy; each part has BATCHES_AHEAD batches out.
+    # batches keep every actor busy; each part has BATCHES_AHEAD batches out,
+    # more when fewer parts run than that needs (batches_ahead).
     pool = predictor_pool(cfg)
     cpus = pool.decode_cpus
     decodes_per_part = BATCHES_AHEAD * math.ceil(pool.batch_size / sc.read_batch)
     in_flight = max(2, 2 * len(actors), math.ceil(cpus / decodes_per_part) + 1)
+    wanted = batches_wanted(pool, sc.read_batch)
+    windows: dict = {}  # running part task -> its batches_ahead
     shared = {"plan_dir": plan.plan_dir, "output": plan.output, "labels": plan.labels, "model": plan.model,
               "lease_job": lease.job_id if lease else "", "writer": plan.writer}
     settings = {"batch_size": pool.batch_size, "read_batch": sc.read_batch, "recipe": plan.recipe,
@@ -517,13 +541,16 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
                     timeline["listed"] = time.time()
             while queue and len(running) < in_flight:
                 spec = queue.popleft()
-                running[task.remote(spec, shared_ref, cfg.storage, actors_ref, settings_ref)] = spec
+                ahead = batches_ahead(wanted, list(windows.values()))
+                ref = task.remote(spec, shared_ref, cfg.storage, actors_ref, settings_ref, ahead)
+                running[ref], windows[ref] = spec, ahead
             done = []
             if running:
                 done, _ = ray.wait(list(running), num_returns=1,
                                    timeout=0.2 if listing else min(5.0, sc.progress_every_s))
             for ref in done:
                 spec = running.pop(ref)
+                windows.pop(ref, None)
                 result = _result(ref)
                 written.append(spec)
                 timeline.setdefault("first_commit", time.time())

@@ -453,6 +453,40 @@ def first_level(root: str, storage: StorageConfig) -> tuple[bool, bool]:
     return has_image, has_dir
 
 
+SAMPLE_URIS = 1000  # image URIs the driver reads to size parts (score.part_mb)
+SAMPLE_LEVELS = 32  # folders it looks into for them, at most (not on S3: one request)
+
+
+def sample_uris(root: str, storage: StorageConfig, n: int = SAMPLE_URIS) -> list[str]:
+    """Up to ``n`` image URIs under ``root``, the first in name order at any
+    depth, as listing writes them: what a part's size in bytes is estimated
+    from. On S3 one ``ListObjectsV2`` request without a delimiter; elsewhere
+    the first folders, depth first."""
+    fs, _ = st.check_source(root, storage)
+    _, path = st.get_fs_exact(root_level(root), storage)
+    names: list[str] = []
+    if st.protocol(fs.unstrip_protocol(path)) in ("s3", "s3a"):
+        bucket, _, key = path.partition("/")
+        fast_timestamps(fs)
+        page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key if not key or key.endswith("/") else key + "/",
+                          MaxKeys=PAGE_KEYS)
+        names = [f"{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
+    else:
+        stack, looked = [path], 0
+        while stack and len(names) < n and looked < SAMPLE_LEVELS:
+            dirs = []
+            looked += 1
+            for kind, name, _ in iter_level(fs, stack.pop()):
+                if kind == "dir":
+                    dirs.append(name)
+                elif has_image_extension(name.rsplit("/", 1)[-1]):
+                    names.append(name)
+                    if len(names) >= n:
+                        break
+            stack.extend(reversed(dirs))
+    return [st.full_uri(fs, name, like=root) for name in names if has_image_extension(name.rsplit("/", 1)[-1])][:n]
+
+
 # ---------------------------------------------------------------- URI lists
 
 
@@ -555,15 +589,16 @@ def entries_of(table: pa.Table) -> tuple[list[str], list[int]]:
     return ["" if e is None else str(e) for e in entries], [-1 if s is None else int(s) for s in sizes]
 
 
-def check_list_head(uri: str, storage: StorageConfig, allowed: frozenset[str]) -> None:
+def check_list_head(uri: str, storage: StorageConfig, allowed: frozenset[str]) -> list[str]:
     """Before Ray starts: the list is readable, has the columns it needs, names
-    at least one image in its first entries, and those entries are allowed."""
+    at least one image in its first entries, and those entries are allowed.
+    Returns the image URIs of those entries (none for an S3 Inventory)."""
     kind = list_kind(uri)
     if kind == "manifest":
         read_manifest(uri, storage)
         if "s3" not in allowed:
             raise UsageError(f"{uri}: an S3 Inventory names s3:// objects, which are not allowed here")
-        return
+        return []
     try:
         fs, path = st.get_fs(uri, storage)
         if kind == "parquet":
@@ -606,6 +641,7 @@ def check_list_head(uri: str, storage: StorageConfig, allowed: frozenset[str]) -
         raise UsageError(str(exc)) from None
     if not found and len(entries) < HEAD_ENTRIES:
         raise UsageError(f"{uri} lists no images")
+    return found
 
 
 def _list_base(uri: str, storage: StorageConfig) -> str:

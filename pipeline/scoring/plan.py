@@ -36,18 +36,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
+
 from pipeline import storage as st
 from pipeline.config import Config, StorageConfig
 from pipeline.errors import UsageError
 from pipeline.data.preprocess import Recipe
 from pipeline.scoring import listing
-from pipeline.scoring.commit import (SUCCESS_NAME, SUMMARY_NAME, NotKept, committed_errors, listdir,
+from pipeline.scoring.commit import (SUCCESS_NAME, SUMMARY_NAME, NotKept, committed_errors, listdir, row_bytes,
                                      short_digest)
 from pipeline.scoring.entries import EntryRejected, allowed_protocols
 from pipeline.scoring.parts import PART_NAME, PLAN_DIR, PLAN_FILE, SET_MOD, PartSpec, read_plan_chunk
 
 log = logging.getLogger(__name__)
-PLAN_VERSION = 2  # 2: plan.json records its input
+PLAN_VERSION = 3  # 2: plan.json records its input; 3: parts sized by score.part_mb (rows_per_part)
 DIFF_PARTS = 64  # changed parts whose URIs are read to count the images added and removed
 
 
@@ -60,7 +62,9 @@ class ScorePlan:
     labels: list[str]
     top_k: int  # already capped at the number of labels
     image_size: int
-    rows_per_file: int
+    rows_per_file: int  # rows per part: score.rows_per_file, or what score.part_mb gives (rows_per_part)
+    part_mb: Optional[float] = None  # score.part_mb
+    rows_cap: Optional[int] = None  # score.rows_per_file
     is_list: bool = False
     allowed: frozenset = frozenset()  # protocols list entries may name
     recipe: Optional[Recipe] = None  # the model's preprocessing.json
@@ -98,7 +102,7 @@ class ScorePlan:
     def lease_args(self) -> dict:
         """What decides the rows: two jobs may share an output only if these match."""
         return {"model": canonical(self.model), "images": canonical(self.source), "top_k": self.top_k,
-                "rows_per_file": self.rows_per_file}
+                "rows_per_file": self.rows_cap, "part_mb": self.part_mb}
 
 
 def canonical(uri: str) -> str:
@@ -124,11 +128,13 @@ def plan_score(cfg: Config, model: str, images: str, output: str, *,
         raise UsageError(f"{labels_uri} is not a JSON list of class names")
     plan = ScorePlan(model=shown, model_uri=model_uri, source=images, output=output, labels=list(labels),
                      top_k=min(cfg.score.top_k, len(labels)), image_size=0,
-                     rows_per_file=cfg.score.rows_per_file, model_fingerprint=model_fp)
+                     rows_per_file=0, part_mb=cfg.score.part_mb, rows_cap=cfg.score.rows_per_file,
+                     model_fingerprint=model_fp)
     plan.is_list = listing.is_list(images, cfg.storage)
+    sample: Optional[list[str]] = None
     if plan.is_list:
         plan.allowed = allowed_protocols(images, output, cfg.score.uri_protocols)
-        listing.check_list_head(images, cfg.storage, plan.allowed)
+        sample = listing.check_list_head(images, cfg.storage, plan.allowed)
         plan.input = {"kind": "list", "uri": images, **object_fingerprint(images, cfg.storage)}
     else:
         has_image, has_dir = listing.first_level(images, cfg.storage)
@@ -138,9 +144,52 @@ def plan_score(cfg: Config, model: str, images: str, output: str, *,
     check_previous_output(plan, cfg.storage, overwrite)
     plan.recipe = model_recipe(model_uri, cfg.storage, allow_unsafe=allow_unsafe)
     plan.image_size = plan.recipe.image_size
+    plan.rows_per_file = saved_rows(plan) or rows_per_part(cfg, plan, sample)
     if not overwrite:
         check_list_unchanged(plan)
     return plan
+
+
+def rows_per_part(cfg: Config, plan: ScorePlan, sample: Optional[list[str]] = None) -> int:
+    """Rows per part: as many as fit in ``score.part_mb`` by the bytes a row
+    of ``sample`` (image URIs of this input; read here when None) takes in a
+    part file, rounded down to two significant digits (the same input gives
+    the same size run after run, a few more keys too), at most
+    ``score.rows_per_file``."""
+    sc = cfg.score
+    if sc.part_mb is None:
+        return int(sc.rows_per_file)
+    if sample is None:
+        sample = listing.sample_uris(plan.source, cfg.storage)
+    if not sample:  # an S3 Inventory: keys of 32 hex digits, which hardly compress
+        rng = np.random.default_rng(0)
+        folder = plan.source.rsplit("/", 1)[0] if plan.is_list else plan.source.rstrip("/")
+        sample = [f"{folder}/{rng.bytes(16).hex()}.jpg" for _ in range(listing.SAMPLE_URIS)]
+    per_row = row_bytes(sample, plan.labels, plan.top_k, plan.model)
+    rows = int(sc.part_mb * 2**20 / per_row)
+    if rows >= 100:
+        unit = 10 ** (len(str(rows)) - 2)
+        rows = rows // unit * unit
+    rows = max(1, min(rows, sc.rows_per_file or rows))
+    log.info("score: parts of up to %d rows (%.0f bytes a row, score.part_mb %g%s)", rows, per_row, sc.part_mb,
+             f", score.rows_per_file {sc.rows_per_file}" if sc.rows_per_file else "")
+    return rows
+
+
+def saved_rows(plan: ScorePlan) -> Optional[int]:
+    """Rows per part of the earlier run's plan (``plan.saved``) when it was
+    made from this input with these settings, else None. A plan from before
+    score.part_mb (version 2, parts of ``rows_per_file``) is kept unless
+    score.rows_per_file now asks for another number."""
+    key = (plan.saved or {}).get("key") or {}
+    if key == plan_key(plan):
+        rows = plan.saved.get("rows_per_part")
+        return int(rows) if isinstance(rows, int) and rows > 0 else None
+    old = {**key, "version": PLAN_VERSION, "rows_per_file": plan.rows_cap, "part_mb": plan.part_mb}
+    if (key.get("version") == 2 and isinstance(key.get("rows_per_file"), int) and old == plan_key(plan)
+            and plan.rows_cap in (None, key["rows_per_file"])):
+        return key["rows_per_file"]
+    return None
 
 
 def _now() -> str:
@@ -201,7 +250,7 @@ def check_list_unchanged(plan: ScorePlan) -> None:
     """Without --overwrite, a list whose plan is reused must be the list that
     plan was made from, whether the earlier run finished or not."""
     saved = plan.saved
-    if not plan.is_list or saved is None or saved.get("key") != plan_key(plan):
+    if not plan.is_list or saved is None or saved_rows(plan) is None:
         return
     before = saved.get("input") or {}
     changes = input_changes(before, plan.input)
@@ -261,8 +310,8 @@ def _read_summary(output: str, storage: StorageConfig) -> Optional[dict]:
 
 
 def plan_key(plan: ScorePlan) -> dict:
-    return {"version": PLAN_VERSION, "images": canonical(plan.source), "rows_per_file": plan.rows_per_file,
-            "uri_protocols": sorted(plan.allowed)}
+    return {"version": PLAN_VERSION, "images": canonical(plan.source), "rows_per_file": plan.rows_cap,
+            "part_mb": plan.part_mb, "uri_protocols": sorted(plan.allowed)}
 
 
 def prepare_parts(cfg: Config, plan: ScorePlan, overwrite: bool = False,
@@ -275,7 +324,7 @@ def prepare_parts(cfg: Config, plan: ScorePlan, overwrite: bool = False,
     produces them (``PartStream``) and writes plan.json when listing ends."""
     storage = cfg.storage
     saved = plan.saved if not overwrite else None
-    if saved is not None and saved.get("key") == plan_key(plan):
+    if saved is not None and saved_rows(plan) == plan.rows_per_file:
         plan.parts = [PartSpec(**p) for p in saved["parts"]]
         plan.ignored = int(saved.get("ignored", 0))
         plan.input = saved.get("input") or plan.input
@@ -311,7 +360,8 @@ def prepare_parts(cfg: Config, plan: ScorePlan, overwrite: bool = False,
 def _write_plan(plan: ScorePlan, storage: StorageConfig) -> None:
     """plan.json, then the plan files it does not name are removed."""
     st.write_json(st.join(plan.plan_dir, PLAN_FILE),
-                  {"key": plan_key(plan), "made": _now(), "input": plan.input, "images": plan.images,
+                  {"key": plan_key(plan), "rows_per_part": plan.rows_per_file, "made": _now(), "input": plan.input,
+                   "images": plan.images,
                    "ignored": plan.ignored, "listing_tasks": plan.listing_tasks,
                    "parts": [p.to_dict() for p in sorted(plan.parts, key=lambda p: p.index)]}, storage)
     wanted = {p.plan_file for p in plan.parts} | {PLAN_FILE}

@@ -71,7 +71,9 @@ def missing_files_run(n: int, workdir: str, model_dir: str, *, address: Optional
     stats = os.path.join(workdir, f"driver-{os.path.basename(out)}.json")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=code_root or str(ROOT))
-    cmd = [sys.executable, "-c", DRIVER, stats, "--model", model_dir, "--images", listing, "--output", out, "-q"]
+    # Parts of 100,000 rows both ways (the baseline's default; score.part_mb came later).
+    cmd = [sys.executable, "-c", DRIVER, stats, "--model", model_dir, "--images", listing, "--output", out, "-q",
+           "--rows-per-file", "100000"]
     if address:
         cmd += ["--address", address]
     started = time.perf_counter()
