@@ -270,9 +270,10 @@ class ScoreConfig(_Section):
     # A part's Parquet file aims at this size (MiB): before Ray starts, the
     # job encodes rows of the first image URIs it finds (a list's head, a
     # prefix's first keys) as a part file would hold them and takes as many
-    # rows per part as fit, rounded down to two significant digits (about
-    # 2.5M rows of 60-character URIs, top 5, at 128). Parts are also the unit
-    # of work and of resume. None: rows_per_file alone.
+    # rows per part as fit with 5% to spare, rounded down to two significant
+    # digits (at 128, top 5: 3.4M rows of numbered keys, 1.9M of hashed
+    # names). Parts are also the unit of work and of resume. None:
+    # rows_per_file alone.
     part_mb: Optional[float] = Field(128.0, gt=0)
     # The most rows a part (one Parquet file) holds; None: as many as
     # part_mb gives. One of the two must be set.

@@ -17,7 +17,7 @@ from jobs import score as score_job
 from jobs._cli import run
 from pipeline.config import load_config
 from pipeline.errors import UsageError
-from pipeline.scoring.commit import SUCCESS_NAME, publish_part, row_bytes, to_table
+from pipeline.scoring.commit import SUCCESS_NAME, part_bytes, publish_part, to_table
 from pipeline.scoring.decode import NO_ERROR
 from pipeline.scoring.plan import ScorePlan, plan_score, rows_per_part
 from tests.test_score import CLASSES, make_images, tiny_model  # noqa: F401 - the session fixture
@@ -71,7 +71,7 @@ def test_rows_per_file_caps_part_mb_and_one_of_them_is_needed():
                          sized_plan("s3://photos/"), sample) == 1000
     # Longer URIs take more bytes a row: fewer of them in a part.
     long = [f"s3://photos/{'x' * 200}/{i:09d}.jpg" for i in range(1000)]
-    assert row_bytes(long, LABELS, 5, MODEL) > row_bytes(sample, LABELS, 5, MODEL)
+    assert part_bytes(long, LABELS, 5, MODEL)[0] > part_bytes(sample, LABELS, 5, MODEL)[0]
     cfg = load_config(None, [])
     assert rows_per_part(cfg, sized_plan("s3://photos/"), long) < rows_per_part(cfg, sized_plan("s3://photos/"), sample)
     with pytest.raises(UsageError, match="part_mb and score.rows_per_file are both null"):
@@ -104,7 +104,8 @@ def test_parts_by_size_resume_and_older_plans_are_kept(ray_session, tiny_model, 
     uris = sorted(str(p) for p in src.rglob("*") if p.is_file())
     assert len(uris) == n
     # A part_mb that holds 4 rows of these names.
-    mb = 4.5 * row_bytes(uris, CLASSES, 3, tiny_model) / 2**20
+    per_row, fixed = part_bytes(uris, CLASSES, 3, tiny_model)
+    mb = (4.5 * per_row + fixed) / 2**20
     out = tmp_path / "out"
     argv = ["--model", tiny_model, "--images", str(src), "--output", str(out), "--top-k", "3"]
     assert run(score_job.main, argv + ["--set", f"score.part_mb={mb}"]) == 0

@@ -53,6 +53,11 @@ SCHEMA = pa.schema(
         ("model", pa.string()),
     ]
 )
+# Columns written with a dictionary: the few distinct labels, errors and the
+# model. URIs and scores are (nearly) all distinct: a dictionary would only
+# cost bytes until Parquet gives it up, which makes a file's size per row
+# depend on its rows (and ``part_bytes`` wrong for small parts).
+DICTIONARY_COLUMNS = ["label", "top_k_labels.list.element", "error", "model"]
 SUMMARY_NAME = "_summary.json"
 SUCCESS_NAME = "_SUCCESS"  # written last by a run that completed the output
 WRITER_KEY = b"inception_ray.writer"  # a part's footer: who wrote it (JSON)
@@ -96,23 +101,40 @@ def to_table(batch: dict, labels: list[str], model: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
-def row_bytes(uris: list[str], labels: list[str], top_k: int, model: str) -> float:
-    """The bytes a scored row of these URIs takes in a part file: the URIs
-    (sorted, as in a part) scored with random labels and scores, encoded as
-    ``publish_part`` writes them, less the file's fixed cost (schema, footer).
-    Random scores do not compress, so it errs on the large side."""
-    rng = np.random.default_rng(0)
-    n = len(uris)
-    scores = -np.sort(-rng.random((n, top_k), dtype=np.float32), axis=1)
-    table = to_table({"uri": sorted(uris), "top_k_index": rng.integers(0, len(labels), (n, top_k)),
-                      "top_k_scores": scores, "error": [NO_ERROR] * n}, labels, model)
-
+def part_bytes(uris: list[str], labels: list[str], top_k: int, model: str) -> tuple[float, int]:
+    """(bytes a scored row of these URIs takes in a part file, bytes the file
+    takes once), as ``write_part_file`` writes it: the growth from half of
+    the URIs (every other one, sorted as in a part) to all of them, plus the
+    growth of the other columns from 10,000 to 20,000 rows of random labels
+    and scores; what is left of the larger file (footer, the labels'
+    dictionary) is the file's own. Random scores do not compress, so the
+    rows err on the large side."""
     def size(t: pa.Table) -> int:
         sink = pa.BufferOutputStream()
-        pq.write_table(t, sink)
+        write_part_file(t, sink)
         return sink.getvalue().size
 
-    return max(1.0, (size(table) - size(table.slice(0, 0))) / max(n, 1))
+    def growth(t: pa.Table) -> tuple[float, int]:
+        half = t.take(np.arange(0, t.num_rows, 2))
+        full = size(t)
+        per_row = (full - size(half)) / max(t.num_rows - half.num_rows, 1)
+        return per_row, max(0, int(full - per_row * t.num_rows))
+
+    rng = np.random.default_rng(0)
+    n = 20_000
+    scores = -np.sort(-rng.random((n, top_k), dtype=np.float32), axis=1)
+    rest = to_table({"uri": [""] * n, "top_k_index": rng.integers(0, len(labels), (n, top_k)),
+                     "top_k_scores": scores, "error": [NO_ERROR] * n}, labels, model).drop_columns(["uri"])
+    per_row, fixed = growth(rest)
+    if uris:
+        names, _ = growth(pa.table({"uri": pa.array(sorted(uris), pa.string())}))
+        per_row += names
+    return max(1.0, per_row), fixed
+
+
+def write_part_file(table: pa.Table, where) -> None:
+    """A part's Parquet file (a path or a pyarrow sink)."""
+    pq.write_table(table, where, use_dictionary=[c for c in DICTIONARY_COLUMNS if c.split(".")[0] in table.column_names])
 
 
 def publish_part(table: pa.Table, uris: pa.Array, uri: str, storage: StorageConfig, tmp_tag: str,
@@ -131,7 +153,7 @@ def publish_part(table: pa.Table, uris: pa.Array, uri: str, storage: StorageConf
         table = table.replace_schema_metadata({WRITER_KEY: json.dumps(footer, sort_keys=True).encode("utf-8")})
     with st.local_scratch() as scratch:
         local = os.path.join(scratch, posixpath.basename(uri))
-        pq.write_table(table, local)
+        write_part_file(table, local)
         st.publish_file(local, uri, storage, tmp_tag=tmp_tag)
     return table
 

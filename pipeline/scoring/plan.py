@@ -43,13 +43,16 @@ from pipeline.config import Config, StorageConfig
 from pipeline.errors import UsageError
 from pipeline.data.preprocess import Recipe
 from pipeline.scoring import listing
-from pipeline.scoring.commit import (SUCCESS_NAME, SUMMARY_NAME, NotKept, committed_errors, listdir, row_bytes,
+from pipeline.scoring.commit import (SUCCESS_NAME, SUMMARY_NAME, NotKept, committed_errors, listdir, part_bytes,
                                      short_digest)
 from pipeline.scoring.entries import EntryRejected, allowed_protocols
 from pipeline.scoring.parts import PART_NAME, PLAN_DIR, PLAN_FILE, SET_MOD, PartSpec, read_plan_chunk
 
 log = logging.getLogger(__name__)
 PLAN_VERSION = 3  # 2: plan.json records its input; 3: parts sized by score.part_mb (rows_per_part)
+# Rows per part are sized for this much more than the first names' bytes a
+# row: later names may compress a little worse (more digits change).
+PART_SIZE_MARGIN = 1.05
 DIFF_PARTS = 64  # changed parts whose URIs are read to count the images added and removed
 
 
@@ -165,8 +168,8 @@ def rows_per_part(cfg: Config, plan: ScorePlan, sample: Optional[list[str]] = No
         rng = np.random.default_rng(0)
         folder = plan.source.rsplit("/", 1)[0] if plan.is_list else plan.source.rstrip("/")
         sample = [f"{folder}/{rng.bytes(16).hex()}.jpg" for _ in range(listing.SAMPLE_URIS)]
-    per_row = row_bytes(sample, plan.labels, plan.top_k, plan.model)
-    rows = int(sc.part_mb * 2**20 / per_row)
+    per_row, fixed = part_bytes(sample, plan.labels, plan.top_k, plan.model)
+    rows = int(max(sc.part_mb * 2**20 - fixed, per_row) / (per_row * PART_SIZE_MARGIN))
     if rows >= 100:
         unit = 10 ** (len(str(rows)) - 2)
         rows = rows // unit * unit
