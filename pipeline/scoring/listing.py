@@ -468,8 +468,10 @@ def sample_uris(root: str, storage: StorageConfig, n: int = SAMPLE_URIS) -> list
     if st.protocol(fs.unstrip_protocol(path)) in ("s3", "s3a"):
         bucket, _, key = path.partition("/")
         fast_timestamps(fs)
-        page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key if not key or key.endswith("/") else key + "/",
-                          MaxKeys=PAGE_KEYS)
+        # Failing here (the first level was just listed) is a failure of the
+        # moment: the job's error, exit 1, like first_level's.
+        page = fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=PAGE_KEYS,
+                          Prefix=key if not key or key.endswith("/") else key + "/")
         names = [f"{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
     else:
         stack, looked = [path], 0
