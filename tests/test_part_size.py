@@ -204,3 +204,19 @@ def test_a_part_task_keeps_its_window_of_calls_in_flight(ray_session, tiny_model
         assert result["rows"] == 20
         seen[ahead] = ray.get(actor.most_at_once.remote())
     assert seen[8] >= 7 and seen[BATCHES_AHEAD] <= BATCHES_AHEAD + 1, seen
+
+
+def test_an_s3_prefix_is_sized_from_its_first_keys_at_any_depth(s3_endpoint, s3_bucket):
+    """On S3 the first keys under the prefix (one request, no delimiter)
+    are the sample: image keys at any depth, other files left out, at most n."""
+    from pipeline.scoring.listing import sample_uris
+
+    fs, bucket = s3_bucket
+    names = [f"{np.random.default_rng(i).bytes(60).hex()}.jpg" for i in range(30)]
+    for i, name in enumerate(names):
+        fs.pipe(f"{bucket}/imgs/{'a/b/' if i % 2 else 'c/'}{name}", b"")
+    fs.pipe(f"{bucket}/imgs/notes.txt", b"text")
+    storage = load_config(None, [f"storage.endpoint_url={s3_endpoint}"]).storage
+    sample = sample_uris(f"s3://{bucket}/imgs", storage)
+    assert sorted(sample) == sorted(f"s3://{bucket}/imgs/{'a/b/' if i % 2 else 'c/'}{n}" for i, n in enumerate(names))
+    assert len(sample_uris(f"s3://{bucket}/imgs/", storage, n=7)) == 7
