@@ -17,6 +17,7 @@ import pytest
 from jobs import score as score_job
 from jobs._cli import run
 from pipeline.config import StorageConfig
+from pipeline.errors import UsageError
 from pipeline.scoring import listing
 from pipeline.scoring.commit import SUMMARY_NAME
 from pipeline.scoring.parts import PartSpec, read_plan_chunk
@@ -109,6 +110,37 @@ def test_small_folders_are_packed_into_few_parts(ray_session, s3_endpoint, s3_bu
     for d in parts:  # sorted within a part, named by its URIs
         got = read_plan_chunk(plan_dir, PartSpec(**d), StorageConfig()).column("uri").to_pylist()
         assert got == sorted(got)
+
+
+def test_checks_before_ray_make_as_many_requests_for_a_large_prefix_as_for_a_small_one(tiny_model, tmp_path):
+    """``plan_score`` looks at a prefix before Ray starts (a list or a
+    folder? does it exist, is it a folder, does its first level hold an image
+    or a folder?) in a few requests, however many keys or sub-folders it
+    holds: s3fs's ``isdir`` had listed the whole level, every page, into its
+    cache (200 requests for 200,000 keys, 21 s at 30 ms a request, before
+    anything could start), and a level of folders was listed to its end.
+    Counted by the bench server, which answers pages of 1,000 keys."""
+    from pipeline.config import load_config
+    from pipeline.scoring.plan import plan_score
+    from tests.benchmarks.s3server import S3Server
+
+    requests: dict = {}
+    for n in (3, 5000):
+        keys = [f"flat/img-{i:05d}.jpg" for i in range(n)] + [f"deep/d{i:05d}/img.jpg" for i in range(n)]
+        with S3Server({"bench": keys}) as server:
+            cfg = load_config(None, [f"storage.endpoint_url={server.endpoint}"])
+            for prefix in ("flat", "deep"):
+                server.reset()
+                plan = plan_score(cfg, tiny_model, f"s3://bench/{prefix}", str(tmp_path / f"out-{prefix}-{n}"))
+                assert not plan.is_list
+                requests[prefix, n] = server.stats()
+            with pytest.raises(UsageError, match="source not found"):
+                plan_score(cfg, tiny_model, "s3://bench/none", str(tmp_path / "out"))
+            with pytest.raises(UsageError, match="is a file"):
+                plan_score(cfg, tiny_model, "s3://bench/flat/img-00001.jpg", str(tmp_path / "out"))
+    for prefix in ("flat", "deep"):
+        assert requests[prefix, 5000] == requests[prefix, 3], requests
+        assert sum(requests[prefix, 3].values()) <= 6, requests
 
 
 @pytest.mark.slow

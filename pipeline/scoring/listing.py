@@ -113,11 +113,11 @@ def _iter_s3_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
     common prefix ``imgs//`` is a level of its own, below ``imgs/``), others
     get one ``/``; the sub-prefixes yielded are the CommonPrefixes verbatim,
     trailing slash included, so each is longer than ``prefix`` and the walk
-    ends."""
+    ends. Page by page (a page's files, then its sub-prefixes): a caller
+    that stops early has made only the requests it needed."""
     bucket, _, key = path.partition("/")
     prefix = key if not key or key.endswith("/") else key + "/"
     token: Optional[str] = None
-    dirs: list[str] = []
     fast_timestamps(fs)
     while True:
         kwargs = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000}
@@ -127,13 +127,12 @@ def _iter_s3_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
         for obj in page.get("Contents", []):
             if obj["Key"] != prefix:  # the folder marker of this level is not a file in it
                 yield "file", f"{bucket}/{obj['Key']}", int(obj.get("Size") or 0)
-        dirs.extend(f"{bucket}/{p['Prefix']}" for p in page.get("CommonPrefixes", [])
-                    if len(p["Prefix"]) > len(prefix) and p["Prefix"].startswith(prefix))
+        for p in page.get("CommonPrefixes", []):
+            if len(p["Prefix"]) > len(prefix) and p["Prefix"].startswith(prefix):
+                yield "dir", f"{bucket}/{p['Prefix']}", 0
         token = page.get("NextContinuationToken")
         if not page.get("IsTruncated") or not token:
             break
-    for d in dirs:
-        yield "dir", d, 0
 
 
 PAGE_KEYS = 1000  # keys per ListObjectsV2 request
@@ -437,20 +436,17 @@ def root_level(root: str) -> str:
     return root.rstrip("/") + "/"
 
 
-def first_level(root: str, storage: StorageConfig) -> tuple[bool, bool]:
-    """(an image file directly under ``root``, any sub-prefix): the driver's
-    one look at a prefix before Ray starts."""
+def first_level(root: str, storage: StorageConfig) -> bool:
+    """Whether ``root`` holds an image file or a sub-prefix directly: the
+    driver's one look at a prefix before Ray starts, a few requests whatever
+    its size (it stops at the first of either: on S3, for a level of images
+    or of folders, its first page); the listing is the listing tasks' work."""
     fs, _ = st.check_source(root, storage)
     _, path = st.get_fs_exact(root_level(root), storage)
-    has_image = has_dir = False
     for kind, name, _ in iter_level(fs, path):
-        if kind == "dir":
-            has_dir = True
-        elif has_image_extension(name.rsplit("/", 1)[-1]):
-            has_image = True
-        if has_image:
-            break
-    return has_image, has_dir
+        if kind == "dir" or has_image_extension(name.rsplit("/", 1)[-1]):
+            return True
+    return False
 
 
 SAMPLE_URIS = 1000  # image URIs the driver reads to size parts (score.part_mb)

@@ -140,8 +140,7 @@ def plan_score(cfg: Config, model: str, images: str, output: str, *,
         sample = listing.check_list_head(images, cfg.storage, plan.allowed)
         plan.input = {"kind": "list", "uri": images, **object_fingerprint(images, cfg.storage)}
     else:
-        has_image, has_dir = listing.first_level(images, cfg.storage)
-        if not has_image and not has_dir:
+        if not listing.first_level(images, cfg.storage):
             raise UsageError(no_images(images))
     st.check_writable(output, cfg.storage)
     check_previous_output(plan, cfg.storage, overwrite)
