@@ -231,11 +231,13 @@ def markdown(r: dict) -> str:
         "Why the split falls short of 3x here: the client's CPU per page bounds it. With botocore parsing each "
         "key's `LastModified` through dateutil, a page of 1,000 keys cost the client about 0.3-0.5 s of CPU, "
         "about 15 ms the server; listing now parses ISO 8601 timestamps with `datetime.fromisoformat` "
-        "(`listing.fast_timestamps`, the same instants), about 60 ms a page on this machine. Listing is then "
-        "CPU-bound on the client: parallel tasks can at best use this machine's 2 CPUs (which other work shared "
-        "during these runs), so the split gains only where the server's own time per request (the latency "
-        "column) leaves the client waiting; on a node with more cores, or against S3's real page times, the "
-        "same ranges overlap more.",
+        "(`listing.fast_timestamps`, the same instants): measured in one process, 29 ms of client CPU a page "
+        "(about 23 ms of it botocore turning the XML into dicts, 6 ms ours: URIs, hashes, the plan file) and "
+        "2 ms of the bench server's. Listing is then CPU-bound on the client: 200 pages are about 6 s of CPU, "
+        "at best 3 s on these 2 CPUs, so with +30 ms a request one task's 13 s can shrink at most about 4x, and "
+        "the split's own start (the first task's page and its sequential `StartAfter` probes, about 0.8 s "
+        "before other tasks start) and Ray's tasks take the rest; on a node with more cores, or against S3's "
+        "real page times, the same ranges overlap more.",
         "",
         "What the first part waited for at 200,000 keys before (1.95x): the driver's check of the prefix "
         "before Ray starts (`storage.check_source`) asked s3fs whether it is a folder, and s3fs's `isdir` "
