@@ -140,7 +140,11 @@ def test_checks_before_ray_make_as_many_requests_for_a_large_prefix_as_for_a_sma
                 plan_score(cfg, tiny_model, "s3://bench/flat/img-00001.jpg", str(tmp_path / "out"))
     for prefix in ("flat", "deep"):
         assert requests[prefix, 5000] == requests[prefix, 3], requests
-        assert sum(requests[prefix, 3].values()) <= 6, requests
+        # A handful: list or folder (a HEAD, s3fs's directory check), the
+        # source check, the first page of the level, the part-size sample
+        # (source check, one page); s3fs may add one of its own (seen once,
+        # in a process that ran other S3 tests before).
+        assert sum(requests[prefix, 3].values()) <= 8, requests
 
 
 @pytest.mark.slow
