@@ -169,6 +169,7 @@ def test_a_part_task_keeps_its_window_of_calls_in_flight(ray_session, tiny_model
     from pipeline.scoring.execute import BATCHES_AHEAD, score_part
     from pipeline.scoring.plan import prepare_parts
     from tests import imagefactory as fx
+    from tests.test_predictor import part_task_args
 
     @ray.remote(num_cpus=0, max_concurrency=32)
     class Counting:
@@ -180,7 +181,7 @@ def test_a_part_task_keeps_its_window_of_calls_in_flight(ray_session, tiny_model
             with self.lock:
                 self.now += 1
                 self.most = max(self.most, self.now)
-            time.sleep(1.5)
+            time.sleep(3.0)  # long enough for the window's decode tasks to start meanwhile
             with self.lock:
                 self.now -= 1
             return np.zeros((len(ok), 2), np.int32), np.full((len(ok), 2), 0.5, np.float32)
@@ -188,20 +189,17 @@ def test_a_part_task_keeps_its_window_of_calls_in_flight(ray_session, tiny_model
         def most_at_once(self) -> int:
             return self.most
 
-    fx.write_tree(str(tmp_path / "images"), {f"{i:02d}.png": fx.palette_png() for i in range(20)})
+    fx.write_tree(str(tmp_path / "images"), {f"{i:02d}.png": fx.palette_png() for i in range(12)})
     cfg = load_config(None, ["score.rows_per_file=100"])
     plan = plan_score(cfg, tiny_model, str(tmp_path / "images"), str(tmp_path / "out"))
     prepare_parts(cfg, plan)
-    shared = {"plan_dir": plan.plan_dir, "output": plan.output, "labels": plan.labels, "model": plan.model,
-              "lease_job": "", "writer": plan.writer}
-    settings = {"batch_size": 1, "read_batch": 1, "recipe": plan.recipe, "max_bytes": 2**20, "max_pixels": 10**7,
-                "top_k": 2, "retry_s": 5.0, "max_error_fraction": None}
+    shared, settings = part_task_args(plan)
     seen = {}
     for ahead in (8, BATCHES_AHEAD):
         actor = Counting.remote()
         assert ray.get(actor.most_at_once.remote()) == 0
         result = score_part(plan.parts[0], shared, cfg.storage, [actor], settings, ahead)
-        assert result["rows"] == 20
+        assert result["rows"] == 12
         seen[ahead] = ray.get(actor.most_at_once.remote())
     assert seen[8] >= 7 and seen[BATCHES_AHEAD] <= BATCHES_AHEAD + 1, seen
 

@@ -82,6 +82,16 @@ def test_top_k_on_the_device_orders_ties_as_the_stable_sort():
 # ---------------------------------------------------------------- dispatch
 
 
+def part_task_args(plan) -> tuple[dict, dict]:
+    """``score_part``'s plan and settings arguments as the job passes them,
+    for a part scored one file a batch, top 2, no lease."""
+    shared = {"plan_dir": plan.plan_dir, "output": plan.output, "labels": plan.labels, "model": plan.model,
+              "lease_job": "", "writer": plan.writer}
+    settings = {"batch_size": 1, "read_batch": 1, "recipe": plan.recipe, "max_bytes": 2**20, "max_pixels": 10**7,
+                "top_k": 2, "retry_s": 5.0, "max_error_fraction": None}
+    return shared, settings
+
+
 def test_least_loaded_dispatch_sends_batches_away_from_a_slow_actor(ray_session, tiny_model, tmp_path):
     """A part task (score_part, as the job runs it) with two actors, one of
     which takes 5 s a batch: the fast one gets most of the 16 batches,
@@ -113,10 +123,7 @@ def test_least_loaded_dispatch_sends_batches_away_from_a_slow_actor(ray_session,
     assert len(plan.parts) == 1
     slow, fast = Stub.remote(5.0), Stub.remote(0.0)
     assert ray.get([slow.count.remote(), fast.count.remote()]) == [0, 0]  # both started, as the job waits for
-    shared = {"plan_dir": plan.plan_dir, "output": plan.output, "labels": plan.labels, "model": plan.model,
-              "lease_job": "", "writer": plan.writer}
-    settings = {"batch_size": 1, "read_batch": 1, "recipe": plan.recipe, "max_bytes": 2**20, "max_pixels": 10**7,
-                "top_k": 2, "retry_s": 5.0, "max_error_fraction": None}
+    shared, settings = part_task_args(plan)
     result = score_part(plan.parts[0], shared, StorageConfig(), [slow, fast], settings)
     assert result["rows"] == 16 and result["errors"] == {}
     calls = {"slow": ray.get(slow.count.remote()), "fast": ray.get(fast.count.remote())}

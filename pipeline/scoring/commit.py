@@ -134,7 +134,8 @@ def part_bytes(uris: list[str], labels: list[str], top_k: int, model: str) -> tu
 
 def write_part_file(table: pa.Table, where) -> None:
     """A part's Parquet file (a path or a pyarrow sink)."""
-    pq.write_table(table, where, use_dictionary=[c for c in DICTIONARY_COLUMNS if c.split(".")[0] in table.column_names])
+    present = [c for c in DICTIONARY_COLUMNS if c.split(".")[0] in table.column_names]
+    pq.write_table(table, where, use_dictionary=present)
 
 
 def publish_part(table: pa.Table, uris: pa.Array, uri: str, storage: StorageConfig, tmp_tag: str,

@@ -514,7 +514,6 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
     decodes_per_part = BATCHES_AHEAD * math.ceil(pool.batch_size / sc.read_batch)
     in_flight = max(2, 2 * len(actors), math.ceil(cpus / decodes_per_part) + 1)
     wanted = batches_wanted(pool, sc.read_batch)
-    windows: dict = {}  # running part task -> its batches_ahead
     shared = {"plan_dir": plan.plan_dir, "output": plan.output, "labels": plan.labels, "model": plan.model,
               "lease_job": lease.job_id if lease else "", "writer": plan.writer}
     settings = {"batch_size": pool.batch_size, "read_batch": sc.read_batch, "recipe": plan.recipe,
@@ -524,7 +523,7 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
     actors_ref = ray.put(actors)
     shared_ref, settings_ref = ray.put(shared), ray.put(settings)
     queue = deque(todo)
-    running: dict = {}
+    running: dict = {}  # part task -> (its part, its batches_ahead)
     written: list[PartSpec] = []
     timeline = {} if timeline is None else timeline
     stream = plan.stream
@@ -541,16 +540,14 @@ def _dispatch(cfg: Config, plan: ScorePlan, todo: list[PartSpec], actors: list, 
                     timeline["listed"] = time.time()
             while queue and len(running) < in_flight:
                 spec = queue.popleft()
-                ahead = batches_ahead(wanted, list(windows.values()))
-                ref = task.remote(spec, shared_ref, cfg.storage, actors_ref, settings_ref, ahead)
-                running[ref], windows[ref] = spec, ahead
+                ahead = batches_ahead(wanted, [window for _, window in running.values()])
+                running[task.remote(spec, shared_ref, cfg.storage, actors_ref, settings_ref, ahead)] = (spec, ahead)
             done = []
             if running:
                 done, _ = ray.wait(list(running), num_returns=1,
                                    timeout=0.2 if listing else min(5.0, sc.progress_every_s))
             for ref in done:
-                spec = running.pop(ref)
-                windows.pop(ref, None)
+                spec, _ = running.pop(ref)
                 result = _result(ref)
                 written.append(spec)
                 timeline.setdefault("first_commit", time.time())

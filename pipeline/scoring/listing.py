@@ -457,9 +457,9 @@ def sample_uris(root: str, storage: StorageConfig, n: int = SAMPLE_URIS) -> list
     """Up to ``n`` image URIs under ``root``, the first in name order at any
     depth, as listing writes them: what a part's size in bytes is estimated
     from. On S3 one ``ListObjectsV2`` request without a delimiter; elsewhere
-    the first folders, depth first."""
-    fs, _ = st.check_source(root, storage)
-    _, path = st.get_fs_exact(root_level(root), storage)
+    the first folders, depth first. ``root`` is a folder or prefix
+    (``first_level`` checked it)."""
+    fs, path = st.get_fs_exact(root_level(root), storage)
     names: list[str] = []
     if st.protocol(fs.unstrip_protocol(path)) in ("s3", "s3a"):
         bucket, _, key = path.partition("/")

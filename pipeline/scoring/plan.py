@@ -183,14 +183,14 @@ def saved_rows(plan: ScorePlan) -> Optional[int]:
     made from this input with these settings, else None. A plan from before
     score.part_mb (version 2, parts of ``rows_per_file``) is kept unless
     score.rows_per_file now asks for another number."""
-    key = (plan.saved or {}).get("key") or {}
-    if key == plan_key(plan):
+    key, now = (plan.saved or {}).get("key") or {}, plan_key(plan)
+    if key == now:
         rows = plan.saved.get("rows_per_part")
         return int(rows) if isinstance(rows, int) and rows > 0 else None
-    old = {**key, "version": PLAN_VERSION, "rows_per_file": plan.rows_cap, "part_mb": plan.part_mb}
-    if (key.get("version") == 2 and isinstance(key.get("rows_per_file"), int) and old == plan_key(plan)
-            and plan.rows_cap in (None, key["rows_per_file"])):
-        return key["rows_per_file"]
+    rows = key.get("rows_per_file")
+    same_input = all(key.get(k) == now[k] for k in ("images", "uri_protocols"))
+    if key.get("version") == 2 and isinstance(rows, int) and same_input and plan.rows_cap in (None, rows):
+        return rows
     return None
 
 
