@@ -297,7 +297,8 @@ class ScoreConfig(_Section):
     # for a local list of S3 images); local paths only when the list is local.
     uri_protocols: list[str] = Field(default_factory=list)
     # Listing tasks in flight at once (one per folder level or key range of a
-    # prefix), and at most twice the cluster's CPUs: they reserve no Ray CPU.
+    # prefix), and at most three times the cluster's CPUs: they reserve no Ray
+    # CPU and wait on the object store for most of each page.
     list_concurrency: int = Field(16, ge=1)
     # A job's hold on its output: a lease whose heartbeat is older than this
     # (or whose holder process on this machine and pid namespace is gone) may

@@ -42,14 +42,18 @@ def plan_uris(plan_dir: str, parts: list[dict]) -> list[str]:
 
 def test_split_points_are_inside_the_range_and_increasing():
     keys = [f"p/k-{i:06d}.jpg" for i in range(100_000)]
+    rounds = []
 
-    def probe(after):
+    def probe(afters):
         import bisect
-        i = bisect.bisect_right(keys, after)
-        return keys[i] if i < len(keys) else None
+        rounds.append(len(afters))
+        return [keys[i] if i < len(keys) else None for i in (bisect.bisect_right(keys, a) for a in afters)]
 
     points = listing.split_points(probe, "p/", keys[0], keys[999], None, sample=tuple(keys[:1000]))
     assert 2 <= len(points) <= listing.SPLIT_PIECES
+    # The probes go out in rounds of requests made at once: 3 round trips
+    # (the 4x ladder, two rounds narrowing the end), not one per probe.
+    assert len(rounds) <= 3 and sum(rounds) <= listing.SPLIT_PROBES, rounds
     assert all(a < b for a, b in zip([keys[999], *points], points)) and points[-1] < "p/\x7f"
     # Roughly balanced: no piece holds more than half of what remains.
     import bisect

@@ -33,6 +33,7 @@ import os
 import time
 import zlib
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional
 
 import pyarrow as pa
@@ -44,6 +45,7 @@ from pipeline.errors import UsageError
 from pipeline.data.images import has_image_extension
 from pipeline.scoring.entries import EntryRejected, check_entry
 from pipeline.scoring.parts import write_plan_chunk
+from pipeline.storage.s3parse import cycle_collection_paused, fast_listing
 
 log = logging.getLogger(__name__)
 
@@ -76,37 +78,6 @@ def iter_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
         yield ("dir", info["name"], 0) if info["type"] == "directory" else ("file", info["name"], int(info.get("size") or 0))
 
 
-def _parse_timestamp(value: str):
-    """An ISO 8601 timestamp (a listing's ``LastModified``) by
-    ``datetime.fromisoformat``; anything else by botocore's own parser."""
-    from datetime import datetime, timezone
-
-    try:
-        parsed = datetime.fromisoformat(value)
-    except (TypeError, ValueError):
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
-
-        return DEFAULT_TIMESTAMP_PARSER(value)
-    return parsed.astimezone(timezone.utc)
-
-
-def fast_timestamps(fs) -> None:
-    """Every ``ListObjectsV2`` page carries a ``LastModified`` per key, which
-    botocore parses with dateutil: two thirds of the client's CPU time for a
-    page of 1,000 keys, so listing tasks were bound by parsing dates they never
-    use. This s3fs filesystem's client parses ISO 8601 timestamps with
-    ``datetime.fromisoformat`` instead (the same instants, in UTC), others
-    (HTTP dates of HEAD/GET) as before. Once per filesystem instance."""
-    if getattr(fs, "_fast_timestamps", False):
-        return
-    fs.connect()
-    factory = fs.session.get_component("response_parser_factory")
-    factory.set_parser_defaults(timestamp_parser=_parse_timestamp)
-    fs._fast_timestamps = True
-
-
 def _iter_s3_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
     """One ``ListObjectsV2`` level of ``bucket/prefix``. Keys are used exactly
     as S3 returns them: a prefix that ends in ``/`` is listed as it is (the
@@ -118,7 +89,7 @@ def _iter_s3_level(fs, path: str) -> Iterator[tuple[str, str, int]]:
     bucket, _, key = path.partition("/")
     prefix = key if not key or key.endswith("/") else key + "/"
     token: Optional[str] = None
-    fast_timestamps(fs)
+    fast_listing(fs)
     while True:
         kwargs = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000}
         if token:
@@ -139,6 +110,8 @@ PAGE_KEYS = 1000  # keys per ListObjectsV2 request
 SPLIT_PIECES = 8  # key ranges a listing task hands out when it splits
 SPLIT_MIN_PAGES = 4  # a task splits when at least this many pages seem to remain; no piece is smaller
 SPLIT_PROBES = 24  # StartAfter probes a task spends sizing what remains
+PROBE_ROUND = 8  # probes a task sends at once
+NARROW_ROUNDS = 2  # rounds that narrow the end down, after the rounds that find it
 _DIGITS = 24  # characters of a key that split points look at
 
 
@@ -188,10 +161,13 @@ def split_points(probe, prefix: str, first: str, last: str, end: Optional[str], 
                  min_pages: int = SPLIT_MIN_PAGES, probes: int = SPLIT_PROBES, sample: tuple = ()) -> list[str]:
     """Where to split the keys after ``last`` (up to ``end``, inclusive; None:
     the end of the level) into key ranges of about equal numbers of keys,
-    judged from a page that went from ``first`` to ``last``: the key span of
-    that page is extended 4x at a time, ``probe(after)`` (the first key after
-    ``after``, or None) telling whether keys remain beyond, until none do, and
-    the end is narrowed down by halving between the last two probes; that
+    judged from a page that went from ``first`` to ``last``. ``probe(afters)``
+    answers a round of points at once (for each, the first key after it, or
+    None): the key span of that page extended 4x, 16x, ... (``PROBE_ROUND``
+    points a round) tells whether keys remain beyond each, until a point has
+    none; then ``NARROW_ROUNDS`` rounds of points evenly between the last point
+    with keys and the first without narrow the end down, ``probes`` points in
+    all; that
     stretch is cut into at most ``pieces`` equal spans of at least
     ``min_pages`` pages each (a task for less costs more than it saves), and
     its end is a point too (the range past it is empty: one request). A range
@@ -203,33 +179,41 @@ def split_points(probe, prefix: str, first: str, last: str, end: Optional[str], 
     x0, x1 = space.number(first[len(prefix):]), space.number(last[len(prefix):])
     top = space.number(end[len(prefix):]) if end is not None else space.top
     span = max(x1 - x0, 1)
+    budget = probes if end is None else 0  # a known end needs no probes
 
-    def beyond(n: int) -> Optional[bool]:
-        """Keys of the range after the point n (None: not a point after ``last``)."""
-        after = prefix + space.key(n)
-        if after <= last:
-            return None
-        key = probe(after)
-        return key is not None and (end is None or key <= end)
+    def beyond(ns: list[int]) -> list[Optional[bool]]:
+        """For each point: keys of the range after it (None: not a point after ``last``)."""
+        nonlocal budget
+        afters = [prefix + space.key(n) for n in ns]
+        asked = [a for a in afters if a > last]
+        budget -= len(asked)
+        got = dict(zip(asked, probe(asked))) if asked else {}
+        return [None if a <= last else (got[a] is not None and (end is None or got[a] <= end)) for a in afters]
+
+    def narrow(ns: list[int], known: int, reach: int) -> tuple[int, int]:
+        """Keys lie before a point and none after it, in key order: the last
+        point with keys beyond it and the first without."""
+        for n, more in zip(ns, beyond(ns)):
+            if more and reach > n:
+                known = max(known, n)
+            elif more is False:
+                reach = min(reach, n)
+        return known, reach
 
     reach, known, mult = top, x1, 4
-    for _ in range(probes if end is None else 0):  # a known end needs no probes
-        p = x1 + span * mult
-        if p >= top:
+    while budget > 0 and reach == top:  # rounds of the 4x ladder until a point has no keys after it
+        ladder = []
+        while len(ladder) < min(PROBE_ROUND, budget) and x1 + span * mult < top:
+            ladder.append(x1 + span * mult)
+            mult *= 4
+        if not ladder:
             break
-        more = beyond(p)
-        if more is False:
-            reach = p
+        known, reach = narrow(ladder, known, reach)
+    for _ in range(NARROW_ROUNDS):  # the end to within 1/81 of the stretch
+        k = min(PROBE_ROUND, budget, reach - known - 1)
+        if k < 1 or reach == top:
             break
-        if more:
-            known = p
-        mult *= 4
-    for _ in range(min(6, probes) if end is None and reach < top else 0):  # narrow the end down
-        mid = (known + reach) // 2
-        more = beyond(mid) if known < mid < reach else None
-        if more is None:
-            break
-        known, reach = (mid, reach) if more else (known, mid)
+        known, reach = narrow(sorted({known + (reach - known) * i // (k + 1) for i in range(1, k + 1)}), known, reach)
     pages = (reach - x1) // span
     n = int(min(pieces, pages // max(min_pages, 1)))
     if n < 2 and not (end is None and reach < top and pages >= min_pages):
@@ -260,7 +244,7 @@ def _iter_s3_range(fs, path: str, start_after: Optional[str], end: Optional[str]
     token: Optional[str] = None
     dirs: list[str] = []
     first_page = True
-    fast_timestamps(fs)
+    fast_listing(fs)
     while True:
         kwargs = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": page_keys}
         if token:
@@ -288,13 +272,18 @@ def _iter_s3_range(fs, path: str, start_after: Optional[str], end: Optional[str]
             break
         seen = [o["Key"] for o in contents] + common
         if first_page and split and seen:
-            def probe(after: str) -> Optional[str]:
-                got = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, StartAfter=after, MaxKeys=1)
-                return next((o["Key"] for o in got.get("Contents", [])), None)
+            def probe(afters: list[str]) -> list[Optional[str]]:
+                """The first key after each point, the requests at once."""
+                def first_after(after: str) -> Optional[str]:
+                    got = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, StartAfter=after, MaxKeys=1)
+                    return next((o["Key"] for o in got.get("Contents", [])), None)
+
+                with ThreadPoolExecutor(len(afters)) as pool:
+                    return list(pool.map(first_after, afters))
 
             last = max(seen)
             opts = {k: v for k, v in split.items() if k in ("pieces", "min_pages", "probes")}
-            points = split_points(probe, prefix, min(seen), last, end, sample=tuple(seen), **opts)
+            points = split_points(probe, prefix, min(seen), last, end, sample=tuple(seen[::16]), **opts)
             if points:
                 bounds = [last, *points, end]
                 handed.extend((bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1))
@@ -316,7 +305,13 @@ def list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, ro
     "files": images found, "ignored": other files, "range": (prefix, after,
     end) this task listed, "took": (start, end) times}. An S3 ``prefix`` is taken exactly as written: one that ends in
     ``/`` is that level (see ``_iter_s3_level``)."""
-    started = time.time()
+    with cycle_collection_paused():
+        return _list_level(prefix, like, storage, plan_dir, rows_per_file, start_after, end, split, loose_below)
+
+
+def _list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, rows_per_file: int,
+                start_after: Optional[str], end: Optional[str], split: Optional[dict], loose_below: int) -> dict:
+    started = time.time(); c0 = time.process_time()
     fs, path = st.get_fs_exact(prefix, storage)
     prefixes, parts, handed = [], [], []
     uris: list[str] = []
@@ -349,7 +344,7 @@ def list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, ro
         parts.append(write_plan_chunk(plan_dir, uris, sizes, storage))
     return {"prefixes": prefixes, "ranges": handed, "parts": parts, "loose": loose, "files": images,
             "ignored": ignored, "range": (prefix, start_after, handed[0][0] if handed else end),
-            "took": (started, time.time())}
+            "took": (started, time.time()), "cpu": time.process_time() - c0, "pid": os.getpid()}
 
 
 def iter_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file: int, concurrency: int,
@@ -368,9 +363,11 @@ def iter_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file:
     # No CPU of Ray's: a decode task (one CPU) of a part scored while the
     # listing goes on would otherwise wait until no listing task holds a
     # share of a CPU, i.e. for the whole listing on a small cluster. As many
-    # at once as when each held half a CPU.
+    # at once as when each held a third of a CPU: a page costs a task about
+    # 10-15 ms of CPU (s3parse) and S3 some 30 ms or more to answer, so three
+    # keep a CPU busy; more only start more worker processes.
     task = ray.remote(num_cpus=0, max_retries=3)(list_level)
-    concurrency = max(1, min(concurrency, int(2 * ray.cluster_resources().get("CPU", 1))))
+    concurrency = max(1, min(concurrency, int(3 * ray.cluster_resources().get("CPU", 1))))
     split_opts = {"page_keys": PAGE_KEYS, "pieces": SPLIT_PIECES, "min_pages": SPLIT_MIN_PAGES,
                   "probes": SPLIT_PROBES} if split else None
     todo: deque[tuple] = deque([(root_level(root), None, None)])
@@ -398,7 +395,7 @@ def iter_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file:
                 stats["ignored"] += result["ignored"]
                 stats["files"] += result["files"]
                 if "record" in stats:
-                    stats["record"].append({"range": result["range"], "took": result["took"],
+                    stats["record"].append({"range": result["range"], "took": result["took"], "cpu": result["cpu"], "pid": result["pid"], "rows": result["files"],
                                             "handed": len(result["ranges"])})
                 yield from result["parts"]
                 packed.extend(result["loose"])
@@ -463,7 +460,7 @@ def sample_uris(root: str, storage: StorageConfig, n: int = SAMPLE_URIS) -> list
     names: list[str] = []
     if st.protocol(fs.unstrip_protocol(path)) in ("s3", "s3a"):
         bucket, _, key = path.partition("/")
-        fast_timestamps(fs)
+        fast_listing(fs)
         # Failing here (the first level was just listed) is a failure of the
         # moment: the job's error, exit 1, like first_level's.
         page = fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=PAGE_KEYS,

@@ -6,6 +6,7 @@
 - ``conditional``: compare-and-swap writes (S3 conditional PutObject, a local
   lock, or a settle-checked lease on stores that ignore the conditions).
 - ``lease``: output leases (one job writes an output), built on ``conditional``.
+- ``s3parse``: S3 list pages parsed for a fraction of botocore's CPU, with its results.
 
 The names most callers need are re-exported here (``from pipeline import
 storage as st``); leases are imported from ``pipeline.storage.lease``.
