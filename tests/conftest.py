@@ -48,14 +48,12 @@ def ray_session():
         ray.init(
             num_cpus=2,
             include_dashboard=False,
-            # Idle worker processes are kept (up to 8, for 10 minutes) instead of
+            # Idle worker processes are kept (up to 6, for 10 minutes) instead of
             # Ray's default (as many as CPUs, the rest stopped after a second), so
             # that the many short jobs of these tests reuse workers that have
             # imported TensorFlow already: each score job otherwise starts its
-            # decode and predictor processes again (about 3 s each here). 8: a
-            # score job's listing tasks (up to 3 per CPU) and its decode tasks
-            # and predictor.
-            _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000},
+            # decode and predictor processes again (about 3 s each here).
+            _system_config={"num_workers_soft_limit": 6, "idle_worker_killing_time_threshold_ms": 600_000},
             logging_level="WARNING",
             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
                                       "TF_ENABLE_ONEDNN_OPTS": os.environ["TF_ENABLE_ONEDNN_OPTS"]}},
