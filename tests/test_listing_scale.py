@@ -20,7 +20,7 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from botocore.parsers import RestXMLParser, create_parser
+from botocore.parsers import RestXMLParser
 from botocore.session import get_session
 
 from jobs import score as score_job
@@ -284,7 +284,8 @@ def test_s3_inventory_manifests_csv_and_parquet(ray_session, tiny_model, s3_endp
 
 
 PARSE_KEYS = ["imgs/a b.jpg", "imgs/caf\u00e9.jpg", "imgs/x&y<z>.jpg", "imgs/plus+sign.jpg", "imgs/pct%41.jpg",
-        "imgs/sub/deep.jpg", "imgs/sub2/d.jpg", "imgs//double.jpg", "imgs/n-001.jpg", "imgs/n-002.jpg", "top.jpg"]
+              "imgs/sub/deep.jpg", "imgs/sub2/d.jpg", "imgs//double.jpg", "imgs/n-001.jpg", "imgs/n-002.jpg",
+              "top.jpg"]
 
 
 def _without_metadata(page: dict) -> dict:
@@ -340,12 +341,8 @@ PAGE = f"""<?xml version="1.0" encoding="UTF-8"?>
 def test_elements_the_loop_does_not_take_go_through_botocore():
     shape = get_session().get_service_model("s3").operation_model("ListObjectsV2").output_shape
     response = {"status_code": 200, "headers": {}, "body": PAGE}
-    plain = create_parser("rest-xml")
-    fast = s3parse._fast_list_mixin(RestXMLParser)()
-    for stamp in (None, s3parse.parse_timestamp):
-        if stamp is not None:
-            plain, fast = RestXMLParser(timestamp_parser=stamp), s3parse._fast_list_mixin(RestXMLParser)(
-                timestamp_parser=stamp)
+    for options in ({}, {"timestamp_parser": s3parse.parse_timestamp}):
+        plain, fast = RestXMLParser(**options), s3parse._fast_list_mixin(RestXMLParser)(**options)
         want, got = plain.parse(response, shape), fast.parse(response, shape)
         assert _without_metadata(got) == _without_metadata(want)
         assert got["Contents"][1]["ChecksumAlgorithm"] == ["CRC32", "SHA256"]
@@ -363,6 +360,20 @@ def test_iso_timestamps_are_the_same_instants():
         ours, theirs = s3parse.parse_timestamp(text), DEFAULT_TIMESTAMP_PARSER(text)
         assert ours == theirs and ours.utcoffset().total_seconds() == 0  # the same instant, in UTC
     assert s3parse.parse_timestamp("2026-01-02T03:04:05Z").tzinfo == timezone.utc
+
+
+def test_a_listing_task_runs_with_the_cycle_collector_paused(tmp_path, monkeypatch):
+    """A page's objects would set off collections of the whole worker (a
+    third of a listing task's CPU); the task pauses the collector, and only
+    while it runs."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"x")
+    seen = []
+    real = listing.write_plan_chunk
+    monkeypatch.setattr(listing, "write_plan_chunk", lambda *a, **k: seen.append(gc.isenabled()) or real(*a, **k))
+    result = listing.list_level(str(tmp_path / "imgs"), str(tmp_path / "imgs"), StorageConfig(),
+                                str(tmp_path / "plan"), 10)
+    assert result["files"] == 1 and seen == [False] and gc.isenabled()
 
 
 def test_cycle_collection_paused_and_restored():

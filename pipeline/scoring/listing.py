@@ -311,7 +311,7 @@ def list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, ro
 
 def _list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, rows_per_file: int,
                 start_after: Optional[str], end: Optional[str], split: Optional[dict], loose_below: int) -> dict:
-    started = time.time(); c0 = time.process_time()
+    started = time.time()
     fs, path = st.get_fs_exact(prefix, storage)
     prefixes, parts, handed = [], [], []
     uris: list[str] = []
@@ -344,7 +344,7 @@ def _list_level(prefix: str, like: str, storage: StorageConfig, plan_dir: str, r
         parts.append(write_plan_chunk(plan_dir, uris, sizes, storage))
     return {"prefixes": prefixes, "ranges": handed, "parts": parts, "loose": loose, "files": images,
             "ignored": ignored, "range": (prefix, start_after, handed[0][0] if handed else end),
-            "took": (started, time.time()), "cpu": time.process_time() - c0, "pid": os.getpid()}
+            "took": (started, time.time())}
 
 
 def iter_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file: int, concurrency: int,
@@ -395,7 +395,7 @@ def iter_prefix(root: str, storage: StorageConfig, plan_dir: str, rows_per_file:
                 stats["ignored"] += result["ignored"]
                 stats["files"] += result["files"]
                 if "record" in stats:
-                    stats["record"].append({"range": result["range"], "took": result["took"], "cpu": result["cpu"], "pid": result["pid"], "rows": result["files"],
+                    stats["record"].append({"range": result["range"], "took": result["took"],
                                             "handed": len(result["ranges"])})
                 yield from result["parts"]
                 packed.extend(result["loose"])

@@ -12,8 +12,9 @@ gives one s3fs filesystem's client:
   ``datetime.fromisoformat`` rather than dateutil (the same instants, in UTC);
   other timestamps (HTTP dates of HEAD/GET) as before;
 - lists of flat structures (a page's ``Contents``) turned into dicts by a loop
-  that resolves each member's tag, type and handler once per list instead of
-  once per element, with botocore's own scalar handlers; an element that is
+  that resolves each member's tag and type once per list instead of once per
+  element (strings, integers and timestamps converted as botocore converts
+  them, other members by its own handlers); an element that is
   not plain (a tag twice, anything the loop does not know) goes through
   botocore's generic path, as does every other shape. The results are equal
   to botocore's (tested against its own parser on S3 server answers).
@@ -50,9 +51,10 @@ _SCALARS = ("string", "integer", "long", "boolean", "timestamp", "float", "doubl
 def _flat_members(parser, shape) -> dict | None:
     """{xml tag: (member name, handler, member shape)} for a list member shape
     that the loop can take (a structure of body members, no union, no
-    exception), else None. Scalars map to the parser's own ``_handle_*``;
-    nested members to its ``_parse_shape`` (a single element: as botocore's
-    walk passes it)."""
+    exception), else None. Body strings, integers and timestamps map to the
+    kinds the loop converts itself; other scalars to the parser's own
+    ``_handle_*``, nested members to its ``_parse_shape`` (a single element:
+    as botocore's walk passes it)."""
     if shape.type_name != "structure" or shape.metadata.get("exception") or getattr(shape, "is_tagged_union", False):
         return None
     from botocore.utils import is_json_value_header

@@ -262,7 +262,7 @@ def markdown(results: dict) -> str:
 
     per_round = "\n".join(
         f"| {i} | {cell(r['loop'])} | {cell(r['ceiling'])} | {cell(r['compiled'])} | {cell(r['job_small'])} "
-        f"| {cell(r['job_large'])} | {cell(r['job_steady']) if 'job_steady' in r else '–'} "
+        f"| {cell(r['job_large'])} | {cell(r['job_steady'])} "
         f"| {r['job_small']['wall_s']:.1f} / {r['job_large']['wall_s']:.1f} "
         f"| {r['job_small']['peak_rss_mb']} / {r['job_large']['peak_rss_mb']} |"
         for i, r in enumerate(results["rounds"], start=1)
@@ -321,7 +321,7 @@ including Ray's start, and their peak MB, for N / 4N images:
 
 def _steady_n(results: dict) -> str:
     n = results["images"]
-    return f"{n['steady'] // n['small']}N" if "steady" in n else "4N"  # 4N: results saved before the long run
+    return f"{n['steady'] // n['small']}N"
 
 
 def _same(results: dict) -> str:
