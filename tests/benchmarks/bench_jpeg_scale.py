@@ -14,6 +14,7 @@ ms/image x 4.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -138,6 +139,72 @@ the colour conversion and upsampling run on the smaller image, and the area resi
 fewer pixels; but libjpeg still entropy-decodes every coefficient of the full-size image, and these
 noisy quality-90 photos carry about 2.4 bits per pixel, so that Huffman decoding is a floor the scale
 cannot remove. It is why the ratio stays below the 4x target here; files with fewer bits per pixel
-(less noise, lower quality) should gain more (not measured here). Off by default (docs/preprocessing.md): the pixels differ from a full decode's,
-and its effect on accuracy has not been measured on a real image set.
+(less noise, lower quality) should gain more.
+""" + real_set_markdown()
+
+
+def real_set_markdown() -> str:
+    """The section's part on a real image set, from ``jpeg_scale_accuracy.py``'s
+    saved results (that tool needs an image set ``make bench`` does not have)."""
+    path = Path(__file__).resolve().parent / "results" / "by_hand" / "jpeg_scale_accuracy.json"
+    if not path.exists():
+        return "\nIts effect on accuracy: not measured on a real image set yet (`tests/benchmarks/jpeg_scale_accuracy.py`).\n"
+    r = json.loads(path.read_text())
+    size = r["size"]
+    models = "\n".join(
+        f"| {m['trained']} | {m['seed']} | {m['accuracy_own']:.3f} | {m['accuracy_other']:.3f} | "
+        f"{m['only_own']} / {m['only_other']} | {m['p']:.2f} |" for m in r["models"])
+    pairs = "\n".join(
+        f"| {p['seed']} | {p['v2']:.3f} | {p['v3']:.3f} | {p['v3'] - p['v2']:+.3f} | {p['only_v2']} / {p['only_v3']} | "
+        f"{p['p']:.2f} |" for p in r["pairs"])
+    swap = max(abs(m["accuracy_own"] - m["accuracy_other"]) for m in r["models"])
+    swap_p = min(m["p"] for m in r["models"])
+    new_run = max(abs(p["v3"] - p["v2"]) for p in r["pairs"])
+    spread = max(p["v2"] for p in r["pairs"]) - min(p["v2"] for p in r["pairs"])
+    v2_spread = _spread([p["v2"] for p in r["pairs"]])
+    v3_spread = _spread([p["v3"] for p in r["pairs"]])
+    cpu = {k: min(v) for k, v in r["cpu"]["rounds"].items()}
+    scales = ", ".join(f"1/{s}: {n}" for s, n in r["cpu"]["scales"].items())
+    return f"""
+### On a real image set: accuracy
+
+`python -m tests.benchmarks.jpeg_scale_accuracy --src DIR` (run by hand, {r['date']}; `make bench` has no real
+image set). Set: `{r['set']}`, {r['files']:,} JPEG photos in {len(r['classes'])} classes
+({', '.join(r['classes'])}), median {r['median_width']}x{r['median_height']}, {r['bits_per_pixel']} bits per pixel;
+{r['images']:,} of them validate. For each seed the set was prepared twice (v2: full-size decode; v3:
+`jpeg_scale_to: {size}`) and the demo recipe (InceptionV3 from random weights, {size}x{size}, {r['epochs']} epochs,
+`jobs/configs/demo.yaml`) trained on each with `jobs.prepare` and `jobs.train`; then every validation file was
+scored by each model twice, with v2's and with v3's pixels (`file_pixels`, as score and predict make them),
+and the answers counted against the folder names by the tool itself. p: exact two-sided McNemar test on the
+images one way gets right and the other wrong.
+
+Each model on its own recipe's pixels and on the other recipe's:
+
+| trained on | seed | accuracy, own pixels | accuracy, other pixels | right only with own / only with other | p |
+|---|---:|---:|---:|---:|---:|
+{models}
+
+A new run with v3 against one with v2, same seed:
+
+| seed | v2 model, v2 pixels | v3 model, v3 pixels | v3 - v2 | right only with v2 / only with v3 | p |
+|---|---:|---:|---:|---:|---:|
+{pairs}
+
+Seed to seed (same recipe, another seed): v2 {v2_spread}, v3 {v3_spread}. The model inputs of the two
+recipes differ by {r['pixel_diff_mean']:.2f} levels of 255 on average (99th percentile {r['pixel_diff_p99']:.0f}).
+CPU per image of the scoring decode path on {r['cpu']['images']} of these photos (v3 scales {scales}):
+{cpu['v2']:.2f} ms (v2) vs {cpu['v3']:.2f} ms (v3), {cpu['v2'] / cpu['v3']:.1f}x.
+
+Read as: given the other recipe's pixels, a model's accuracy moves by at most {swap:.3f} (smallest p {swap_p:.2f});
+a new run with v3 lands within {new_run:.3f} of one with v2 at the same seed, against {spread:.3f} between two
+seeds of v2 alone. The data: the filtered subset of Kaggle's "Dogs vs. Cats" (photos from Petfinder, through
+Microsoft's Asirra) that TensorFlow's image classification tutorial uses, `cats_and_dogs_filtered`; it is not
+in this repository. At {size}x{size} most of these photos decode at 1/4, a stronger scaling than the default
+`jpeg_scale_to: 299` applies to photos of this size (none: a 1/2 decode needs a shorter side of at least 597).
 """
+
+
+def _spread(values: list) -> str:
+    if len(values) < 2:
+        return "not measured (one seed)"
+    return f"{min(values):.3f}-{max(values):.3f} ({max(values) - min(values):.3f} apart)"
