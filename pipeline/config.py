@@ -41,8 +41,11 @@ class PrepareConfig(_Section):
     max_side: Optional[int] = Field(None, ge=16)
     # JPEGs decoded at the largest DCT scale (1/2, 1/4, 1/8) that keeps the
     # shorter side >= this (and the longer >= max_side); such records are PNG.
-    # None: full-size decode. Training refuses a data.image_size above it.
-    jpeg_scale_to: Optional[int] = Field(None, ge=16)
+    # 299: InceptionV3's input (data.image_size's default); photos under 597
+    # pixels on the shorter side decode at full size as before. None: always a
+    # full-size decode (recipe version 2). Training refuses a data.image_size
+    # above it. Measured on real photos: accuracy unchanged within noise.
+    jpeg_scale_to: Optional[int] = Field(299, ge=16)
     # PIL's own decompression-bomb threshold.
     max_pixels: int = Field(89_478_485, ge=1)
     # zlib level of the lossless PNG that prepare writes for a file whose own

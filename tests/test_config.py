@@ -97,3 +97,13 @@ def test_training_workers_start_with_the_configured_heap_pad(tmp_path):
     assert "MALLOC_TOP_PAD_" not in worker_env(load_config(None, ["scaling.worker_malloc_top_pad_mb=0"]))
     with pytest.raises(UsageError, match="scaling.worker_malloc_top_pad_mb"):
         load_config(None, ["scaling.worker_malloc_top_pad_mb=-1"])
+
+
+def test_scaled_jpeg_decoding_is_on_by_default_and_null_turns_it_off(tmp_path):
+    """New shards decode large JPEGs at a DCT scale (prepare.jpeg_scale_to 299,
+    InceptionV3's input); `null`, from --set or a file, is a full-size decode."""
+    assert load_config(None, []).prepare.jpeg_scale_to == 299
+    assert load_config(None, ["prepare.jpeg_scale_to=null"]).prepare.jpeg_scale_to is None
+    path = tmp_path / "c.yaml"
+    path.write_text("prepare:\n  jpeg_scale_to: null\n")
+    assert load_config(str(path)).prepare.jpeg_scale_to is None

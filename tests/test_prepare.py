@@ -3,6 +3,7 @@ every file is accounted for; the shards read back with plain tf.data."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from jobs import prepare as prepare_job
 from jobs._cli import run
@@ -20,6 +22,7 @@ from pipeline.data.prepare import split_by_hash
 from pipeline.data.input import decode_example
 from pipeline.data.shards import make_example, parse_example
 from tests import imagefactory as fx
+from tests.test_preprocess import detailed
 
 
 def read_split(dst: str, manifest: dict, split: str) -> list[dict]:
@@ -58,6 +61,10 @@ def test_prepare_local_accounts_for_every_file(ray_session, tmp_path):
     corpus = fx.bad_and_odd_corpus()
     fx.write_tree(str(src), {f"circle/odd/{name}": data for name, (data, _) in corpus.items()})
     fx.write_tree(str(src), {"README.txt": b"top-level file", "square/.hidden/x.jpg": fx.rgb_jpeg()})
+    # A camera-sized JPEG: the default prepare.jpeg_scale_to (299) decodes it at 1/2 (700x500; 1/4 would
+    # leave a shorter side of 250).
+    big = fx.encode(detailed(1400, 1000, seed=2), "JPEG", quality=90)
+    fx.write_tree(str(src), {"triangle/big photo.jpg": big})
     dst = tmp_path / "shards"
 
     code = run(prepare_job.main, ["--src", str(src), "--dst", str(dst), "--set", "prepare.min_examples_per_shard=8"])
@@ -65,8 +72,8 @@ def test_prepare_local_accounts_for_every_file(ray_session, tmp_path):
     manifest = json.loads((dst / "manifest.json").read_text())
     summary = json.loads((dst / "summary.json").read_text())
 
-    n_good = 36 + sum(ok for _, ok in corpus.values())
-    n_seen = 36 + len(corpus) + 2
+    n_good = 37 + sum(ok for _, ok in corpus.values())
+    n_seen = 37 + len(corpus) + 2
     assert manifest["files_seen"] == summary["files_seen"] == n_seen
     assert manifest["accepted"] == n_good
     assert manifest["accepted"] + len(manifest["rejected"]) == n_seen
@@ -94,6 +101,14 @@ def test_prepare_local_accounts_for_every_file(ray_session, tmp_path):
     # plain RGB JPEGs are kept byte for byte
     plain = next(r for r in records if r["source"].endswith("plain rgb.jpg"))
     assert plain["encoded"] == corpus["plain rgb.jpg"][0]
+    # ... and a large one is decoded at a scale and stored losslessly, with its scaled pixels
+    assert manifest["settings"]["jpeg_scale_to"] == 299
+    scaled = next(r for r in records if r["source"].endswith("big photo.jpg"))
+    assert scaled["format"] == "png" and (scaled["width"], scaled["height"]) == (700, 500)
+    reference = Image.open(io.BytesIO(big))
+    reference.draft("RGB", (700, 500))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(scaled["encoded"])).convert("RGB")),
+                          np.asarray(reference.convert("RGB")))
     # several train shards, config saved
     assert len(manifest["splits"]["train"]["shards"]) >= 2
     assert (dst / "config.yaml").exists()

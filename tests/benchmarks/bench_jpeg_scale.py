@@ -125,7 +125,8 @@ def markdown(results: dict) -> str:
 files to the model's uint8 input through the scoring path (`read_and_decode`: read, Pillow decode, the
 recipe's resize, rounding), {results['batch']} files a call; CPU milliseconds per image of this process
 (all threads), fastest of {results['rounds']} alternating rounds of {results['images']} images after a
-warm-up. v2: today's default, a full-size decode. v3: `jpeg_scale_to` = the model's input size, so libjpeg
+warm-up. v2: a full-size decode (`jpeg_scale_to: null`; the default before recipe version 3). v3: `jpeg_scale_to` =
+the model's input size, so libjpeg
 decodes at the largest DCT scale that keeps the shorter side >= it. Cores per A100: CPU cores this step
 needs to feed one A100 at {A100_IMAGES_PER_S:,} images/s (ms/image x {A100_IMAGES_PER_S // 1000}).
 
