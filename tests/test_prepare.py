@@ -198,6 +198,18 @@ def test_unusable_sources_exit_2_before_any_work(tmp_path, layout, message):
     assert not (tmp_path / "dst").exists()
 
 
+def test_a_model_size_over_the_jpeg_scale_is_refused_before_any_work(tmp_path, capsys):
+    """With the default prepare.jpeg_scale_to (299), a config whose model input
+    is larger would prepare shards that its training then refuses."""
+    src = tmp_path / "src"
+    fx.write_tree(str(src), {"a/x.jpg": fx.rgb_jpeg(), "b/y.jpg": fx.rgb_jpeg()})
+    assert run(prepare_job.main, ["--src", str(src), "--dst", str(tmp_path / "dst"),
+                                  "--set", "data.image_size=512"]) == 2
+    err = capsys.readouterr().err
+    assert "data.image_size=512 is larger than prepare.jpeg_scale_to=299" in err, err
+    assert not (tmp_path / "dst").exists()
+
+
 def test_missing_source_exits_2(tmp_path):
     proc = _prepare_cli("--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "dst"))
     assert proc.returncode == 2 and "source not found" in proc.stderr, proc.stderr

@@ -253,6 +253,16 @@ class PreparePlan:
 
 def plan_prepare(cfg: Config, src: str, dst: str, *, overwrite: bool = False) -> PreparePlan:
     """Everything that can fail on user input, checked before any cluster work."""
+    scale_to = cfg.prepare.jpeg_scale_to
+    if scale_to is not None and cfg.data.image_size > scale_to:
+        # Training on these shards would refuse this input size: say so before
+        # the images are read, not after.
+        raise UsageError(
+            f"data.image_size={cfg.data.image_size} is larger than prepare.jpeg_scale_to={scale_to}: shards "
+            f"prepared so would hold JPEGs decoded down to a shorter side of {scale_to}, and training at "
+            f"{cfg.data.image_size} refuses them; set prepare.jpeg_scale_to >= {cfg.data.image_size} "
+            f"(or null: full-size decode)"
+        )
     src, dst = st.absolute(src), st.absolute(dst)  # Ray tasks do not run in this folder
     manifest_uri = st.join(dst, MANIFEST_NAME)
     old_manifest = None
