@@ -54,8 +54,9 @@ def _prepare(src: Path, work: Path, size: int) -> dict[str, Path]:
     for name in RECIPES:
         dst = work / f"shards_{name}"
         if not (dst / "manifest.json").exists():
-            extra = ["--set", f"prepare.jpeg_scale_to={size}"] if name == "v3" else []
-            _run([sys.executable, "-m", "jobs.prepare", "--src", str(src), "--dst", str(dst), *extra],
+            scale_to = size if name == "v3" else "null"  # v2: full size, whatever the default
+            _run([sys.executable, "-m", "jobs.prepare", "--src", str(src), "--dst", str(dst),
+                  "--set", f"prepare.jpeg_scale_to={scale_to}", "--set", f"data.image_size={size}"],
                  work / f"prepare_{name}.log")
         shards[name] = dst
     return shards
