@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from pipeline import storage as st
-from pipeline.config import Config, PrepareConfig, StorageConfig
+from pipeline.config import Config, DataConfig, PrepareConfig, StorageConfig
 from pipeline.errors import UsageError
 from pipeline.data.images import ImageRejected
 from pipeline.data.preprocess import prepare_image
@@ -253,10 +253,12 @@ class PreparePlan:
 
 def plan_prepare(cfg: Config, src: str, dst: str, *, overwrite: bool = False) -> PreparePlan:
     """Everything that can fail on user input, checked before any cluster work."""
-    scale_to = cfg.prepare.jpeg_scale_to
-    if scale_to is not None and cfg.data.image_size > scale_to:
-        # Training on these shards would refuse this input size: say so before
-        # the images are read, not after.
+    scale_to, size = cfg.prepare.jpeg_scale_to, cfg.data.image_size
+    if scale_to is not None and size > scale_to and size != DataConfig.model_fields["image_size"].default:
+        # The config names a model input that training on these shards would
+        # refuse: say so before the images are read, not after. (The default
+        # input size says nothing about the model to come: a smaller
+        # jpeg_scale_to alone is a choice made for a smaller model.)
         raise UsageError(
             f"data.image_size={cfg.data.image_size} is larger than prepare.jpeg_scale_to={scale_to}: shards "
             f"prepared so would hold JPEGs decoded down to a shorter side of {scale_to}, and training at "
