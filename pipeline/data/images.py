@@ -55,6 +55,18 @@ def jpeg_scale(width: int, height: int, scale_to: Optional[int], max_side: Optio
     return 1
 
 
+def jpeg_scale_refusal(image_size: int, scale_to: Optional[int]) -> Optional[str]:
+    """Why a model input of ``image_size`` cannot be trained from shards
+    prepared with ``jpeg_scale_to`` = ``scale_to`` (their JPEGs hold a shorter
+    side of about that size, so the model input would be enlarged from them),
+    or None when it can. Prepare and training refuse with it."""
+    if scale_to is None or image_size <= scale_to:
+        return None
+    return (f"data.image_size={image_size} is larger than prepare.jpeg_scale_to={scale_to} (JPEGs decoded down "
+            f"to a shorter side of {scale_to}); train with data.image_size <= {scale_to}, or prepare with "
+            f"prepare.jpeg_scale_to >= {image_size} (or null: full-size decode)")
+
+
 def open_image(raw: bytes, max_pixels: int, *, jpeg_scale_to: Optional[int] = None,
                max_side: Optional[int] = None) -> Image.Image:
     """Open, check format and size, and fully decode (first frame of animations);

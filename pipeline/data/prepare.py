@@ -27,7 +27,7 @@ from typing import Optional
 from pipeline import storage as st
 from pipeline.config import Config, DataConfig, PrepareConfig, StorageConfig
 from pipeline.errors import UsageError
-from pipeline.data.images import ImageRejected
+from pipeline.data.images import ImageRejected, jpeg_scale_refusal
 from pipeline.data.preprocess import prepare_image
 from pipeline.data.shards import MANIFEST_NAME, SPLITS, build_manifest, file_sha256, make_example, shard_name
 
@@ -253,18 +253,14 @@ class PreparePlan:
 
 def plan_prepare(cfg: Config, src: str, dst: str, *, overwrite: bool = False) -> PreparePlan:
     """Everything that can fail on user input, checked before any cluster work."""
-    scale_to, size = cfg.prepare.jpeg_scale_to, cfg.data.image_size
-    if scale_to is not None and size > scale_to and size != DataConfig.model_fields["image_size"].default:
-        # The config names a model input that training on these shards would
-        # refuse: say so before the images are read, not after. (The default
-        # input size says nothing about the model to come: a smaller
-        # jpeg_scale_to alone is a choice made for a smaller model.)
-        raise UsageError(
-            f"data.image_size={cfg.data.image_size} is larger than prepare.jpeg_scale_to={scale_to}: shards "
-            f"prepared so would hold JPEGs decoded down to a shorter side of {scale_to}, and training at "
-            f"{cfg.data.image_size} refuses them; set prepare.jpeg_scale_to >= {cfg.data.image_size} "
-            f"(or null: full-size decode)"
-        )
+    # A model input the config sets that training on these shards would refuse:
+    # said before the images are read, not after. (The default input size says
+    # nothing about the model to come: a smaller jpeg_scale_to alone is a
+    # choice made for a smaller model.)
+    if cfg.data.image_size != DataConfig.model_fields["image_size"].default:
+        refusal = jpeg_scale_refusal(cfg.data.image_size, cfg.prepare.jpeg_scale_to)
+        if refusal:
+            raise UsageError(f"the config's model input: {refusal}")
     src, dst = st.absolute(src), st.absolute(dst)  # Ray tasks do not run in this folder
     manifest_uri = st.join(dst, MANIFEST_NAME)
     old_manifest = None

@@ -381,17 +381,12 @@ def ensure_placeable(cfg: Config, workers: int, use_gpu: bool, own_ray: bool = F
 
 
 def _check_jpeg_scale(cfg: Config, manifest: dict, data: str) -> None:
-    """Shards whose JPEGs were decoded at a scale (prepare.jpeg_scale_to) hold
-    images with a shorter side of about that size: a model input larger than
-    it would be enlarged from them."""
-    scale_to = manifest.get("settings", {}).get("jpeg_scale_to")
-    if scale_to is not None and cfg.data.image_size > scale_to:
-        raise UsageError(
-            f"data.image_size={cfg.data.image_size} is larger than prepare.jpeg_scale_to={scale_to} of the shards at "
-            f"{data} (their JPEGs were decoded down to a shorter side of {scale_to}); train with data.image_size <= "
-            f"{scale_to}, or prepare the shards again with prepare.jpeg_scale_to >= {cfg.data.image_size} "
-            f"(or null: full-size decode)"
-        )
+    """A model input larger than the shards' prepare.jpeg_scale_to is refused."""
+    from pipeline.data.images import jpeg_scale_refusal
+
+    refusal = jpeg_scale_refusal(cfg.data.image_size, manifest.get("settings", {}).get("jpeg_scale_to"))
+    if refusal:
+        raise UsageError(f"the shards at {data}: {refusal}")
 
 
 def _check_cache_bound(cfg: Config, manifest: dict, data: str) -> None:

@@ -82,6 +82,13 @@ def _train(shards: dict[str, Path], work: Path, seeds: list[int], epochs: int, s
     return runs
 
 
+def _recipes(size: int) -> dict:
+    """v2: a full-size decode (version 2); v3: JPEGs decoded down to ``size``."""
+    from pipeline.data.preprocess import current_recipe
+
+    return {"v2": current_recipe(size), "v3": current_recipe(size, jpeg_scale_to=size)}
+
+
 def _validation_files(src: Path) -> tuple[list[Path], list[str]]:
     files, classes = [], []
     for folder in sorted(p for p in (src / "validation").iterdir() if p.is_dir()):
@@ -116,12 +123,10 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
 def _evaluate(src: Path, runs: dict, size: int) -> dict:
     from pipeline.artifact import load_artifact
     from pipeline.config import StorageConfig
-    from pipeline.data.preprocess import current_recipe
 
     files, classes = _validation_files(src)
     blobs = [f.read_bytes() for f in files]
-    recipes = {"v2": current_recipe(size), "v3": current_recipe(size, jpeg_scale_to=size)}
-    inputs = {name: _inputs(blobs, recipe) for name, recipe in recipes.items()}
+    inputs = {name: _inputs(blobs, recipe) for name, recipe in _recipes(size).items()}
     diff = np.abs(inputs["v2"].astype(np.int16) - inputs["v3"].astype(np.int16))
     correct = {}
     for (trained, seed), run in runs.items():
@@ -164,19 +169,15 @@ def _describe(src: Path) -> dict:
 def _cpu(src: Path, size: int) -> dict:
     """CPU ms per image of the scoring decode path on the validation files, v2
     vs v3, fastest of 5 alternating rounds (as bench_jpeg_scale)."""
-    from pipeline.data.images import jpeg_scale
-    from pipeline.data.preprocess import Recipe, current_recipe
-    from tests.benchmarks.bench_jpeg_scale import _cpu_ms_per_image, _decode_all
-
     from PIL import Image
+
+    from pipeline.data.images import jpeg_scale
+    from tests.benchmarks.bench_jpeg_scale import _cpu_ms_per_image, _decode_all
 
     files, _ = _validation_files(src)
     uris = [str(f) for f in files[::4]]
     scales = [jpeg_scale(*Image.open(u).size, size) for u in uris]
-    v2 = Recipe.from_dict({**{k: v for k, v in current_recipe(size).to_dict().items() if k != "jpeg_scale_to"},
-                           "version": 2})
-    v3 = current_recipe(size, jpeg_scale_to=size)
-    recipes = {"v2": v2, "v3": v3}
+    recipes = _recipes(size)
     for recipe in recipes.values():  # warm-up
         _decode_all(uris[:64], recipe)
     rounds: dict = {"v2": [], "v3": []}
