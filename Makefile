@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c '$(SUPPORTED)' || { echo "$(PYTHON) is not Python 3.11-3.13: run e.g. make PYTHON=python3.12 $(MAKECMDGOALS)" >&2; exit 2; }
 	@test -x $(PY) && $(PY) -c "import sys" 2>/dev/null || (rm -rf $(VENV) && $(PYTHON) -m venv $(VENV))
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# Bytecode is compiled afterwards on every core (pip compiles one file at a
+	# time); like pip, a file that does not compile is left to Python at import.
+	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
 	@touch $(STAMP)
 
 # Hypothesis tests run a fixed set of examples (the "ci" profile, tests/conftest.py).

@@ -134,7 +134,7 @@ def counted(out: str) -> list[dict]:
 # The reference batch is twice the global batch of the runs compared below:
 # RMSprop's rate is scaled by sqrt(18 / 36), SGD's by 18 / 36 (no warmup below 2x).
 TRANSFER_LR, FINETUNE_LR = 1e-3 * 0.5 ** 0.5, 1e-4 * 0.5
-COMPARED = ["--set", "train.transfer.epochs=3", "--set", "train.lr_reference_batch=36",
+COMPARED = ["--set", "train.transfer.epochs=2", "--set", "train.lr_reference_batch=36",
             "--set", "data.max_bad_record_fraction=0.5"]
 
 
@@ -196,8 +196,8 @@ def test_three_workers_on_uneven_shards_train_on_the_whole_split_at_the_true_glo
     # Each full-batch step sees all 18 images either way: the same losses.
     one = [e["loss"] for e in counted(one_worker_full_batch)]
     two = [e["loss"] for e in history if e["phase"] == "transfer"]
-    assert len(one) == len(two) == 3
-    assert one[0] != one[2]  # the head really trained
+    assert len(one) == len(two) == 2
+    assert one[0] != one[1]  # the head really trained
     np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
     val_one = [e["val_loss"] for e in counted(one_worker_full_batch)]
     val_two = [e["val_loss"] for e in history if e["phase"] == "transfer"]
