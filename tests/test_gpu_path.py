@@ -122,8 +122,9 @@ def test_the_train_step_augments_uint8_input_under_xla_and_mixed_precision():
     mdl.set_precision("mixed_bfloat16")
     try:
         model = mdl.build_model(3, size, mdl.ModelConfig(weights="none", head_units=8))
-        # The fine-tuning phase (the top inception block and the head train):
-        # the same step as the whole network's, at a fraction of its compile time.
+        # The worker's fine-tuning phase (the top inception block and the head
+        # train): the same input, augmentation and precision path as training
+        # the whole network, at a fraction of its XLA compile time.
         mdl.set_phase(model, "finetune", "mixed9")
         mdl.compile_for(model, PhaseConfig(optimizer="sgd"), top_k=1, jit_compile=True, steps_per_execution=2)
         mdl.count_inputs(model)
